@@ -1,0 +1,1 @@
+"""Alembic migrations for segq's tables; applied with ``segq db upgrade``."""

@@ -1,0 +1,118 @@
+"""SQL records: datasets, jobs and their subtasks. The record of truth for every result."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Status(str, enum.Enum):
+    """A job's or subtask's state, stored as its value."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+
+FINAL_STATUSES = (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+
+def _status_column() -> Any:
+    return Enum(Status, name="segq_status", native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255))
+    out_dir: Mapped[str] = mapped_column(Text)
+    model_path: Mapped[str] = mapped_column(Text)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    priority: Mapped[str] = mapped_column(String(16), default="normal")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="dataset", order_by="Job.input_path")
+
+
+class Job(Base):
+    """One input volume through one model with one set of parameters."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("dataset_id", "input_path", name="uq_jobs_dataset_input"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    input_path: Mapped[str] = mapped_column(Text)
+    input_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    # content hash + model checksum + parameters: the identity that makes resubmission idempotent
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    output_path: Mapped[str] = mapped_column(Text)
+    status: Mapped[Status] = mapped_column(_status_column(), default=Status.QUEUED, index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    shape: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    spacing: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    tumour_voxels: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tumour_ml: Mapped[float | None] = mapped_column(Float, nullable=True)
+    windows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    subtasks: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    preprocess_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    inference_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    merge_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    workers: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    backend: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    dice: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="jobs")
+    parts: Mapped[list[Subtask]] = relationship(back_populates="job", order_by="Subtask.slab")
+
+
+class Subtask(Base):
+    """One slab of one job's windows: the unit a GPU worker runs."""
+
+    __tablename__ = "subtasks"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", "slab", name="uq_subtasks_job_attempt_slab"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    slab: Mapped[int] = mapped_column(Integer)
+    windows: Mapped[int] = mapped_column(Integer)
+    status: Mapped[Status] = mapped_column(_status_column(), default=Status.QUEUED)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="parts")

@@ -1,0 +1,159 @@
+"""The model file (TOML): which network, its checkpoint, and sliding-window parameters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from segq.errors import InputError
+
+ARCHS = ("SwinUNETR", "UNet", "SegResNet")
+MODES = ("gaussian", "constant")
+PREPROCESS = ("none", "zscore")
+
+BlendMode = Literal["gaussian", "constant"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed, validated model.toml. ``checkpoint`` is absolute once loaded."""
+
+    arch: str
+    in_channels: int
+    out_channels: int
+    roi_size: int
+    target_class: int
+    checkpoint: Path
+    feature_size: int = 48
+    preprocess: str = "none"
+    overlap: float = 0.5
+    sw_batch_size: int = 8
+    mode: str = "gaussian"
+    path: Path | None = None
+
+    @property
+    def roi(self) -> tuple[int, int, int]:
+        return (self.roi_size,) * 3
+
+    def with_overrides(self, overlap: float | None = None, sw_batch_size: int | None = None,
+                       mode: str | None = None) -> ModelSpec:
+        """Command-line values win over the file's."""
+        changes: dict[str, Any] = {}
+        if overlap is not None:
+            changes["overlap"] = overlap
+        if sw_batch_size is not None:
+            changes["sw_batch_size"] = sw_batch_size
+        if mode is not None:
+            changes["mode"] = mode
+        spec = replace(self, **changes)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        where = f"model file {self.path}" if self.path else "model spec"
+        if self.arch not in ARCHS:
+            raise InputError(f"{where}: arch = {self.arch!r} is not one of {', '.join(ARCHS)}")
+        for name in ("in_channels", "out_channels", "roi_size", "feature_size", "sw_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{where}: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.target_class < self.out_channels:
+            raise InputError(f"{where}: target_class = {self.target_class} must be within 0..{self.out_channels - 1}")
+        if self.arch == "SwinUNETR" and self.roi_size % 32:
+            raise InputError(f"{where}: SwinUNETR needs roi_size divisible by 32 (and at least 64), got {self.roi_size}")
+        if self.arch == "SwinUNETR" and self.roi_size < 64:
+            raise InputError(f"{where}: SwinUNETR's deepest stage needs roi_size >= 64, got {self.roi_size}")
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"{where}: overlap must be in [0, 1), got {self.overlap}")
+        if self.mode not in MODES:
+            raise InputError(f"{where}: mode = {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.preprocess not in PREPROCESS:
+            raise InputError(f"{where}: preprocess = {self.preprocess!r} is not one of {', '.join(PREPROCESS)}")
+
+    def network_config(self) -> dict[str, Any]:
+        """What defines the network's weights and outputs (not how it is slid)."""
+        return {
+            "arch": self.arch, "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "feature_size": self.feature_size, "roi_size": self.roi_size, "target_class": self.target_class,
+            "preprocess": self.preprocess,
+        }
+
+    def params(self) -> dict[str, Any]:
+        """The sliding-window parameters recorded with each dataset."""
+        return {"overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "mode": self.mode}
+
+    def checksum(self) -> str:
+        """sha256 over the checkpoint bytes and the network config: names the exact model that ran."""
+        digest = hashlib.sha256(json.dumps(self.network_config(), sort_keys=True).encode())
+        digest.update(file_sha256(self.checkpoint).encode())
+        return digest.hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["checkpoint"] = str(self.checkpoint)
+        data["path"] = str(self.path) if self.path else None
+        return data
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """Read and validate a model.toml; the checkpoint path is taken relative to the file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist: pass --model PATH to a model.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"model file {path} is not valid TOML: {exc}") from exc
+    data = data.get("model", data)
+    missing = [key for key in ("arch", "in_channels", "out_channels", "roi_size", "target_class", "checkpoint")
+               if key not in data]
+    if missing:
+        raise InputError(f"model file {path} lacks {', '.join(missing)}")
+    known = {f for f in ModelSpec.__dataclass_fields__ if f != "path"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"model file {path}: unknown keys {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+    checkpoint = (path.parent / str(data["checkpoint"])).resolve()
+    if not checkpoint.is_file():
+        raise InputError(f"model file {path}: checkpoint {checkpoint} does not exist")
+    try:
+        spec = ModelSpec(**{**data, "checkpoint": checkpoint, "path": path})
+    except TypeError as exc:
+        raise InputError(f"model file {path}: {exc}") from exc
+    spec.validate()
+    return spec
+
+
+def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
+    """Rebuild a spec recorded with a dataset (paths as strings)."""
+    fields = dict(data)
+    fields["checkpoint"] = Path(fields["checkpoint"])
+    fields["path"] = Path(fields["path"]) if fields.get("path") else None
+    return ModelSpec(**fields)
+
+
+def write_model_toml(path: Path, spec: ModelSpec) -> None:
+    """Write ``spec`` as a model.toml whose checkpoint is relative to it."""
+    checkpoint = Path(spec.checkpoint)
+    try:
+        rel = checkpoint.resolve().relative_to(path.parent.resolve())
+    except ValueError:
+        rel = checkpoint
+    lines = [
+        f'arch = "{spec.arch}"', f"in_channels = {spec.in_channels}", f"out_channels = {spec.out_channels}",
+        f"feature_size = {spec.feature_size}", f"roi_size = {spec.roi_size}", f"target_class = {spec.target_class}",
+        f'checkpoint = "{rel.as_posix()}"', f'preprocess = "{spec.preprocess}"', f"overlap = {spec.overlap}",
+        f"sw_batch_size = {spec.sw_batch_size}", f'mode = "{spec.mode}"',
+    ]
+    path.write_text("\n".join(lines) + "\n")

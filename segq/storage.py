@@ -1,0 +1,113 @@
+"""Workspace layout, atomic writes and path safety.
+
+Every array a job produces lives under ``SEGQ_STORAGE/jobs/<job>/a<attempt>/``; across machines that
+root is a shared filesystem. Files are written under a temporary name and renamed, so a reader never
+sees half a file and a killed writer leaves only a temp file that the next attempt replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from segq.errors import InputError, StorageNotSharedError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
+
+
+def workspace(root: Path, job_id: str, attempt: int) -> Path:
+    return root / "jobs" / job_id / f"a{attempt}"
+
+
+def job_dir(root: Path, job_id: str) -> Path:
+    return root / "jobs" / job_id
+
+
+def require_workspace(path: Path, worker: str = "") -> Path:
+    """The workspace must exist; if not, this worker's SEGQ_STORAGE is not the one the job was written to."""
+    if not path.is_dir():
+        who = f"worker {worker}" if worker else "this worker"
+        raise StorageNotSharedError(
+            f"{who} cannot see the job workspace {path}: its SEGQ_STORAGE is not the shared storage the "
+            "coordinator wrote to. Mount the same filesystem at the same path on every machine."
+        )
+    return path
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def temp_name(final: Path) -> Path:
+    """A hidden sibling of ``final`` that keeps its suffixes (nibabel picks the format from them)."""
+    suffix = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
+    return final.with_name(f".{final.name.removesuffix(suffix)}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path to write; on success rename it over ``final``, on failure remove it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_array(final: Path, array: np.ndarray) -> str:
+    """Write ``array`` as .npy atomically; return its checksum."""
+    array = np.ascontiguousarray(array)
+    with atomic_path(final) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+    return array_checksum(array)
+
+
+def load_array(path: Path, mmap: bool = False) -> np.ndarray:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def array_checksum(array: np.ndarray) -> str:
+    """crc32 of the bytes: cheap enough for every partial, and enough to catch a torn or stale file."""
+    return f"{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
+
+
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def output_path(out_dir: Path, relative_input: Path) -> Path:
+    """``<out>/<relative dirs>/<name without .nii/.nii.gz>_seg.nii.gz``, refusing names that could escape."""
+    parts = list(relative_input.parts)
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"input name {relative_input} cannot be mapped inside the output directory")
+    for part in parts:
+        if not _SAFE_NAME.match(part):
+            raise InputError(
+                f"input name {relative_input} holds characters outside A-Z a-z 0-9 . _ + -: rename the file "
+                "(spaces, quotes and control characters are refused so outputs land where expected)"
+            )
+    name = strip_nifti_suffix(parts[-1]) + "_seg.nii.gz"
+    target = out_dir.joinpath(*parts[:-1], name)
+    if not target.resolve().is_relative_to(out_dir.resolve()):
+        raise InputError(f"output for {relative_input} would land outside {out_dir}")
+    return target

@@ -1,0 +1,129 @@
+"""The sliding-window plan, made exactly as MONAI's ``sliding_window_inference`` makes it.
+
+MONAI's own helpers (``_get_scan_interval``, ``dense_patch_slices``, ``compute_importance_map``)
+give the grid and weights, so a volume split across workers sums to what one
+``sliding_window_inference`` call returns. Windows are then cut into slabs: contiguous groups along
+the first spatial axis, each summed into its own partial by one subtask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Vec3 = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Slab:
+    """A group of windows whose partial sum covers ``[lo, hi)`` of the padded volume's first axis."""
+
+    index: int
+    starts: list[Vec3]
+    lo: int
+    hi: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "starts": [list(s) for s in self.starts], "lo": self.lo, "hi": self.hi}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Slab:
+        return cls(int(data["index"]), [tuple(s) for s in data["starts"]], int(data["lo"]), int(data["hi"]))  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where every window sits in the padded volume, and how to get back to the input's shape."""
+
+    image_shape: Vec3
+    roi: Vec3
+    overlap: float
+    mode: str
+    sigma_scale: float = 0.125
+    pad: tuple[tuple[int, int], ...] = field(default=((0, 0), (0, 0), (0, 0)))
+    scan_interval: Vec3 = (1, 1, 1)
+    starts: list[Vec3] = field(default_factory=list)
+
+    @property
+    def padded_shape(self) -> Vec3:
+        return tuple(s + a + b for s, (a, b) in zip(self.image_shape, self.pad, strict=True))  # type: ignore[return-value]
+
+    @property
+    def crop(self) -> tuple[slice, ...]:
+        return tuple(slice(a, a + s) for s, (a, _) in zip(self.image_shape, self.pad, strict=True))
+
+    def slabs(self, max_windows: int) -> list[Slab]:
+        """Windows sorted along the first axis, cut into ``ceil(n / max_windows)`` near-equal groups."""
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+        order = sorted(self.starts, key=lambda s: s[0])
+        count = max(1, math.ceil(len(order) / max_windows))
+        groups = np.array_split(np.arange(len(order)), count)
+        slabs = []
+        for k, idx in enumerate(groups):
+            starts = [order[i] for i in idx]
+            lo = min(s[0] for s in starts)
+            slabs.append(Slab(k, starts, lo, max(s[0] for s in starts) + self.roi[0]))
+        return slabs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image_shape": list(self.image_shape), "roi": list(self.roi), "overlap": self.overlap, "mode": self.mode,
+            "sigma_scale": self.sigma_scale, "pad": [list(p) for p in self.pad],
+            "scan_interval": list(self.scan_interval), "starts": [list(s) for s in self.starts],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WindowPlan:
+        return cls(
+            image_shape=tuple(data["image_shape"]), roi=tuple(data["roi"]), overlap=float(data["overlap"]),  # type: ignore[arg-type]
+            mode=data["mode"], sigma_scale=float(data["sigma_scale"]), pad=tuple(tuple(p) for p in data["pad"]),
+            scan_interval=tuple(data["scan_interval"]), starts=[tuple(s) for s in data["starts"]],  # type: ignore[arg-type,misc]
+        )
+
+
+def plan_windows(image_shape: tuple[int, ...], roi: tuple[int, ...], overlap: float, mode: str,
+                 sigma_scale: float = 0.125) -> WindowPlan:
+    """The window grid ``sliding_window_inference`` uses for a volume of ``image_shape``."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    if len(image_shape) != 3 or len(roi) != 3:
+        raise ValueError(f"plan_windows takes 3 spatial dims, got image {image_shape} and roi {roi}")
+    if any(s < 1 for s in image_shape):
+        raise ValueError(f"image shape {image_shape} has an empty dimension")
+    # MONAI pads each dimension smaller than the ROI symmetrically (extra voxel after) with zeros.
+    pad = tuple((max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(image_shape, roi, strict=True))
+    padded = tuple(max(s, r) for s, r in zip(image_shape, roi, strict=True))
+    interval = _get_scan_interval(padded, roi, 3, (overlap,) * 3)
+    slices = dense_patch_slices(padded, roi, interval, return_slice=False)
+    starts = [tuple(int(lo) for lo, _ in window) for window in slices]
+    return WindowPlan(tuple(image_shape), tuple(roi), overlap, mode, sigma_scale, pad, tuple(interval), starts)  # type: ignore[arg-type]
+
+
+def importance_map(plan: WindowPlan) -> np.ndarray:
+    """The per-window weight (float32, ROI shape), from MONAI's ``compute_importance_map``."""
+    from monai.data.utils import compute_importance_map
+
+    weights = compute_importance_map(plan.roi, mode=plan.mode, sigma_scale=plan.sigma_scale, device="cpu")
+    return weights.float().numpy()
+
+
+def weight_sum(plan: WindowPlan, weights: np.ndarray | None = None) -> np.ndarray:
+    """Sum of every window's importance map over the padded volume: the divisor of the merge."""
+    weights = importance_map(plan) if weights is None else weights
+    total = np.zeros(plan.padded_shape, dtype=np.float32)
+    rx, ry, rz = plan.roi
+    for x, y, z in plan.starts:
+        total[x : x + rx, y : y + ry, z : z + rz] += weights
+    return total
+
+
+def pad_volume(volume: np.ndarray, plan: WindowPlan) -> np.ndarray:
+    """Zero-pad a channel-first volume (C, X, Y, Z) to the plan's padded shape, as MONAI does."""
+    if not any(a or b for a, b in plan.pad):
+        return volume
+    return np.pad(volume, ((0, 0), *plan.pad), mode="constant", constant_values=0)

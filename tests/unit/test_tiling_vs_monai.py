@@ -1,0 +1,93 @@
+"""The split-and-merge path equals MONAI's sliding_window_inference (the independent reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from segq.modelspec import ModelSpec
+from segq.tiling import importance_map, pad_volume, plan_windows, weight_sum
+from worker.engines.base import Engine
+from worker.inference import infer_slab, merge_partials
+from worker.model import TargetClassProbability, build_network
+
+
+class ModuleEngine:
+    """An engine over an in-memory module (the real engines load checkpoints from disk)."""
+
+    backend = "torch"
+    precision = "fp32"
+    device = torch.device("cpu")
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch)
+
+
+def tiny_unet(in_channels: int = 1) -> TargetClassProbability:
+    torch.manual_seed(0)
+    spec = ModelSpec("UNet", in_channels, 2, 16, 1, checkpoint=None, feature_size=4)  # type: ignore[arg-type]
+    return TargetClassProbability(build_network(spec), 1, 2).eval()
+
+
+def split_merge(volume: np.ndarray, roi: int, overlap: float, mode: str, max_windows: int, engine: Engine,
+                batch: int) -> np.ndarray:
+    plan = plan_windows(volume.shape[1:], (roi,) * 3, overlap, mode)
+    padded = pad_volume(volume, plan)
+    weights = importance_map(plan)
+    partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch).numpy())
+                for s in plan.slabs(max_windows)]
+    return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights), plan.crop)
+
+
+CASES = [
+    # shape, roi, overlap, mode, max_windows_per_slab, sw_batch_size
+    ((1, 40, 37, 23), 16, 0.5, "gaussian", 5, 4),
+    ((1, 33, 20, 45), 16, 0.25, "constant", 3, 3),
+    ((1, 10, 30, 17), 16, 0.5, "gaussian", 2, 2),  # first dim smaller than the ROI: padded
+    ((1, 16, 16, 16), 16, 0.5, "gaussian", 1, 8),  # exactly one window
+    ((2, 24, 8, 31), 16, 0.6, "gaussian", 4, 5),  # two channels, a dim half the ROI
+    ((1, 50, 19, 21), 16, 0.0, "constant", 100, 8),  # no overlap, one slab
+]
+
+
+@pytest.mark.parametrize(("shape", "roi", "overlap", "mode", "max_windows", "batch"), CASES)
+def test_split_merge_equals_sliding_window_inference(shape, roi, overlap, mode, max_windows, batch) -> None:
+    module = tiny_unet(shape[0])
+    volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    ours = split_merge(volume, roi, overlap, mode, max_windows, ModuleEngine(module), batch)
+    with torch.inference_mode():
+        reference = sliding_window_inference(torch.from_numpy(volume)[None], (roi,) * 3, batch, module,
+                                             overlap=overlap, mode=mode)[0, 0].numpy()
+    assert ours.shape == shape[1:]
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_slabs_cover_every_window_once_in_order_of_first_axis() -> None:
+    plan = plan_windows((100, 40, 40), (16, 16, 16), 0.5, "gaussian")
+    slabs = plan.slabs(7)
+    flat = [s for slab in slabs for s in slab.starts]
+    assert sorted(flat) == sorted(plan.starts)
+    assert len(slabs) == -(-len(plan.starts) // 7)
+    assert all(len(slab.starts) <= 7 for slab in slabs)
+    assert [s[0] for s in flat] == sorted(s[0] for s in flat)
+    for slab in slabs:
+        assert slab.lo == min(s[0] for s in slab.starts) and slab.hi == max(s[0] for s in slab.starts) + 16
+
+
+def test_plan_round_trips_through_json() -> None:
+    plan = plan_windows((10, 70, 33), (16, 16, 16), 0.25, "constant")
+    from segq.tiling import WindowPlan
+
+    assert WindowPlan.from_json(plan.to_json()) == plan
+    assert plan.pad[0] == (3, 3) and plan.padded_shape == (16, 70, 33)
+
+
+def test_slabs_refuse_zero() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_windows((20, 20, 20), (16, 16, 16), 0.5, "gaussian").slabs(0)

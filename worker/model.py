@@ -1,0 +1,80 @@
+"""The network named by a model.toml, and the wrapper that returns only the target-class probability."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segq.errors import InputError
+from segq.modelspec import ModelSpec
+
+logger = logging.getLogger("segq.model")
+
+
+def build_network(spec: ModelSpec) -> nn.Module:
+    """The bare MONAI network, randomly initialised."""
+    from monai.networks import nets
+
+    if spec.arch == "SwinUNETR":
+        return nets.SwinUNETR(in_channels=spec.in_channels, out_channels=spec.out_channels,
+                              feature_size=spec.feature_size, spatial_dims=3)
+    if spec.arch == "UNet":
+        f = spec.feature_size
+        return nets.UNet(spatial_dims=3, in_channels=spec.in_channels, out_channels=spec.out_channels,
+                         channels=(f, 2 * f, 4 * f, 8 * f), strides=(2, 2, 2), num_res_units=1)
+    if spec.arch == "SegResNet":
+        return nets.SegResNet(spatial_dims=3, in_channels=spec.in_channels, out_channels=spec.out_channels,
+                              init_filters=spec.feature_size)
+    raise InputError(f"unknown arch {spec.arch!r}")
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a plain state_dict. ``weights_only=True`` refuses pickled code, so a checkpoint cannot run anything."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for unsafe or broken files
+        raise InputError(
+            f"checkpoint {path} is not a plain PyTorch state_dict loadable with weights_only=True ({exc}); "
+            "save it with torch.save(model.state_dict(), path)"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
+
+
+class TargetClassProbability(nn.Module):
+    """Returns only the target channel's probability, computed where the model runs.
+
+    Half the bytes of a two-class output leave the device, and no CPU softmax or argmax is needed.
+    The softmax is taken in float32 even for an fp16 network: fp16 exponentials lose the small
+    differences between logits that decide voxels near the 0.5 boundary.
+    """
+
+    def __init__(self, network: nn.Module, target_class: int, out_channels: int) -> None:
+        super().__init__()
+        self.network = network
+        self.target_class = target_class
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network(x).float()
+        if self.out_channels == 1:
+            return torch.sigmoid(logits)
+        t = self.target_class
+        return torch.softmax(logits, dim=1)[:, t : t + 1]
+
+
+def load_model(spec: ModelSpec) -> TargetClassProbability:
+    """The wrapped network with the spec's checkpoint loaded, in eval mode, on the CPU."""
+    network = build_network(spec)
+    state = load_state_dict(spec.checkpoint)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {spec.path}: {exc}") from exc
+    return TargetClassProbability(network, spec.target_class, spec.out_channels).eval()
