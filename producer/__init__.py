@@ -1,0 +1,1 @@
+"""Producer side of segq: submit, watch and report. Never imports torch."""

@@ -1,0 +1,158 @@
+"""State changes of jobs and subtasks in SQL. Each is one short transaction and safe to repeat."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from segq.db import session_scope
+from segq.models import FINAL_STATUSES, Dataset, Job, Status, Subtask, utcnow
+
+logger = logging.getLogger("segq.records")
+
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What a task needs to know about its job, detached from any session."""
+
+    id: str
+    dataset_id: str
+    attempt: int
+    status: Status
+    input_path: str
+    output_path: str
+    model: dict[str, Any]
+    model_sha256: str
+    params: dict[str, Any]
+
+    @property
+    def active(self) -> bool:
+        return not self.status.final
+
+
+def load_job(job_id: str) -> JobView | None:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return None
+        ds = job.dataset
+        return JobView(job.id, job.dataset_id, job.attempt, job.status, job.input_path, job.output_path,
+                       ds.params.get("model", {}), ds.model_sha256, ds.params)
+
+
+def job_status(job_id: str) -> tuple[Status, int] | None:
+    with session_scope() as s:
+        row = s.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+        return (row[0], row[1]) if row else None
+
+
+def record_plan(job_id: str, attempt: int, *, shape: list[int], spacing: list[float], windows: int,
+                slab_windows: list[int], preprocess_seconds: float, backend: str, precision: str) -> bool:
+    """Mark the job running with its plan and create its subtask rows; False if it is no longer active."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.attempt != attempt or job.status.final:
+            return False
+        job.status = Status.RUNNING
+        job.started_at = job.started_at or utcnow()
+        job.shape, job.spacing, job.windows, job.subtasks = shape, spacing, windows, len(slab_windows)
+        job.preprocess_seconds, job.backend, job.precision = preprocess_seconds, backend, precision
+        existing = {p.slab for p in s.scalars(select(Subtask).where(Subtask.job_id == job_id,
+                                                                     Subtask.attempt == attempt))}
+        for slab, count in enumerate(slab_windows):
+            if slab not in existing:
+                s.add(Subtask(job_id=job_id, attempt=attempt, slab=slab, windows=count))
+        return True
+
+
+def start_subtask(job_id: str, attempt: int, slab: int, worker: str) -> int:
+    """Count one more delivery of the subtask and return the count (a poison subtask shows here)."""
+    with session_scope() as s:
+        part = s.scalars(select(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt,
+                                               Subtask.slab == slab).with_for_update()).one_or_none()
+        if part is None:
+            part = Subtask(job_id=job_id, attempt=attempt, slab=slab, windows=0, deliveries=0)
+            s.add(part)
+        part.deliveries = (part.deliveries or 0) + 1
+        part.status, part.worker, part.started_at = Status.RUNNING, worker, utcnow()
+        return part.deliveries
+
+
+def finish_subtask(job_id: str, attempt: int, slab: int, seconds: float, batch_size: int) -> None:
+    with session_scope() as s:
+        s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt, Subtask.slab == slab)
+                  .values(status=Status.DONE, finished_at=utcnow(), seconds=seconds, batch_size=batch_size))
+
+
+def subtask_done(job_id: str, attempt: int, slab: int) -> bool:
+    with session_scope() as s:
+        status = s.scalar(select(Subtask.status).where(Subtask.job_id == job_id, Subtask.attempt == attempt,
+                                                       Subtask.slab == slab))
+        return status == Status.DONE
+
+
+def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: float, merge_seconds: float) -> bool:
+    """Mark the job done with its figures; False (and nothing changed) if it is no longer this attempt's."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.attempt != attempt or job.status.final:
+            return False
+        parts = list(s.scalars(select(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt)))
+        job.status, job.error, job.finished_at = Status.DONE, None, utcnow()
+        job.tumour_voxels, job.tumour_ml, job.merge_seconds = tumour_voxels, tumour_ml, merge_seconds
+        job.inference_seconds = round(sum(p.seconds or 0.0 for p in parts), 3)
+        job.workers = sorted({p.worker for p in parts if p.worker})
+        return True
+
+
+def fail_job(job_id: str, error: str, attempt: int | None = None, status: Status = Status.FAILED) -> bool:
+    """Mark the job failed (or cancelled) unless it already ended; the first reason wins."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.status.final or (attempt is not None and job.attempt != attempt):
+            return False
+        job.status, job.error, job.finished_at = status, error[:MAX_ERROR_CHARS], utcnow()
+        logger.warning("job %s %s: %s", job_id, status.value, error)
+        return True
+
+
+def requeue_job(job_id: str) -> int:
+    """Start a new attempt of the job (resume, retry): clears its results and returns the attempt."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise KeyError(job_id)
+        job.attempt += 1
+        job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
+        job.started_at = job.finished_at = None
+        job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
+        job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
+        job.workers = None
+        return job.attempt
+
+
+def datasets(name_or_id: str | None = None) -> list[Dataset]:
+    """Datasets (newest first) with their jobs loaded, optionally one by id or name."""
+    from sqlalchemy.orm import selectinload
+
+    with session_scope() as s:
+        query = select(Dataset).options(selectinload(Dataset.jobs)).order_by(Dataset.created_at.desc())
+        if name_or_id:
+            query = query.where((Dataset.id == name_or_id) | (Dataset.name == name_or_id))
+        return list(s.scalars(query))
+
+
+def final_statuses() -> tuple[Status, ...]:
+    return FINAL_STATUSES
+
+
+def elapsed(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds()

@@ -1,0 +1,68 @@
+"""Reading NIfTI volumes: header checks for submit, full loads for the coordinator. No torch."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from segq.errors import InputError
+
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, RuntimeError, MemoryError)
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    shape: tuple[int, ...]
+    spacing: tuple[float, float, float]
+    dtype: str
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.shape[:3]))
+
+
+def read_header(path: Path, max_voxels: int) -> VolumeHeader:
+    """Parse only the header and refuse what cannot be a 3D volume (or a 4D stack of channels)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except _READ_ERRORS + (nib.filebasedimages.ImageFileError,) as exc:
+        raise InputError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) not in (3, 4) or any(s < 1 for s in shape):
+        raise InputError(f"{path}: shape {shape} is not a 3D volume (or 4D with channels last)")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > max_voxels:
+        raise InputError(f"{path}: {shape} is {voxels:,} voxels, above the limit of {max_voxels:,} (SEGQ_MAX_VOXELS)")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    if not all(np.isfinite(zooms)) or any(z <= 0 for z in zooms):
+        raise InputError(f"{path}: voxel spacing {zooms} is not positive and finite")
+    if not np.all(np.isfinite(image.affine)):
+        raise InputError(f"{path}: the affine holds NaN or infinite values")
+    return VolumeHeader(shape, zooms, str(image.get_data_dtype()))  # type: ignore[arg-type]
+
+
+def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarray, np.ndarray, VolumeHeader]:
+    """The volume as float32, channel-first (C, X, Y, Z), with its affine; InputError for anything unusable."""
+    import nibabel as nib
+
+    header = read_header(path, max_voxels)
+    channels = header.shape[3] if len(header.shape) == 4 else 1
+    if channels != in_channels:
+        raise InputError(f"{path}: the volume has {channels} channel(s) but the model expects {in_channels}")
+    image = nib.load(str(path))
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32, caching="unchanged"))
+    except _READ_ERRORS as exc:
+        raise InputError(f"{path}: the file is corrupt or truncated; its header promises {header.shape} "
+                         f"{header.dtype} voxels that could not be read ({type(exc).__name__}: {exc})") from exc
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(f"{path}: {bad:,} voxels are NaN or infinite; fix or mask them before segmenting")
+    volume = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    return np.ascontiguousarray(volume, dtype=np.float32), np.asarray(image.affine), header

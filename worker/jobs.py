@@ -1,0 +1,136 @@
+"""The three steps of a job as plain functions: prepare, run one slab, merge. Tasks call these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segq import storage
+from segq.errors import CancelledError, InputError
+from segq.modelspec import ModelSpec, spec_from_dict
+from segq.records import JobView
+from segq.settings import Settings
+from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
+from segq.volumes import load_volume
+
+logger = logging.getLogger("segq.jobs")
+
+INPUT = "input.npy"
+PLAN = "plan.json"
+
+
+def slab_file(index: int) -> str:
+    return f"slab_{index:04d}.npy"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: WindowPlan
+    slabs: list[Slab]
+    shape: list[int]
+    spacing: list[float]
+    seconds: float
+
+
+def preprocess(volume: np.ndarray, method: str) -> np.ndarray:
+    if method == "zscore":
+        from segq.preprocess import zscore_nonzero
+
+        return np.stack([zscore_nonzero(channel) for channel in volume]).astype(np.float32)
+    return volume
+
+
+def prepare(job: JobView, settings: Settings) -> Prepared:
+    """Load, check and preprocess the volume; write the padded array and the window plan to the workspace."""
+    started = time.perf_counter()
+    spec = spec_from_dict(job.model)
+    volume, _affine, header = load_volume(Path(job.input_path), spec.in_channels, settings.max_voxels)
+    volume = preprocess(volume, spec.preprocess)
+    plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
+    slabs = plan.slabs(settings.max_windows_per_subtask)
+    ws = storage.workspace(settings.storage_root, job.id, job.attempt)
+    ws.mkdir(parents=True, exist_ok=True)
+    storage.save_array(ws / INPUT, pad_volume(volume, plan))
+    document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
+    with storage.atomic_path(ws / PLAN) as tmp:
+        tmp.write_text(json.dumps(document))
+    return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def load_plan(ws: Path) -> tuple[WindowPlan, list[Slab]]:
+    document = json.loads((ws / PLAN).read_text())
+    return WindowPlan.from_json(document["plan"]), [Slab.from_json(s) for s in document["slabs"]]
+
+
+def slab_reference(index: int, lo: int, shape: tuple[int, ...], checksum: str, worker: str) -> dict[str, Any]:
+    """What crosses Redis for a slab: ids and a checksum, never the array."""
+    return {"slab": index, "lo": lo, "shape": list(shape), "checksum": checksum, "worker": worker}
+
+
+def run_slab(ws: Path, index: int, engine: Any, spec: ModelSpec, batch_size: int, worker: str,
+             should_stop: Any = None) -> dict[str, Any]:
+    """Run one slab's windows and write its partial sum; returns the slab's reference."""
+    from worker.inference import infer_slab
+
+    plan, slabs = load_plan(ws)
+    if not 0 <= index < len(slabs):
+        raise InputError(f"slab {index} does not exist: the plan has {len(slabs)} slabs")
+    slab = slabs[index]
+    volume = storage.load_array(ws / INPUT, mmap=True)
+    partial = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop)
+    if should_stop is not None and should_stop():
+        raise CancelledError(f"slab {index} stopped: the job was cancelled")
+    array = partial.cpu().numpy()
+    checksum = storage.save_array(ws / slab_file(index), array)
+    return slab_reference(index, slab.lo, array.shape, checksum, worker)
+
+
+def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
+    """The reference of a slab already written by an earlier delivery, if its file is whole."""
+    path = ws / slab_file(index)
+    if not path.is_file():
+        return None
+    _plan, slabs = load_plan(ws)
+    array = storage.load_array(path)
+    return slab_reference(index, slabs[index].lo, array.shape, storage.array_checksum(array), worker)
+
+
+def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path) -> tuple[int, float]:
+    """Add the partials, divide by the summed weights, threshold at 0.5 and write the mask atomically.
+
+    Returns the tumour voxel count and volume in mL (from the input's voxel spacing).
+    """
+    import nibabel as nib
+
+    from worker.inference import merge_partials
+
+    plan, slabs = load_plan(ws)
+    by_slab = {int(r["slab"]): r for r in refs if r}
+    missing = sorted(set(range(len(slabs))) - set(by_slab))
+    if missing:
+        raise InputError(f"merge is missing slab(s) {missing} of {len(slabs)}")
+    partials = []
+    for slab in slabs:
+        array = storage.load_array(ws / slab_file(slab.index))
+        if storage.array_checksum(array) != by_slab[slab.index]["checksum"]:
+            raise InputError(f"slab {slab.index}'s partial in {ws} does not match the checksum its subtask reported")
+        partials.append((slab.lo, array))
+    probability = merge_partials(plan.padded_shape, partials, weight_sum(plan), plan.crop)
+    mask = (probability >= 0.5).astype(np.uint8)
+    source = nib.load(str(input_path))
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(mask.shape)
+    image = nib.Nifti1Image(mask, source.affine, header)
+    image.header.set_slope_inter(1, 0)
+    with storage.atomic_path(output) as tmp:
+        nib.save(image, str(tmp))
+    voxels = int(mask.sum())
+    spacing = np.prod(source.header.get_zooms()[:3])
+    return voxels, round(float(voxels * spacing) / 1000.0, 4)
