@@ -21,10 +21,15 @@ from segq.modelspec import MODES
 @click.option("--mode", type=click.Choice(MODES), help="Blending of overlapping windows (wins over the file).")
 @click.option("--name", help="Dataset name (default: the output directory's name).")
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal", show_default=True)
+@click.option("--max-windows-per-subtask", type=click.IntRange(min=1),
+              help="Split volumes into subtasks of at most this many windows (default: SEGQ_MAX_WINDOWS_PER_SUBTASK).")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write <name>_prob.nii.gz: the merged target-class probability (float32).")
 @click.option("--wait", is_flag=True, help="Return when every volume has finished, printing a line each.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
-           sw_batch_size: int | None, mode: str | None, name: str | None, priority: str, wait: bool,
+           sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
+           max_windows_per_subtask: int | None, save_probabilities: bool, wait: bool,
            timeout: float | None) -> None:
     """Queue every NIfTI volume in INPUTS (files or directories) for segmentation."""
     from producer.scan import collect_inputs
@@ -33,7 +38,9 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
 
     spec = load_model_spec(model_path).with_overrides(overlap, sw_batch_size, mode)
     items = collect_inputs(list(inputs), out_dir.expanduser().resolve())
-    submitted = submit_dataset(items, out_dir, spec, name=name, priority=priority)
+    submitted = submit_dataset(items, out_dir, spec, name=name, priority=priority,
+                               max_windows_per_subtask=max_windows_per_subtask,
+                               save_probabilities=save_probabilities)
     click.echo(f"dataset {submitted.dataset_id}: queued {len(submitted.job_ids)} volume(s)")
     if not wait:
         return

@@ -50,7 +50,8 @@ def send_job(job_id: str, priority: str = "normal") -> None:
 
 
 def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | None = None,
-           priority: str = "normal") -> Submitted:
+           priority: str = "normal", max_windows_per_subtask: int | None = None,
+           save_probabilities: bool = False) -> Submitted:
     """Write one dataset row and a job row per input, then queue them. Nothing is queued if a header is bad."""
     settings = get_settings()
     for item in inputs:
@@ -58,7 +59,8 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     check_broker()
     ensure_schema()
     model_sha = spec.checksum()
-    params = {**spec.params(), "model": spec.to_dict(), "priority": priority}
+    params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
+              "max_windows_per_subtask": max_windows_per_subtask, "save_probabilities": save_probabilities}
     hashes = {item.path: file_sha256(item.path) for item in inputs}
     out_dir = out_dir.expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def prepare(job: JobView, settings: Settings) -> Prepared:
     volume, _affine, header = load_volume(Path(job.input_path), spec.in_channels, settings.max_voxels)
     volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
-    slabs = plan.slabs(settings.max_windows_per_subtask)
+    slabs = plan.slabs(int(job.params.get("max_windows_per_subtask") or settings.max_windows_per_subtask))
     ws = storage.workspace(settings.storage_root, job.id, job.attempt)
     ws.mkdir(parents=True, exist_ok=True)
     storage.save_array(ws / INPUT, pad_volume(volume, plan))
@@ -101,7 +101,24 @@ def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | No
     return slab_reference(index, slabs[index].lo, array.shape, storage.array_checksum(array), worker)
 
 
-def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path) -> tuple[int, float]:
+def probability_path(output: Path) -> Path:
+    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz"))
+
+
+def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
+    import nibabel as nib
+
+    header = source.header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_data_shape(array.shape)
+    image = nib.Nifti1Image(array, source.affine, header)
+    image.header.set_slope_inter(1, 0)
+    with storage.atomic_path(output) as tmp:
+        nib.save(image, str(tmp))
+
+
+def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
+          save_probabilities: bool = False) -> tuple[int, float]:
     """Add the partials, divide by the summed weights, threshold at 0.5 and write the mask atomically.
 
     Returns the tumour voxel count and volume in mL (from the input's voxel spacing).
@@ -124,13 +141,9 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path) 
     probability = merge_partials(plan.padded_shape, partials, weight_sum(plan), plan.crop)
     mask = (probability >= 0.5).astype(np.uint8)
     source = nib.load(str(input_path))
-    header = source.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_data_shape(mask.shape)
-    image = nib.Nifti1Image(mask, source.affine, header)
-    image.header.set_slope_inter(1, 0)
-    with storage.atomic_path(output) as tmp:
-        nib.save(image, str(tmp))
+    if save_probabilities:
+        _write_nifti(probability.astype(np.float32), source, probability_path(output))
+    _write_nifti(mask, source, output)
     voxels = int(mask.sum())
     spacing = np.prod(source.header.get_zooms()[:3])
     return voxels, round(float(voxels * spacing) / 1000.0, 4)

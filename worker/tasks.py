@@ -153,7 +153,7 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
     started = time.perf_counter()
     try:
         storage.require_workspace(ws, self.request.hostname or "")
-        voxels, ml = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path))
+        voxels, ml = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path), bool(job.params.get("save_probabilities")))
     except InputError as exc:
         records.fail_job(job_id, f"merge: {exc}", attempt)
         storage.remove_tree(ws)

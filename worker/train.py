@@ -153,11 +153,11 @@ def _fit(network: nn.Module, pool: VolumePool, spec: ModelSpec, steps: int, prog
             loss.backward()
             optimizer.step()
             schedule.step()
-            bar.update(task, advance=1, loss=float(loss))
+            bar.update(task, advance=1, loss=loss.item())
             if step % REFRESH_EVERY == 0:
                 pool.refresh_one()
             if not progress and step % 50 == 0:
-                logger.info("step %d/%d loss %.3f", step, steps, float(loss))
+                logger.info("step %d/%d loss %.3f", step, steps, loss.item())
 
 
 @torch.no_grad()

@@ -1,0 +1,126 @@
+"""Shared test helpers: environment switching, real worker processes, small models and volumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reset_caches() -> None:
+    """Forget cached settings, app and engines so a new environment takes effect in this process."""
+    from segq import celery_app, db, settings
+
+    settings.get_settings.cache_clear()
+    celery_app.get_app.cache_clear()
+    db.get_engine.cache_clear()
+    db._sessionmaker.cache_clear()
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_caches()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_caches()
+
+
+class WorkerProcess:
+    """A real ``segq worker`` subprocess (a Celery worker with prefork children)."""
+
+    def __init__(self, env: dict[str, str], name: str, log: Path, extra: list[str] | None = None,
+                 concurrency: int = 1) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.name = name
+        self.log = log
+        self.extra = extra or []
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> WorkerProcess:
+        cmd = [sys.executable, "-m", "segq.cli", "worker", "-n", f"{self.name}@%h", "-c", str(self.concurrency),
+               "-l", "INFO", *self.extra]
+        handle = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.read_log()[-4000:]}")
+            if " ready." in self.read_log():
+                return self
+            time.sleep(0.3)
+        raise TimeoutError(f"worker {self.name} not ready after {timeout}s:\n{self.read_log()[-4000:]}")
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def children(self) -> list[int]:
+        if self.proc is None:
+            return []
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def write_model(directory: Path, arch: str = "UNet", roi: int = 32, feature_size: int = 4, seed: int = 0,
+                **fields: object) -> Path:
+    """A randomly initialised model (checkpoint + model.toml) in ``directory``."""
+    import torch
+
+    from segq.modelspec import ModelSpec, write_model_toml
+    from worker.model import build_network
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec(arch, int(fields.pop("in_channels", 1)), 2, roi, 1, checkpoint=directory / "model.pt",  # type: ignore[call-overload]
+                     feature_size=feature_size, **fields)
+    torch.manual_seed(seed)
+    network = build_network(spec)
+    torch.save(network.state_dict(), spec.checkpoint)
+    write_model_toml(directory / "model.toml", spec)
+    return directory / "model.toml"
+
+
+def write_volume(path: Path, shape: tuple[int, ...], seed: int = 0, spacing: tuple[float, float, float] = (1, 1, 2),
+                 dtype: type = np.float32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=shape).astype(dtype)
+    affine = np.diag([*spacing, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def load_mask(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
