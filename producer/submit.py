@@ -8,14 +8,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from producer.scan import Input
 from segq.celery_app import COORDINATOR_QUEUE, SEGMENT_VOLUME, get_app, queue_for
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError, TransientError
-from segq.modelspec import ModelSpec, file_sha256
 from segq.models import Dataset, Job, Status
+from segq.modelspec import ModelSpec, file_sha256
 from segq.settings import get_settings
 from segq.volumes import read_header
-from producer.scan import Input
 
 logger = logging.getLogger("segq.submit")
 

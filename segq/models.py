@@ -19,7 +19,7 @@ def new_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """A job's or subtask's state, stored as its value."""
 
     QUEUED = "queued"
@@ -37,7 +37,8 @@ FINAL_STATUSES = (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 
 def _status_column() -> Any:
-    return Enum(Status, name="segq_status", native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    return Enum(Status, name="segq_status", native_enum=False, length=16,
+                values_callable=lambda e: [m.value for m in e])
 
 
 class Base(DeclarativeBase):

@@ -63,7 +63,7 @@ class ModelSpec:
         if not 0 <= self.target_class < self.out_channels:
             raise InputError(f"{where}: target_class = {self.target_class} must be within 0..{self.out_channels - 1}")
         if self.arch == "SwinUNETR" and self.roi_size % 32:
-            raise InputError(f"{where}: SwinUNETR needs roi_size divisible by 32 (and at least 64), got {self.roi_size}")
+            raise InputError(f"{where}: SwinUNETR needs roi_size divisible by 32, got {self.roi_size}")
         if self.arch == "SwinUNETR" and self.roi_size < 64:
             raise InputError(f"{where}: SwinUNETR's deepest stage needs roi_size >= 64, got {self.roi_size}")
         if not 0 <= self.overlap < 1:
@@ -123,7 +123,9 @@ def load_model_spec(path: str | Path) -> ModelSpec:
     known = {f for f in ModelSpec.__dataclass_fields__ if f != "path"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise InputError(f"model file {path}: unknown keys {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+        raise InputError(
+            f"model file {path}: unknown keys {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
+        )
     checkpoint = (path.parent / str(data["checkpoint"])).resolve()
     if not checkpoint.is_file():
         raise InputError(f"model file {path}: checkpoint {checkpoint} does not exist")

@@ -58,9 +58,9 @@ class WorkerProcess:
     def start(self, timeout: float = 90) -> WorkerProcess:
         cmd = [sys.executable, "-m", "segq.cli", "worker", "-n", f"{self.name}@%h", "-c", str(self.concurrency),
                "-l", "INFO", *self.extra]
-        handle = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True)
+        with open(self.log, "ab") as handle:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import click
 
 from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, consumed_queues
@@ -12,7 +11,8 @@ from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, consumed_queues
 @click.option("-n", "--hostname", default=None, help="Node name, as Celery's -n (e.g. cpu1@%h).")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes.")
-@click.option("-Q", "--queues", default=None, help="Comma-separated queues (default: coordinator and gpu, all priorities).")
+@click.option("-Q", "--queues", default=None,
+              help="Comma-separated queues (default: coordinator and gpu, all priorities).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
 @click.pass_context
 def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str) -> None:

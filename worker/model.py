@@ -76,5 +76,7 @@ def load_model(spec: ModelSpec) -> TargetClassProbability:
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InputError(f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {spec.path}: {exc}") from exc
+        raise InputError(
+            f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {spec.path}: {exc}"
+        ) from exc
     return TargetClassProbability(network, spec.target_class, spec.out_channels).eval()

@@ -88,7 +88,8 @@ def _cancel_check(job_id: str, attempt: int) -> Any:
 
 
 @app.task(name=INFER_SLAB, bind=True, autoretry_for=(TransientError,), retry_backoff=True, retry_jitter=True)
-def infer_slab(self: Task, job_id: str, attempt: int, slab: int, batch_size: int | None = None) -> dict[str, Any] | None:
+def infer_slab(self: Task, job_id: str, attempt: int, slab: int,
+               batch_size: int | None = None) -> dict[str, Any] | None:
     job = records.load_job(job_id)
     if job is None or job.attempt != attempt or not job.active:
         return None
@@ -143,7 +144,8 @@ def _run_slab(task: Task, job: records.JobView, ws: Path, slab: int, batch_size:
 
 
 @app.task(name=MERGE, bind=True, autoretry_for=(TransientError,), retry_backoff=True, retry_jitter=True)
-def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id: str, attempt: int) -> dict[str, Any] | None:
+def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id: str,
+          attempt: int) -> dict[str, Any] | None:
     job = records.load_job(job_id)
     if job is None or job.attempt != attempt or not job.active:
         return None
@@ -153,7 +155,8 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
     started = time.perf_counter()
     try:
         storage.require_workspace(ws, self.request.hostname or "")
-        voxels, ml = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path), bool(job.params.get("save_probabilities")))
+        voxels, ml = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path),
+                                bool(job.params.get("save_probabilities")))
     except InputError as exc:
         records.fail_job(job_id, f"merge: {exc}", attempt)
         storage.remove_tree(ws)

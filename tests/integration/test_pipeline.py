@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
     return prob[0, 0].numpy()
 
 
-def segq(*args: str, env: dict[str, str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def segq(*args: str, env: dict[str, str], check: bool = True,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "segq.cli", *args], env={**os.environ, **env}, cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -43,7 +45,8 @@ def segq(*args: str, env: dict[str, str], check: bool = True, timeout: float = 3
     return result
 
 
-def run_dataset(stack: Stack, scans: Path, out: Path, model: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_dataset(stack: Stack, scans: Path, out: Path, model: Path, *extra: str,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
     return segq("submit", str(scans), "--out", str(out), "--model", str(model), "--wait", "--timeout", "240",
                 *extra, env=stack.env, check=check)
 
@@ -73,7 +76,7 @@ def test_dataset_matches_monai_and_is_recorded(stack: Stack, unet_model: Path, t
     result = run_dataset(stack, scans, out, unet_model, "--name", f"shapes-{tmp_path.name}", "--save-probabilities")
     assert result.stdout.count("done    ") == len(SHAPES), result.stdout
 
-    rows = __import__("json").loads(segq("results", f"shapes-{tmp_path.name}", "--format", "json", env=stack.env).stdout)
+    rows = json.loads(segq("results", f"shapes-{tmp_path.name}", "--format", "json", env=stack.env).stdout)
     by_name = {Path(r["input"]).name: r for r in rows}
     assert set(by_name) == {f"{n}.nii.gz" for n in SHAPES}
     for name, shape in SHAPES.items():
@@ -122,7 +125,7 @@ def test_bad_volumes_fail_alone_with_reasons(stack: Stack, unet_model: Path, tmp
     assert result.returncode == 1, result.stdout + result.stderr
     status = segq("status", f"bad-{tmp_path.name}", env={**stack.env, "COLUMNS": "250"}).stdout
     rows = {Path(r["input"]).name: r for r in
-            __import__("json").loads(segq("results", f"bad-{tmp_path.name}", "--format", "json", env=stack.env).stdout)}
+            json.loads(segq("results", f"bad-{tmp_path.name}", "--format", "json", env=stack.env).stdout)}
     assert rows["good.nii.gz"]["status"] == "done" and (out / "good_seg.nii.gz").is_file()
     expected = {
         "truncated.nii.gz": "corrupt or truncated",
@@ -173,7 +176,7 @@ def test_swinunetr_end_to_end_in_three_subtasks(stack: Stack, swin_model: Path, 
     out = tmp_path / "masks"
     run_dataset(stack, scans, out, swin_model, "--max-windows-per-subtask", "1", "--name", f"swin-{tmp_path.name}",
                 "--save-probabilities")
-    row = __import__("json").loads(segq("results", f"swin-{tmp_path.name}", "--format", "json", env=stack.env).stdout)[0]
+    row = json.loads(segq("results", f"swin-{tmp_path.name}", "--format", "json", env=stack.env).stdout)[0]
     assert row["status"] == "done" and row["windows"] == 3 and row["subtasks"] == 3
     reference = reference_probability(scans / "ct.nii.gz", swin_model)
     assert_matches_reference(out / "ct_prob.nii.gz", out / "ct_seg.nii.gz", reference)
