@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmarks: a throwaway deployment (Redis DB, SQLite, storage) and timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deployment_env(root: Path, broker: str) -> dict[str, str]:
+    return {
+        "SEGQ_BROKER_URL": broker,
+        "SEGQ_DATABASE_URL": f"sqlite:///{root / 'segq.db'}",
+        "SEGQ_DATA_DIR": str(root / "data"),
+        "SEGQ_STORAGE": str(root / "storage"),
+    }
+
+
+@contextmanager
+def worker_process(env: dict[str, str], name: str, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `segq worker` for the length of the block; stopped (warm shutdown) afterwards."""
+    with open(log, "ab") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "segq.cli", "worker", "-n", f"{name}@%h", *extra],
+                                env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while " ready." not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def segq(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "segq.cli", *args], env={**os.environ, **env}, cwd=ROOT,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"segq {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def emit(record: dict[str, Any], out: Path | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        with open(out, "a") as handle:
+            handle.write(line + "\n")

@@ -1,0 +1,95 @@
+"""What the queue costs: one volume through MONAI in one process vs the whole segq queue path.
+
+(a) monai.inferers.sliding_window_inference on the preprocessed volume, in this process;
+(b) `segq submit --wait` with one real `segq worker` (Redis, SQLite, storage, chord/merge), timed
+    from submit to the mask on disk, with the worker's engine already loaded by a warm-up volume.
+Both arms run alternately in one run; the ratio (b)/(a) is the queue's overhead.
+
+    python bench/queue_overhead.py --repeats 3 --out bench/results/queue_overhead.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from bench.common import deployment_env, emit, segq, summary, worker_process
+from segq.modelspec import ModelSpec, load_model_spec, write_model_toml
+from worker.model import build_network, load_model
+
+
+def make_model(directory: Path, arch: str, feature_size: int, roi: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec(arch, 1, 2, roi, 1, checkpoint=directory / "model.pt", feature_size=feature_size,
+                     sw_batch_size=4)
+    torch.manual_seed(0)
+    torch.save(build_network(spec).state_dict(), spec.checkpoint)
+    write_model_toml(directory / "model.toml", spec)
+    return directory / "model.toml"
+
+
+def time_monai(volume: Path, model_toml: Path) -> float:
+    spec = load_model_spec(model_toml)
+    model = load_model(spec)
+    data = torch.from_numpy(np.asarray(nib.load(str(volume)).get_fdata(dtype=np.float32)))[None, None]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        sliding_window_inference(data, spec.roi, spec.sw_batch_size, model, overlap=spec.overlap, mode=spec.mode)
+    return time.perf_counter() - started
+
+
+def time_queue(env: dict[str, str], volume: Path, out: Path, model_toml: Path, *extra: str) -> float:
+    started = time.perf_counter()
+    text = segq(env, "submit", str(volume), "--out", str(out), "--model", str(model_toml), "--wait", *extra)
+    elapsed = time.perf_counter() - started
+    if not re.search(r"1 done, 0 failed", text):
+        raise RuntimeError(f"queue run did not finish cleanly:\n{text}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96))
+    parser.add_argument("--arch", default="SwinUNETR")
+    parser.add_argument("--feature-size", type=int, default=12)
+    parser.add_argument("--roi", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--out", type=Path, default=None, help="Append JSON lines here.")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    root = Path(tempfile.mkdtemp(prefix="segq-bench-"))
+    model_toml = make_model(root / "model", args.arch, args.feature_size, args.roi)
+    volume = root / "scans" / "volume.nii.gz"
+    volume.parent.mkdir()
+    data = np.random.default_rng(0).normal(size=args.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(volume))
+    env = deployment_env(root, args.broker)
+    import redis
+
+    redis.Redis.from_url(args.broker).flushdb()
+    monai_s, queue_s = [], []
+    with worker_process(env, "bench", root / "worker.log"):
+        time_queue(env, volume, root / "warmup", model_toml)  # loads the engine in the worker process
+        for i in range(args.repeats):
+            monai_s.append(time_monai(volume, model_toml))
+            queue_s.append(time_queue(env, volume, root / f"out{i}", model_toml))
+    a, b = summary(monai_s), summary(queue_s)
+    emit({"bench": "queue_overhead", "machine": "cpu", "threads": torch.get_num_threads(), "shape": args.shape,
+          "arch": args.arch, "feature_size": args.feature_size, "roi": args.roi, "repeats": args.repeats,
+          "monai_s": a, "queue_s": b, "ratio_median": b["median"] / a["median"]}, args.out)
+    print(f"(a) MONAI sliding_window_inference: {a['median']:.2f} s   (b) segq queue path: {b['median']:.2f} s   "
+          f"ratio (b)/(a): {b['median'] / a['median']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
