@@ -13,7 +13,7 @@ from segq.models import Dataset, Job
 COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
     "queued_at", "started_at", "finished_at", "inference_seconds", "workers", "backend", "precision",
-    "model_sha256", "dice",
+    "model_sha256", "dice", "volume_error_ml",
 ]
 
 
@@ -30,6 +30,7 @@ def job_row(dataset: Dataset, job: Job) -> dict[str, Any]:
         "queued_at": _iso(job.queued_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
         "inference_seconds": job.inference_seconds, "workers": ",".join(job.workers or []),
         "backend": job.backend, "precision": job.precision, "model_sha256": dataset.model_sha256, "dice": job.dice,
+        "volume_error_ml": job.volume_error_ml,
     }
 
 

@@ -18,6 +18,9 @@ COMMANDS = {
     "results": "producer.cli:results",
     "worker": "worker.cli:worker",
     "db": "segq.dbcli:db",
+    "demo-data": "producer.democli:demo_data",
+    "train-demo": "producer.democli:train_demo",
+    "evaluate": "producer.democli:evaluate",
 }
 
 

@@ -92,6 +92,7 @@ class Job(Base):
     backend: Mapped[str | None] = mapped_column(String(32), nullable=True)
     precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
     dice: Mapped[float | None] = mapped_column(Float, nullable=True)
+    volume_error_ml: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     dataset: Mapped[Dataset] = relationship(back_populates="jobs")
     parts: Mapped[list[Subtask]] = relationship(back_populates="job", order_by="Subtask.slab")

@@ -55,6 +55,7 @@ def upgrade() -> None:
     sa.Column('backend', sa.String(length=32), nullable=True),
     sa.Column('precision', sa.String(length=8), nullable=True),
     sa.Column('dice', sa.Float(), nullable=True),
+    sa.Column('volume_error_ml', sa.Float(), nullable=True),
     sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('dataset_id', 'input_path', name='uq_jobs_dataset_input')

@@ -1,0 +1,64 @@
+"""``segq demo-data``, ``segq train-demo`` and ``segq evaluate``: the demo model's loop, end to end."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import click
+
+
+@click.command("demo-data")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--count", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=2026, show_default=True, help="Training used other seeds.")
+def demo_data(out_dir: Path, count: int, seed: int) -> None:
+    """Write COUNT synthetic MR-like volumes (OUT/images) with their ground-truth masks (OUT/truth)."""
+    from segq.demo import write_demo_dataset
+
+    pairs = write_demo_dataset(out_dir, count, seed=seed)
+    click.echo(f"wrote {len(pairs)} volume(s) to {out_dir / 'images'} and their masks to {out_dir / 'truth'}")
+
+
+@click.command("train-demo")
+@click.option("-o", "--out", "out_dir", default=Path("models/demo"), show_default=True,
+              type=click.Path(path_type=Path, file_okay=False))
+@click.option("--arch", default="UNet", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_demo(out_dir: Path, arch: str, steps: int, seed: int) -> None:
+    """Train the small demo model on synthetic volumes (CPU, minutes) and write model.toml + checkpoint."""
+    from worker.train import train_demo as train
+
+    toml = train(out_dir, arch=arch, steps=steps, seed=seed, progress=True)
+    click.echo(f"wrote {toml}")
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("--truth", "truth_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory of ground-truth masks named like the inputs.")
+def evaluate(dataset: str, truth_dir: Path) -> None:
+    """Dice and volume error of each volume against ground truth; stored and shown by `segq results`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from producer.evaluate import evaluate as run
+    from segq import records
+    from segq.db import ensure_schema
+
+    ensure_schema()
+    found = records.datasets(dataset)
+    if not found:
+        raise click.ClickException(f"no dataset with id or name {dataset!r}")
+    scores = run(found[0].id, truth_dir)
+    table = Table(title=f"dataset {found[0].id} against {truth_dir}", title_justify="left")
+    for column in ("input", "Dice", "volume error mL", "note"):
+        table.add_column(column)
+    for s in scores:
+        table.add_row(Path(s.input_path).name, "" if s.dice is None else f"{s.dice:.4f}",
+                      "" if s.volume_error_ml is None else f"{s.volume_error_ml:+.2f}", s.note)
+    Console().print(table)
+    values = [s.dice for s in scores if s.dice is not None]
+    if values:
+        click.echo(f"mean Dice {statistics.mean(values):.4f} over {len(values)} volume(s)")
