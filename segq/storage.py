@@ -81,7 +81,7 @@ def load_array(path: Path, mmap: bool = False) -> np.ndarray:
 
 def array_checksum(array: np.ndarray) -> str:
     """crc32 of the bytes: cheap enough for every partial, and enough to catch a torn or stale file."""
-    return f"{zlib.crc32(memoryview(np.ascontiguousarray(array)).cast('B')):08x}"
+    return f"{zlib.crc32(np.ascontiguousarray(array).tobytes()):08x}"
 
 
 def strip_nifti_suffix(name: str) -> str:

@@ -17,6 +17,11 @@ import numpy as np
 Vec3 = tuple[int, int, int]
 
 
+def _vec3(values: Any) -> Vec3:
+    x, y, z = (int(v) for v in values)
+    return (x, y, z)
+
+
 @dataclass(frozen=True)
 class Slab:
     """A group of windows whose partial sum covers ``[lo, hi)`` of the padded volume's first axis."""
@@ -31,7 +36,7 @@ class Slab:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Slab:
-        return cls(int(data["index"]), [tuple(s) for s in data["starts"]], int(data["lo"]), int(data["hi"]))  # type: ignore[misc]
+        return cls(int(data["index"]), [_vec3(s) for s in data["starts"]], int(data["lo"]), int(data["hi"]))
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,10 @@ class WindowPlan:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WindowPlan:
         return cls(
-            image_shape=tuple(data["image_shape"]), roi=tuple(data["roi"]), overlap=float(data["overlap"]),  # type: ignore[arg-type]
-            mode=data["mode"], sigma_scale=float(data["sigma_scale"]), pad=tuple(tuple(p) for p in data["pad"]),
-            scan_interval=tuple(data["scan_interval"]), starts=[tuple(s) for s in data["starts"]],  # type: ignore[arg-type,misc]
+            image_shape=_vec3(data["image_shape"]), roi=_vec3(data["roi"]), overlap=float(data["overlap"]),
+            mode=data["mode"], sigma_scale=float(data["sigma_scale"]),
+            pad=tuple((int(a), int(b)) for a, b in data["pad"]),
+            scan_interval=_vec3(data["scan_interval"]), starts=[_vec3(s) for s in data["starts"]],
         )
 
 
@@ -100,7 +106,8 @@ def plan_windows(image_shape: tuple[int, ...], roi: tuple[int, ...], overlap: fl
     padded = tuple(max(s, r) for s, r in zip(image_shape, roi, strict=True))
     interval = _get_scan_interval(padded, roi, 3, (overlap,) * 3)
     slices = dense_patch_slices(padded, roi, interval, return_slice=False)
-    starts = [tuple(int(lo) for lo, _ in window) for window in slices]
+    # return_slice=False gives (start, stop) pairs per dimension
+    starts = [_vec3(bounds[0] for bounds in window) for window in slices]  # type: ignore[index]
     return WindowPlan(tuple(image_shape), tuple(roi), overlap, mode, sigma_scale, pad, tuple(interval), starts)  # type: ignore[arg-type]
 
 

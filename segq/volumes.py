@@ -28,10 +28,11 @@ class VolumeHeader:
 def read_header(path: Path, max_voxels: int) -> VolumeHeader:
     """Parse only the header and refuse what cannot be a 3D volume (or a 4D stack of channels)."""
     import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
 
     try:
         image = nib.load(str(path))
-    except _READ_ERRORS + (nib.filebasedimages.ImageFileError,) as exc:
+    except _READ_ERRORS + (ImageFileError,) as exc:
         raise InputError(f"{path}: not a readable NIfTI file ({exc})") from exc
     shape = tuple(int(s) for s in image.shape)
     if len(shape) not in (3, 4) or any(s < 1 for s in shape):
