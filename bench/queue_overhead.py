@@ -5,7 +5,7 @@
     from submit to the mask on disk, with the worker's engine already loaded by a warm-up volume.
 Both arms run alternately in one run; the ratio (b)/(a) is the queue's overhead.
 
-    python bench/queue_overhead.py --repeats 3 --out bench/results/queue_overhead.jsonl
+    python -m bench.queue_overhead --repeats 3 --out bench/results/queue_overhead.jsonl
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ def make_model(directory: Path, arch: str, feature_size: int, roi: int) -> Path:
     torch.save(build_network(spec).state_dict(), spec.checkpoint)
     write_model_toml(directory / "model.toml", spec)
     return directory / "model.toml"
+
+
+def write_volume(root: Path, shape: tuple[int, int, int], seed: int) -> Path:
+    volume = root / f"scans{seed}" / "volume.nii.gz"
+    volume.parent.mkdir(parents=True)
+    data = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(volume))
+    return volume
 
 
 def time_monai(volume: Path, model_toml: Path) -> float:
@@ -69,18 +77,17 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="segq-bench-"))
     model_toml = make_model(root / "model", args.arch, args.feature_size, args.roi)
-    volume = root / "scans" / "volume.nii.gz"
-    volume.parent.mkdir()
-    data = np.random.default_rng(0).normal(size=args.shape).astype(np.float32)
-    nib.save(nib.Nifti1Image(data, np.eye(4)), str(volume))
     env = deployment_env(root, args.broker)
     import redis
 
     redis.Redis.from_url(args.broker).flushdb()
     monai_s, queue_s = [], []
     with worker_process(env, "bench", root / "worker.log"):
-        time_queue(env, volume, root / "warmup", model_toml)  # loads the engine in the worker process
+        # The warm-up loads the engine in the worker process. Each repeat gets new content: segq would
+        # (rightly) not redo a volume it has already segmented with the same model and parameters.
+        time_queue(env, write_volume(root, args.shape, 999), root / "warmup", model_toml)
         for i in range(args.repeats):
+            volume = write_volume(root, args.shape, i)
             monai_s.append(time_monai(volume, model_toml))
             queue_s.append(time_queue(env, volume, root / f"out{i}", model_toml))
     a, b = summary(monai_s), summary(queue_s)
