@@ -1,4 +1,4 @@
-"""``segq submit``, ``segq status`` and ``segq results``."""
+"""``segq submit``, ``status``, ``results``, ``watch``, ``resume``, ``retry``, ``cancel`` and ``report``."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     submitted = submit_dataset(items, out_dir, spec, name=name, priority=priority,
                                max_windows_per_subtask=max_windows_per_subtask,
                                save_probabilities=save_probabilities)
-    click.echo(f"dataset {submitted.dataset_id}: queued {len(submitted.job_ids)} volume(s)")
+    again = " (same dataset as before)" if submitted.reused_dataset else ""
+    click.echo(f"dataset {submitted.dataset_id}: queued {len(submitted.queued)} volume(s), "
+               f"{len(submitted.done)} already done{again}")
     if not wait:
         return
     from producer.wait import wait_for
@@ -91,9 +93,12 @@ def status(dataset: str | None, limit: int) -> None:
 @click.command()
 @click.argument("dataset", required=False)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "table"]), default="table", show_default=True)
-def results(dataset: str | None, fmt: str) -> None:
+@click.option("--summary/--no-summary", default=True, show_default=True,
+              help="Add a summary line (counts, wall and median times, throughput): on stderr for csv and json, "
+                   "so stdout stays machine-readable; as the last line for the table.")
+def results(dataset: str | None, fmt: str, summary: bool) -> None:
     """One row per volume: paths, status, tumour volume, windows, subtasks, times, workers, backend."""
-    from producer.results import rows, to_csv, to_json
+    from producer.results import rows, summarize, summary_line, to_csv, to_json
     from segq import records
     from segq.db import ensure_schema
 
@@ -102,10 +107,14 @@ def results(dataset: str | None, fmt: str) -> None:
     if dataset and not found:
         raise click.ClickException(f"no dataset with id or name {dataset!r}")
     data = rows(found)
+    line = summary_line(summarize([job for ds in found for job in ds.jobs]))
     if fmt == "csv":
         click.echo(to_csv(data), nl=False)
     elif fmt == "json":
         click.echo(to_json(data))
+    if fmt != "table":
+        if summary:
+            click.echo(line, err=True)
     else:
         from rich.console import Console
         from rich.table import Table
@@ -119,3 +128,101 @@ def results(dataset: str | None, fmt: str) -> None:
             table.add_row(*[Path(str(row[c])).name if c == "input" else "" if row[c] is None else str(row[c])
                             for c in shown])
         Console().print(table)
+        if summary:
+            click.echo(line)
+
+
+def _watched(dataset: str | None) -> list[tuple[str, str]]:
+    """(id, name) of the datasets to follow: those named, else every one with unfinished jobs, else the newest."""
+    from segq import records
+    from segq.db import ensure_schema
+
+    ensure_schema()
+    found = records.datasets(dataset)
+    if dataset and not found:
+        raise click.ClickException(f"no dataset with id or name {dataset!r}")
+    if not dataset:
+        open_ = [ds for ds in found if any(not job.status.final for job in ds.jobs)]
+        found = open_ or found[:1]
+    if not found:
+        raise click.ClickException("no datasets yet: queue one with `segq submit DIR --out OUT --model model.toml`")
+    return [(ds.id, ds.name) for ds in found]
+
+
+@click.command()
+@click.argument("dataset", required=False)
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit status 3).")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between looks.")
+def watch(dataset: str | None, timeout: float | None, poll: float) -> None:
+    """Follow DATASET (default: every unfinished one) until it ends: a live display, or a line per volume.
+
+    Reads only the database, so it works from any machine that reaches it. Exit status 1 when a volume
+    failed or was cancelled.
+    """
+    from producer.wait import follow
+
+    watched = _watched(dataset)
+    title = ", ".join(f"dataset {ds_id} '{name}'" for ds_id, name in watched)
+    try:
+        jobs = follow([ds_id for ds_id, _ in watched], timeout=timeout, poll=poll, echo=click.echo, title=title)
+    except TimeoutError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(3)
+    failed = sum(1 for j in jobs if j.status.value != "done")
+    click.echo(f"{title}: {len(jobs) - failed} done, {failed} failed or cancelled")
+    if failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("dataset", required=False)
+def resume(dataset: str | None) -> None:
+    """Re-queue exactly the unfinished (queued or running) jobs of DATASET (default: of every dataset).
+
+    For after an outage (workers killed, Redis restarted): each goes again as a new attempt, and any of
+    its old messages still in Redis are ignored. Done, failed and cancelled jobs are not touched.
+    """
+    from producer.manage import resume as resume_jobs
+
+    requeued = resume_jobs(dataset)
+    click.echo(f"re-queued {len(requeued)} unfinished job(s)")
+
+
+@click.command()
+@click.argument("dataset", required=False)
+@click.option("--failed", is_flag=True, help="Re-queue the failed jobs.")
+@click.option("--cancelled", is_flag=True, help="Re-queue the cancelled jobs.")
+def retry(dataset: str | None, failed: bool, cancelled: bool) -> None:
+    """Re-queue the failed (and/or cancelled) jobs of DATASET (default: of every dataset), after fixing the cause."""
+    from producer.manage import retry as retry_jobs
+
+    requeued = retry_jobs(dataset, failed=failed, cancelled=cancelled)
+    click.echo(f"re-queued {len(requeued)} job(s)")
+
+
+@click.command()
+@click.argument("target")
+def cancel(target: str) -> None:
+    """Cancel the unfinished jobs of a dataset (id or name), or one job (id).
+
+    Running tasks stop at their next ROI batch, queued ones are revoked, and their workspaces and
+    temp files are deleted; masks of jobs already done stay.
+    """
+    from producer.manage import cancel as cancel_jobs
+
+    cancelled = cancel_jobs(target)
+    click.echo(f"cancelled {len(cancelled)} job(s)")
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The HTML file to write (self-contained: styles and images inline).")
+@click.option("--max-images", type=click.IntRange(min=0), default=None,
+              help="Mid-slice images for at most this many volumes (default: every done volume).")
+def report(dataset: str, output: Path, max_images: int | None) -> None:
+    """Write a self-contained HTML report of DATASET: table, summary, plots and a mid-slice per volume."""
+    from producer.report import write_report
+
+    path = write_report(dataset, output, max_images=max_images)
+    click.echo(f"wrote {path}")

@@ -1,11 +1,16 @@
-"""Results as rows: one per volume, for `segq results` (csv, json, table) and `segq status`."""
+"""Results as rows (one per volume) and a summary, for `segq results` (csv, json, table) and `segq report`.
+
+The rows stay a plain list in every format, so CSV and JSON remain machine-readable; the summary is
+a separate dict (printed on stderr for csv/json, as the last line for the table).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from datetime import datetime
+import statistics
+from datetime import datetime, timedelta
 from typing import Any
 
 from segq.models import Dataset, Job
@@ -13,7 +18,7 @@ from segq.models import Dataset, Job
 COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
     "queued_at", "started_at", "finished_at", "inference_seconds", "workers", "backend", "precision",
-    "model_sha256", "dice", "volume_error_ml",
+    "model_sha256", "dice", "volume_error_ml", "seconds", "preprocess_seconds", "merge_seconds",
 ]
 
 
@@ -30,8 +35,26 @@ def job_row(dataset: Dataset, job: Job) -> dict[str, Any]:
         "queued_at": _iso(job.queued_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
         "inference_seconds": job.inference_seconds, "workers": ",".join(job.workers or []),
         "backend": job.backend, "precision": job.precision, "model_sha256": dataset.model_sha256, "dice": job.dice,
-        "volume_error_ml": job.volume_error_ml,
+        "volume_error_ml": job.volume_error_ml, "seconds": job_seconds(job),
+        "preprocess_seconds": job.preprocess_seconds, "merge_seconds": job.merge_seconds,
     }
+
+
+def job_span(job: Job) -> tuple[datetime, datetime] | None:
+    """When the volume's first task started and when its result was recorded.
+
+    ``started_at`` is stamped once the volume is loaded and planned, so the preprocessing before it
+    is added back.
+    """
+    if job.started_at is None or job.finished_at is None:
+        return None
+    return job.started_at - timedelta(seconds=job.preprocess_seconds or 0.0), job.finished_at
+
+
+def job_seconds(job: Job) -> float | None:
+    """A volume's own time: from its first task starting to its result being recorded."""
+    span = job_span(job)
+    return None if span is None else round((span[1] - span[0]).total_seconds(), 3)
 
 
 def rows(datasets: list[Dataset]) -> list[dict[str, Any]]:
@@ -49,3 +72,44 @@ def to_csv(data: list[dict[str, Any]]) -> str:
 
 def to_json(data: list[dict[str, Any]]) -> str:
     return json.dumps(data, indent=2)
+
+
+def summarize(jobs: list[Job]) -> dict[str, Any]:
+    """Counts, wall and median times and throughput of a set of volumes.
+
+    ``wall_seconds`` runs from the first volume starting to the last one ending (what a night took);
+    ``busy_seconds`` adds up each done volume's own time; throughput is over the wall time.
+    """
+    counts = {status: 0 for status in ("done", "failed", "cancelled", "running", "queued")}
+    for job in jobs:
+        counts[job.status.value] = counts.get(job.status.value, 0) + 1
+    done = [job for job in jobs if job.status.value == "done"]
+    seconds = [s for job in done if (s := job_seconds(job)) is not None]
+    spans = [span for job in jobs if (span := job_span(job)) is not None]
+    wall = (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds() if spans else None
+    windows = sum(job.windows or 0 for job in done)
+    per_second = wall if wall and wall > 0 else None
+    return {
+        "volumes": len(jobs), **counts,
+        "wall_seconds": None if wall is None else round(wall, 3),
+        "busy_seconds": round(sum(seconds), 3),
+        "median_seconds": round(statistics.median(seconds), 3) if seconds else None,
+        "windows": windows,
+        "volumes_per_hour": round(len(done) / per_second * 3600, 2) if per_second else None,
+        "windows_per_second": round(windows / per_second, 2) if per_second else None,
+        "tumour_ml_total": round(sum(job.tumour_ml or 0.0 for job in done), 3),
+    }
+
+
+def _num(value: float | None, unit: str) -> str:
+    return "n/a" if value is None else f"{value:g} {unit}"
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The summary as one human line, e.g. for stderr."""
+    unfinished = summary["running"] + summary["queued"]
+    return (f"summary: {summary['volumes']} volumes ({summary['done']} done, {summary['failed']} failed, "
+            f"{summary['cancelled']} cancelled, {unfinished} unfinished); "
+            f"wall {_num(summary['wall_seconds'], 's')}, busy {_num(summary['busy_seconds'], 's')}, "
+            f"median {_num(summary['median_seconds'], 's')}/volume; "
+            f"{_num(summary['volumes_per_hour'], 'volumes/h')}, {_num(summary['windows_per_second'], 'windows/s')}")

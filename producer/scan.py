@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from segq.errors import InputError
-from segq.storage import is_nifti, output_path
+from segq.settings import get_settings
+from segq.storage import is_nifti, output_path, require_allowed
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,15 @@ class Input:
 
 def _scan_dir(root: Path) -> list[tuple[Path, Path]]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[Path] = set()
+    # Symlinked directories are followed (each real directory once, so a link loop ends), and what they hold
+    # is checked against SEGQ_ALLOWED_ROOTS like any input, rather than silently skipped.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -35,6 +44,8 @@ def collect_inputs(paths: list[Path], out_dir: Path) -> list[Input]:
     """
     if not paths:
         raise InputError("no inputs given: pass one or more NIfTI files or directories")
+    roots = get_settings().allowed_root_paths
+    out_dir = require_allowed(out_dir, roots, "output directory")
     pairs: list[tuple[Path, Path]] = []
     for given in paths:
         path = given.expanduser()
@@ -52,7 +63,7 @@ def collect_inputs(paths: list[Path], out_dir: Path) -> list[Input]:
     inputs: dict[Path, Input] = {}
     by_output: dict[Path, Path] = {}
     for path, relative in pairs:
-        resolved = path.resolve()
+        resolved = require_allowed(path, roots, "input")
         if not os.access(resolved, os.R_OK) or not resolved.is_file():
             raise InputError(f"input {path} is not a readable file")
         target = output_path(out_dir, relative)

@@ -1,29 +1,53 @@
-"""Queue a dataset: check headers, hash inputs, write rows, then send one task per volume."""
+"""Queue a dataset: check headers, hash inputs, write rows, then send one task per volume.
+
+Submission is idempotent. A volume's identity is its fingerprint (content hash, model checksum and
+sliding-window parameters). Submitting the same inputs to the same dataset (same name, output
+directory, model and parameters) reuses that dataset: volumes already done, whose outputs still
+exist, are reported done and cost nothing; the others are queued again as a new attempt. A volume
+new to the dataset whose fingerprint is done in another dataset gets that mask copied to its own
+output path instead of being segmented again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from producer.scan import Input
+from segq import records
+from segq.broker import check_writable
 from segq.celery_app import COORDINATOR_QUEUE, SEGMENT_VOLUME, get_app, queue_for
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError, TransientError
 from segq.models import Dataset, Job, Status
 from segq.modelspec import ModelSpec, file_sha256
 from segq.settings import get_settings
+from segq.storage import atomic_path
+from segq.taskids import volume_task_id
 from segq.volumes import read_header
+from worker import faults
 
 logger = logging.getLogger("segq.submit")
 
 
 @dataclass(frozen=True)
 class Submitted:
+    """One submission: every volume's job, those sent to the workers now and those already done."""
+
     dataset_id: str
     job_ids: list[str]
+    queued: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    reused_dataset: bool = False
 
 
 def fingerprint(input_sha256: str, model_sha256: str, params: dict[str, object]) -> str:
@@ -45,18 +69,86 @@ def check_broker(timeout: float = 5.0) -> None:
         conn.release()
 
 
-def send_job(job_id: str, priority: str = "normal") -> None:
-    get_app().send_task(SEGMENT_VOLUME, args=(job_id,), queue=queue_for(COORDINATOR_QUEUE, priority))
+def send_job(job_id: str, attempt: int = 0, priority: str = "normal") -> None:
+    """Send the job's volume task for this attempt, under a task id that `segq cancel` can revoke."""
+    get_app().send_task(SEGMENT_VOLUME, args=(job_id, attempt), queue=queue_for(COORDINATOR_QUEUE, priority),
+                        task_id=volume_task_id(job_id, attempt))
+
+
+def probability_output(output: Path) -> Path:
+    """Where ``--save-probabilities`` puts the float map beside a mask (the worker's naming)."""
+    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz"))
+
+
+def outputs_present(output: str | Path, save_probabilities: bool) -> bool:
+    path = Path(output)
+    return path.is_file() and (not save_probabilities or probability_output(path).is_file())
+
+
+def _same_dataset(params: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Same model and parameters; the priority may change between submissions."""
+    return {k: v for k, v in params.items() if k != "priority"} == {k: v for k, v in other.items() if k != "priority"}
+
+
+def _find_dataset(s: Session, name: str, out_dir: Path, model_sha: str, params: dict[str, Any]) -> Dataset | None:
+    query = (select(Dataset).where(Dataset.name == name, Dataset.out_dir == str(out_dir),
+                                   Dataset.model_sha256 == model_sha).order_by(Dataset.created_at.desc()))
+    return next((ds for ds in s.scalars(query) if _same_dataset(ds.params, params)), None)
+
+
+def _done_twin(s: Session, fp: str, save_probabilities: bool) -> Job | None:
+    """The newest done job with this fingerprint whose output files still exist."""
+    query = select(Job).where(Job.fingerprint == fp, Job.status == Status.DONE).order_by(Job.finished_at.desc())
+    return next((job for job in s.scalars(query) if outputs_present(job.output_path, save_probabilities)), None)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """Hard-link (same filesystem) or copy ``source`` to ``target``, atomically."""
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
+
+
+def _copy_outputs(source: Job, target: Path, save_probabilities: bool) -> bool:
+    origin = Path(source.output_path)
+    pairs = [(origin, target)]
+    if save_probabilities:
+        pairs.append((probability_output(origin), probability_output(target)))
+    try:
+        for src, dst in pairs:
+            if src.resolve() != dst.resolve():
+                _copy_file(src, dst)
+    except OSError as exc:
+        logger.warning("cannot copy %s to %s (%s): segmenting the volume again", origin, target, exc)
+        return False
+    return True
+
+
+def _unqueue(dataset_id: str, fresh: list[str], unsent: list[str], reused: bool, exc: Exception) -> None:
+    """Undo a submission the broker refused half-way, so nothing stays queued without a message.
+
+    Rows created now are deleted (a message already sent for one finds no job and does nothing); jobs
+    re-queued now but not sent are failed with the reason, so `segq retry` or a new submit picks them up.
+    """
+    reason = f"not queued: the broker refused the message ({type(exc).__name__}: {exc}); submit again"
+    records.forget_submission(dataset_id, fresh, drop_dataset=not reused)
+    for job_id in unsent:
+        records.fail_job(job_id, reason)
+    raise TransientError(f"the broker refused a message ({exc}): nothing of this submission was queued; "
+                         "free memory in Redis or fix the connection, then submit again") from exc
 
 
 def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | None = None,
            priority: str = "normal", max_windows_per_subtask: int | None = None,
            save_probabilities: bool = False) -> Submitted:
-    """Write one dataset row and a job row per input, then queue them. Nothing is queued if a header is bad."""
+    """Write (or reuse) the dataset's rows, then queue what is not done. Nothing is queued if a header is bad."""
     settings = get_settings()
     for item in inputs:
         read_header(item.path, settings.max_voxels)
     check_broker()
+    check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
     ensure_schema()
     model_sha = spec.checksum()
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
@@ -64,21 +156,62 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     hashes = {item.path: file_sha256(item.path) for item in inputs}
     out_dir = out_dir.expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or out_dir.name
+    fresh: list[str] = []
+    again: list[str] = []
+    done: list[str] = []
+    twins: dict[str, tuple[Job, Path]] = {}
     with session_scope() as s:
-        dataset = Dataset(name=name or out_dir.name, out_dir=str(out_dir), model_path=str(spec.path),
-                          model_sha256=model_sha, params=params, priority=priority)
-        s.add(dataset)
-        s.flush()
-        rows = [Job(dataset_id=dataset.id, input_path=str(item.path), input_sha256=hashes[item.path],
-                    fingerprint=fingerprint(hashes[item.path], model_sha, spec.params()),
-                    output_path=str(item.output), status=Status.QUEUED) for item in inputs]
-        s.add_all(rows)
-        s.flush()
-        submitted = Submitted(dataset.id, [row.id for row in rows])
-    for job_id in submitted.job_ids:
-        send_job(job_id, priority)
-    logger.info("dataset %s: queued %d volume(s)", submitted.dataset_id, len(submitted.job_ids))
-    return submitted
+        records.lock_submissions(s)  # two submits of one dataset at once: the second waits, then reuses it
+        dataset = _find_dataset(s, name, out_dir, model_sha, params)
+        faults.point("in_submit")
+        reused = dataset is not None
+        if dataset is None:
+            dataset = Dataset(name=name, out_dir=str(out_dir), model_path=str(spec.path), model_sha256=model_sha,
+                              params=params, priority=priority)
+            s.add(dataset)
+            s.flush()
+        elif dataset.priority != priority:
+            dataset.priority, dataset.params = priority, {**dataset.params, "priority": priority}
+        existing = {job.input_path: job for job in s.scalars(select(Job).where(Job.dataset_id == dataset.id))}
+        job_ids = []
+        for item in inputs:
+            fp = fingerprint(hashes[item.path], model_sha, spec.params())
+            job = existing.get(str(item.path))
+            if job is None:
+                job = Job(dataset_id=dataset.id, input_path=str(item.path), input_sha256=hashes[item.path],
+                          fingerprint=fp, output_path=str(item.output), status=Status.QUEUED)
+                s.add(job)
+                s.flush()
+                twin = _done_twin(s, fp, save_probabilities)
+                if twin is not None:
+                    twins[job.id] = (twin, item.output)
+                fresh.append(job.id)
+            elif (job.fingerprint == fp and job.status == Status.DONE
+                  and outputs_present(job.output_path, save_probabilities)):
+                done.append(job.id)
+            else:
+                job.input_sha256, job.fingerprint, job.output_path = hashes[item.path], fp, str(item.output)
+                again.append(job.id)
+            job_ids.append(job.id)
+        dataset_id = dataset.id
+    for job_id, (twin, output) in twins.items():
+        if _copy_outputs(twin, output, save_probabilities) and records.copy_result(job_id, twin.id):
+            logger.info("job %s: same volume, model and parameters as done job %s; copied its output", job_id, twin.id)
+            fresh.remove(job_id)
+            done.append(job_id)
+    queued: list[str] = []
+    try:
+        for job_id in fresh:
+            send_job(job_id, 0, priority)
+            queued.append(job_id)
+        for job_id in again:
+            send_job(job_id, records.requeue_job(job_id), priority)
+            queued.append(job_id)
+    except Exception as exc:  # kombu's OperationalError, redis' ResponseError (OOM): the broker refused
+        _unqueue(dataset_id, fresh, [j for j in again if j not in queued], reused, exc)
+    logger.info("dataset %s: queued %d volume(s), %d already done", dataset_id, len(queued), len(done))
+    return Submitted(dataset_id, job_ids, queued, done, reused)
 
 
-__all__ = ["submit", "Submitted", "fingerprint", "check_broker", "send_job", "InputError"]
+__all__ = ["submit", "Submitted", "fingerprint", "check_broker", "send_job", "outputs_present", "InputError"]

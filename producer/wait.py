@@ -1,59 +1,90 @@
-"""Wait for a dataset to finish, printing a line per volume as it ends (progress bar on a terminal)."""
+"""Follow datasets until every volume has ended: a live display on a terminal, a line per volume otherwise."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy import select
 
 from segq.db import session_scope
 from segq.models import Job, Status
 
+logger = logging.getLogger("segq.wait")
 
-def _finished(dataset_id: str) -> list[Job]:
+
+def _states(dataset_ids: Sequence[str]) -> list[tuple[str, Status]]:
     with session_scope() as s:
-        return list(s.scalars(select(Job).where(Job.dataset_id == dataset_id)))
+        return [(row[0], row[1]) for row in s.execute(select(Job.id, Job.status)
+                                                       .where(Job.dataset_id.in_(list(dataset_ids))))]
+
+
+def _jobs(job_ids: Sequence[str]) -> list[Job]:
+    if not job_ids:
+        return []
+    with session_scope() as s:
+        return list(s.scalars(select(Job).where(Job.id.in_(list(job_ids)))))
 
 
 def describe(job: Job) -> str:
+    """The line printed when a volume ends."""
     if job.status == Status.DONE:
         return (f"done    {job.input_path} -> {job.output_path} ({job.tumour_voxels} voxels, "
                 f"{job.tumour_ml} mL, {job.windows} windows, {job.subtasks} subtasks)")
     return f"{job.status.value:<7} {job.input_path}: {job.error or ''}"
 
 
-def wait_for(dataset_id: str, *, timeout: float | None = None, poll: float = 1.0,
-             echo: Callable[[str], None] = print) -> list[Job]:
-    """Block until every job of the dataset ended; returns them. Raises TimeoutError after ``timeout``."""
+def _order(job: Job) -> tuple[str, str]:
+    return (job.finished_at.isoformat() if job.finished_at else "", job.input_path)
+
+
+def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: float = 1.0,
+           echo: Callable[[str], None] = print, live: bool | None = None, title: str = "") -> list[Job]:
+    """Block until every job of the datasets ended; returns them. Raises TimeoutError after ``timeout``.
+
+    Each volume is announced once, when it ends (those already ended first). With ``live`` (default:
+    stdout is a terminal) a rich display above the lines shows counts, subtasks, windows per second,
+    per-worker throughput and the ETA; it is redrawn every ``poll`` seconds from the database.
+    """
+    if not dataset_ids:
+        raise ValueError("follow needs at least one dataset id")
+    live = sys.stdout.isatty() if live is None else live
     deadline = None if timeout is None else time.monotonic() + timeout
     reported: set[str] = set()
-    progress = None
-    if sys.stdout.isatty():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    display: Any = None
+    if live:
+        from rich.live import Live
 
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-    task = None
+        display = Live(refresh_per_second=4, transient=True)
+        display.start()
+    say = display.console.print if display is not None else echo
+    title = title or f"dataset {', '.join(dataset_ids)}"
     try:
-        if progress is not None:
-            progress.start()
         while True:
-            jobs = _finished(dataset_id)
-            for job in jobs:
-                if job.status.final and job.id not in reported:
+            states = _states(dataset_ids)
+            ended = [job_id for job_id, status in states if status.final and job_id not in reported]
+            for job in sorted(_jobs(ended), key=_order):
+                if job.status.final:
                     reported.add(job.id)
-                    (progress.console.print if progress else echo)(describe(job))
-            if progress is not None:
-                if task is None:
-                    task = progress.add_task("volumes", total=len(jobs))
-                progress.update(task, completed=len(reported))
-            if jobs and len(reported) == len(jobs):
-                return jobs
+                    say(describe(job))
+            if display is not None:
+                from producer.watch import render, snapshot
+
+                display.update(render(snapshot(dataset_ids), title))
+            if states and len(reported) == len(states):
+                return _jobs([job_id for job_id, _ in states])
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"dataset {dataset_id}: {len(jobs) - len(reported)} volume(s) still running")
+                raise TimeoutError(f"{title}: {len(states) - len(reported)} volume(s) still unfinished")
             time.sleep(poll)
     finally:
-        if progress is not None:
-            progress.stop()
+        if display is not None:
+            display.stop()
+
+
+def wait_for(dataset_id: str, *, timeout: float | None = None, poll: float = 1.0,
+             echo: Callable[[str], None] = print, live: bool | None = None) -> list[Job]:
+    """Block until every job of the dataset ended (see ``follow``); used by ``segq submit --wait``."""
+    return follow([dataset_id], timeout=timeout, poll=poll, echo=echo, live=live, title=f"dataset {dataset_id}")

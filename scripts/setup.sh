@@ -10,3 +10,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${SEGQ_TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q -e ".[worker,postgres,flower,dev]"
+# Headless Chromium (Debian's package) for the test that opens `segq report`'s page in a real browser.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium (Debian package) for the report test"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

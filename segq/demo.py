@@ -27,7 +27,7 @@ TRUTH_DIR = "truth"
 IN_PLANE_MM = (0.9, 1.1)
 SLICE_MM = (1.5, 3.0)
 LESION_RADIUS_MM = (7.0, 16.0)
-LESION_CONTRAST = (1.45, 2.2)
+LESION_CONTRAST = (1.6, 2.3)
 MAX_LESIONS = 3
 MIN_SHAPE = 32
 EDGE_VOXELS = 0.6  # width of the partial-volume blend at structure boundaries
@@ -56,7 +56,7 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], sigma_vo
     white = rng.standard_normal(shape)
     freqs = np.meshgrid(*(np.fft.fftfreq(n) for n in shape[:2]), np.fft.rfftfreq(shape[2]), indexing="ij")
     k2 = freqs[0] ** 2 + freqs[1] ** 2 + freqs[2] ** 2
-    smooth = np.fft.irfftn(np.fft.rfftn(white) * np.exp(-2.0 * (np.pi * sigma_vox) ** 2 * k2), s=shape)
+    smooth = np.fft.irfftn(np.fft.rfftn(white) * np.exp(-2.0 * (np.pi * sigma_vox) ** 2 * k2), s=shape, axes=(0, 1, 2))
     smooth -= smooth.mean()
     return smooth / max(float(smooth.std()), 1e-12)
 
@@ -153,7 +153,7 @@ def make_volume(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAULT_
         image = image * (1.0 - weight) + weight * level
         mask |= lesion.radius_field(grid) <= 1.0
     image = image * _bias_field(rng, grid, shape)
-    sigma = rng.uniform(0.03, 0.07)
+    sigma = rng.uniform(0.02, 0.05)
     image = np.sqrt((image + sigma * rng.standard_normal(shape)) ** 2 + (sigma * rng.standard_normal(shape)) ** 2)
     image *= rng.uniform(200.0, 1200.0)  # arbitrary scanner units: only a per-volume normalisation copes
     return image.astype(np.float32), mask.astype(np.uint8), affine

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -116,5 +116,7 @@ class Subtask(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # peak torch.cuda memory while the slab ran (None on CPU): how close a worker runs to out-of-memory
+    gpu_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="parts")

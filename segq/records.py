@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.orm import Session
 
 from segq.db import session_scope
 from segq.models import FINAL_STATUSES, Dataset, Job, Status, Subtask, utcnow
@@ -15,6 +16,7 @@ from segq.models import FINAL_STATUSES, Dataset, Job, Status, Subtask, utcnow
 logger = logging.getLogger("segq.records")
 
 MAX_ERROR_CHARS = 2000
+SUBMIT_LOCK_KEY = 0x5E9D0001  # pg_advisory_xact_lock key: one constant for every producer
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class JobView:
     model: dict[str, Any]
     model_sha256: str
     params: dict[str, Any]
+    input_sha256: str = ""  # checked by the worker: the file must be the one submitted
+    out_dir: str = ""  # the dataset's output directory: the output must still land inside it
 
     @property
     def active(self) -> bool:
@@ -43,7 +47,7 @@ def load_job(job_id: str) -> JobView | None:
             return None
         ds = job.dataset
         return JobView(job.id, job.dataset_id, job.attempt, job.status, job.input_path, job.output_path,
-                       ds.params.get("model", {}), ds.model_sha256, ds.params)
+                       ds.params.get("model", {}), ds.model_sha256, ds.params, job.input_sha256, ds.out_dir)
 
 
 def job_status(job_id: str) -> tuple[Status, int] | None:
@@ -84,10 +88,12 @@ def start_subtask(job_id: str, attempt: int, slab: int, worker: str) -> int:
         return part.deliveries
 
 
-def finish_subtask(job_id: str, attempt: int, slab: int, seconds: float, batch_size: int) -> None:
+def finish_subtask(job_id: str, attempt: int, slab: int, seconds: float, batch_size: int,
+                   gpu_peak_bytes: int | None = None) -> None:
     with session_scope() as s:
         s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt, Subtask.slab == slab)
-                  .values(status=Status.DONE, finished_at=utcnow(), seconds=seconds, batch_size=batch_size))
+                  .values(status=Status.DONE, finished_at=utcnow(), seconds=seconds, batch_size=batch_size,
+                          gpu_peak_bytes=gpu_peak_bytes))
 
 
 def subtask_done(job_id: str, attempt: int, slab: int) -> bool:
@@ -135,6 +141,68 @@ def requeue_job(job_id: str) -> int:
         job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
         job.workers = None
         return job.attempt
+
+
+def cancel_job(job_id: str, reason: str = "cancelled") -> tuple[int, int | None] | None:
+    """Mark an unfinished job cancelled with its unfinished subtasks; returns (attempt, subtasks) or None.
+
+    None means the job had already ended (done, failed, cancelled): nothing changed.
+    """
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.status.final:
+            return None
+        job.status, job.error, job.finished_at = Status.CANCELLED, reason[:MAX_ERROR_CHARS], utcnow()
+        s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == job.attempt,
+                                        Subtask.status != Status.DONE).values(status=Status.CANCELLED))
+        logger.info("job %s cancelled: %s", job_id, reason)
+        return job.attempt, job.subtasks
+
+
+RESULT_FIELDS = ("shape", "spacing", "tumour_voxels", "tumour_ml", "windows", "subtasks", "started_at", "finished_at",
+                 "preprocess_seconds", "inference_seconds", "merge_seconds", "workers", "backend", "precision", "dice")
+
+
+def copy_result(job_id: str, source_id: str) -> bool:
+    """Mark the job done with the figures of an identical job (same fingerprint) that is done already.
+
+    Used by an idempotent submission: the volume's output was copied beside the new job's output path,
+    so no inference runs. False (nothing changed) if the source is not done or the job already ended.
+    """
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        source = s.get(Job, source_id)
+        if job is None or source is None or source.status != Status.DONE or job.status.final:
+            return False
+        if source.fingerprint != job.fingerprint:
+            raise ValueError(f"job {source_id} is not the same work as job {job_id}: their fingerprints differ")
+        for name in RESULT_FIELDS:
+            setattr(job, name, getattr(source, name))
+        job.status, job.error = Status.DONE, None
+        return True
+
+
+def lock_submissions(s: Session) -> None:
+    """Serialise submissions until ``s`` commits, so two submits of one dataset at once make one set of rows.
+
+    Without it both would look for the dataset, find none, and insert it twice. PostgreSQL takes a
+    transaction-scoped advisory lock; SQLite takes its write lock now (a write as the first statement)
+    instead of at the first insert, after the look-up.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
+    else:
+        s.execute(update(Dataset).where(Dataset.id == "").values(name=Dataset.name))
+
+
+def forget_submission(dataset_id: str, job_ids: list[str], drop_dataset: bool) -> None:
+    """Delete the job rows a failed submission created (and its dataset): their messages, if any were sent,
+    then find no job and do nothing."""
+    with session_scope() as s:
+        s.execute(delete(Subtask).where(Subtask.job_id.in_(job_ids)))
+        s.execute(delete(Job).where(Job.id.in_(job_ids)))
+        if drop_dataset and not s.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1)):
+            s.execute(delete(Dataset).where(Dataset.id == dataset_id))
 
 
 def datasets(name_or_id: str | None = None) -> list[Dataset]:

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     precision: Precision = "fp32"
     device: str = "auto"
     torch_compile: bool = False
+    # Inference engines (worker/engines): ONNX files and TensorRT plans are cached per model under
+    # engine_dir (default <storage>/engines), so every worker on a machine loads what one built.
+    engine_dir: Path | None = None
+    engine_build: bool = True
+    trt_min_batch: int = Field(default=1, ge=1)
+    trt_opt_batch: int = Field(default=8, ge=1)
+    trt_max_batch: int = Field(default=16, ge=1)
+    trt_workspace_gb: float = Field(default=10.0, gt=0)
+    gate_min_dice: float = Field(default=0.99, ge=0, le=1)
     # Celery reliability: the visibility timeout must exceed the hard time limit, or Redis
     # redelivers a task that is still running.
     task_time_limit: int = Field(default=3600, ge=10)
@@ -45,9 +54,24 @@ class Settings(BaseSettings):
     result_expires: int = Field(default=7 * 24 * 3600, ge=3600)
     max_retries: int = Field(default=3, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
+    # TEST ONLY (SEGQ_TEST_OOM_ABOVE): the worker engine raises torch.OutOfMemoryError for ROI batches larger
+    # than this, to exercise the halve-the-batch retry without a GPU. Never set it in production.
+    test_oom_above: int | None = Field(default=None, ge=1)
     max_voxels: int = Field(default=1024**3, ge=1)
     job_deadline: int = Field(default=6 * 3600, ge=60)
+    # Reliability (docs/RELIABILITY.md). Directories inputs may be read from and outputs written to,
+    # separated by ':'; empty means anywhere this user may. The watchdog fails jobs running past
+    # job_deadline; each worker sweeps every watchdog_interval seconds (0: only `segq watchdog`).
+    allowed_roots: str = ""
+    watchdog_interval: int = Field(default=300, ge=0)
+    # TEST ONLY (worker/faults.py): injected faults such as "kill_in_infer_slab:slab=1:times=1", and the
+    # directory whose files count their hits across processes. No effect unless set.
+    faults: str = ""
+    faults_dir: Path | None = None
     log_level: str = "INFO"
+    # Not SEGQ_-prefixed: the GPUs this process may use, as CUDA sets them. The worker launcher hands
+    # out only these (a container or a shared machine may expose a subset).
+    cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
 
     @field_validator("visibility_timeout")
     @classmethod
@@ -71,6 +95,14 @@ class Settings(BaseSettings):
     @property
     def storage_root(self) -> Path:
         return (self.storage or self.data_dir / "storage").expanduser().resolve()
+
+    @property
+    def allowed_root_paths(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.allowed_roots.split(os.pathsep) if p.strip()]
+
+    @property
+    def engine_root(self) -> Path:
+        return (self.engine_dir or self.storage_root / "engines").expanduser().resolve()
 
     @classmethod
     def settings_customise_sources(

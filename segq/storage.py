@@ -37,14 +37,21 @@ def require_workspace(path: Path, worker: str = "") -> Path:
     if not path.is_dir():
         who = f"worker {worker}" if worker else "this worker"
         raise StorageNotSharedError(
-            f"{who} cannot see the job workspace {path}: its SEGQ_STORAGE is not the shared storage the "
-            "coordinator wrote to. Mount the same filesystem at the same path on every machine."
+            f"{who} cannot see the job workspace {path}: storage is not shared (its SEGQ_STORAGE is not the "
+            "storage the coordinator wrote to). Mount the same filesystem at the same path on every machine."
         )
     return path
 
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_workspace(root: Path, job_id: str, attempt: int) -> None:
+    """Delete one attempt's workspace, and the job's directory once no attempt is left in it."""
+    remove_tree(workspace(root, job_id, attempt))
+    with contextlib.suppress(OSError):  # not empty: another attempt is running
+        job_dir(root, job_id).rmdir()
 
 
 def temp_name(final: Path) -> Path:
@@ -65,6 +72,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete temp files of ``final`` left by a writer that was killed before its rename.
+
+    Only the one writer of ``final`` may call this (a job's merge): it would delete a live writer's temp file.
+    """
+    pattern = temp_name(final).name.rsplit(".tmp-", 1)[0] + ".tmp-*"
+    stale = list(final.parent.glob(pattern)) if final.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save_array(final: Path, array: np.ndarray) -> str:
@@ -93,6 +112,35 @@ def strip_nifti_suffix(name: str) -> str:
 
 def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def require_allowed(path: Path, roots: list[Path], what: str) -> Path:
+    """``path`` with symlinks resolved; InputError unless it lies inside one of ``roots`` (none: anywhere)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise InputError(f"{what} {str(path)!r} holds control characters: rename it")
+    resolved = path.expanduser().resolve()
+    if roots and not any(resolved.is_relative_to(root) for root in roots):
+        shown = os.pathsep.join(str(r) for r in roots)
+        raise InputError(f"{what} {path} resolves to {resolved}, outside the allowed roots {shown} "
+                         "(SEGQ_ALLOWED_ROOTS): move it there, or add its directory to SEGQ_ALLOWED_ROOTS")
+    return resolved
+
+
+def require_output_inside(output: Path, out_dir: Path, roots: list[Path]) -> None:
+    """Check, just before writing, that ``output`` still lands inside ``out_dir`` and the allowed roots.
+
+    Submit checked it too; this catches a directory swapped for a symlink since (and a tampered job row).
+    """
+    base = require_allowed(out_dir, roots, "output directory")
+    try:
+        relative = output.relative_to(out_dir)
+    except ValueError:
+        raise InputError(f"output {output} is not inside its dataset's output directory {out_dir}") from None
+    if any(part in ("", ".", "..") or not _SAFE_NAME.match(part) for part in relative.parts):
+        raise InputError(f"output {output} has a name that could escape {out_dir}")
+    if not output.parent.resolve().is_relative_to(base):
+        raise InputError(f"output {output} would land in {output.parent.resolve()}, outside {base}: a directory "
+                         f"on the way is a symlink out of the output directory")
 
 
 def output_path(out_dir: Path, relative_input: Path) -> Path:

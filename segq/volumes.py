@@ -12,6 +12,7 @@ import numpy as np
 from segq.errors import InputError
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, RuntimeError, MemoryError)
+GZIP_SLACK = 1 << 20  # bytes a .nii.gz may hold beyond what its header describes
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class VolumeHeader:
     @property
     def voxels(self) -> int:
         return int(np.prod(self.shape[:3]))
+
+    @property
+    def voxels_stored(self) -> int:
+        """Every voxel of every channel: what the file must hold."""
+        return int(np.prod(self.shape, dtype=np.int64))
 
 
 def read_header(path: Path, max_voxels: int) -> VolumeHeader:
@@ -48,6 +54,41 @@ def read_header(path: Path, max_voxels: int) -> VolumeHeader:
     return VolumeHeader(shape, zooms, str(image.get_data_dtype()))  # type: ignore[arg-type]
 
 
+def _check_stored_size(path: Path, needed: int) -> None:
+    """The file must hold the bytes its header promises, and a .nii.gz not much more (a gzip bomb).
+
+    Checked before the voxels are read, because the reader allocates the promised size first: a 1 kB file
+    claiming a gigavoxel would otherwise cost gigabytes before failing. A .nii.gz is decompressed once,
+    in chunks that are counted and dropped, to its end: that also checks its CRC, which the reader never
+    does (it stops at the bytes it needs), so corrupt data that still inflates is refused, not segmented.
+    """
+    if not path.name.endswith(".gz"):
+        size = path.stat().st_size
+        if size < needed:
+            raise InputError(f"{path}: the file is corrupt or truncated: its header promises {needed:,} bytes, "
+                             f"it holds {size:,}")
+        return
+    actual = _gunzipped_size(path, limit=needed + GZIP_SLACK)
+    if actual < needed:
+        raise InputError(f"{path}: the file is corrupt or truncated: its header promises {needed:,} bytes, the "
+                         f"gzip stream holds {actual:,}")
+    if actual > needed + GZIP_SLACK:
+        raise InputError(f"{path}: the gzip stream holds more than {needed + GZIP_SLACK:,} bytes where the header "
+                         f"promises {needed:,} (a gzip bomb?); refused")
+
+
+def _gunzipped_size(path: Path, limit: int, chunk: int = 1 << 20) -> int:
+    """Decompressed size of ``path``, counted in chunks, stopping once past ``limit``."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while total <= limit and (block := stream.read(chunk)):
+                total += len(block)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: the file is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+    return total
+
+
 def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarray, np.ndarray, VolumeHeader]:
     """The volume as float32, channel-first (C, X, Y, Z), with its affine; InputError for anything unusable."""
     import nibabel as nib
@@ -57,6 +98,8 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
     if channels != in_channels:
         raise InputError(f"{path}: the volume has {channels} channel(s) but the model expects {in_channels}")
     image = nib.load(str(path))
+    itemsize = image.get_data_dtype().itemsize
+    _check_stored_size(path, int(getattr(image.dataobj, "offset", 0)) + header.voxels_stored * itemsize)
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32, caching="unchanged"))
     except _READ_ERRORS as exc:

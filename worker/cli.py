@@ -1,27 +1,88 @@
-"""``segq worker``: a Celery worker serving the coordinator and gpu queues on this machine."""
+"""``segq worker``: Celery workers for this machine.
+
+Without ``--gpus`` (or ``--role``) it is one plain Celery worker serving the coordinator and gpu queues.
+With ``--gpus`` it is the launcher (worker/launcher.py): one worker process per GPU, or N CPU workers
+with ``--gpus none``, plus one coordinator process, restarted when they die.
+"""
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import click
 
 from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, consumed_queues
 
+logger = logging.getLogger("segq.worker")
+
+ROLE_HELP = ("With --gpus: 'all' runs the GPU (or CPU) workers and a coordinator process; 'gpu' only the former; "
+             "'coordinator' only the latter (then --gpus is not needed).")
+
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("-n", "--hostname", default=None, help="Node name, as Celery's -n (e.g. cpu1@%h).")
+@click.option("-n", "--hostname", default=None,
+              help="Node name, as Celery's -n (e.g. cpu1@%h). With --gpus: HOST names the machine part "
+                   "(gpu0@HOST, coord@HOST) and NAME@HOST gives gpu0-NAME@HOST.")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes.")
+              help="Worker processes; with --gpus none, the number of CPU workers.")
 @click.option("-Q", "--queues", default=None,
-              help="Comma-separated queues (default: coordinator and gpu, all priorities).")
+              help="Comma-separated queues (default: coordinator and gpu, all priorities). Not with --gpus.")
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.option("--gpus", default=None, metavar="SPEC",
+              help="One worker process per GPU: all | N | 0,2 | none (CPU workers, see --concurrency).")
+@click.option("--role", type=click.Choice(["all", "gpu", "coordinator"]), default=None, help=ROLE_HELP)
+@click.option("--coordinator-concurrency", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --gpus: processes of the coordinator worker (load, preprocess, merge, write).")
 @click.pass_context
-def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str) -> None:
-    """Start a Celery worker; any further options are passed to `celery worker`."""
-    from segq.celery_app import get_app
+def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
+           gpus: str | None, role: str | None, coordinator_concurrency: int) -> None:
+    """Start Celery workers; any further options are passed to every `celery worker`."""
     from segq.db import ensure_schema
+
+    if gpus is not None or role is not None:
+        ensure_schema()  # once here, so a database problem is one clear error rather than N crashing children
+        sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency))
+
+    from segq.broker import warn_if_unsafe
+    from segq.celery_app import get_app
+    from segq.db import get_engine
+    from segq.settings import get_settings
+    from worker.preflight import preflight
 
     ensure_schema()
     queue_list = queues or ",".join(consumed_queues(GPU_QUEUE, COORDINATOR_QUEUE))
+    preflight(get_settings(), queue_list)  # a backend that cannot load fails the start, not every task
+    warn_if_unsafe(get_settings().broker_url)  # loudly, if a Redis restart or eviction would lose queued work
+    get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
             "-n", hostname or "segq@%h", "--pool", "prefork", *ctx.args]
     get_app().worker_main(argv)
+
+
+def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
+           gpus: str | None, role: str, coordinator_concurrency: int) -> int:
+    """Run the per-GPU launcher; returns its exit code. Never imports torch or touches CUDA."""
+    from segq.settings import child_environment, get_settings
+    from worker.launcher import Launcher, count_gpus, parse_gpus, plan_children, visible_devices
+
+    if queues:
+        raise click.UsageError("-Q does not go with --gpus/--role: GPU workers consume the gpu queues and the "
+                               "coordinator the coordinator queues")
+    if role != "coordinator" and gpus is None:
+        raise click.UsageError(f"--role {role} needs --gpus (all | N | 0,2 | none)")
+    selected = None
+    if role != "coordinator" and gpus is not None and gpus.strip().lower() != "none":
+        try:
+            selected = parse_gpus(gpus, visible_devices(get_settings().cuda_visible_devices, count_gpus))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpus") from exc
+        if concurrency != 1:
+            raise click.UsageError("--concurrency sets the number of CPU workers of --gpus none; a GPU worker "
+                                   "runs one task at a time")
+    specs = plan_children(selected, cpu_workers=concurrency, role=role, hostname=hostname,
+                          coordinator_concurrency=coordinator_concurrency, loglevel=loglevel, extra=ctx.args,
+                          base_env=child_environment())
+    for spec in specs:
+        logger.info("%s consumes %s", spec.name, spec.argv[spec.argv.index("-Q") + 1])
+    return Launcher(specs).run()

@@ -6,7 +6,6 @@ Free of Celery and storage, so it can be checked against MONAI directly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -15,16 +14,22 @@ from segq.tiling import Slab, Vec3
 from worker.engines.base import Engine
 
 
-def _gather(volume: np.ndarray, starts: Sequence[Vec3], roi: Vec3) -> torch.Tensor:
-    rx, ry, rz = roi
-    crops = np.stack([volume[:, x : x + rx, y : y + ry, z : z + rz] for x, y, z in starts]).astype(np.float32)
-    tensor = torch.from_numpy(crops)
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor
-
-
 def _batches(starts: Sequence[Vec3], size: int) -> Iterator[Sequence[Vec3]]:
     for i in range(0, len(starts), size):
         yield starts[i : i + size]
+
+
+def load_slab(volume: np.ndarray, slab: Slab, device: torch.device) -> torch.Tensor:
+    """The slab's rows ``[lo, hi)`` of the padded volume, on ``device`` as float32, copied once.
+
+    Every window of the slab is then a view of this tensor: crops are sliced on the device instead of
+    being cut, stacked and copied from host memory batch by batch.
+    """
+    rows = np.ascontiguousarray(volume[:, slab.lo : slab.hi], dtype=np.float32)
+    host = torch.from_numpy(rows)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, engine: Engine,
@@ -33,25 +38,21 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
 
     ``volume`` is the padded, channel-first input (memory-mapped); the result has shape
     ``(hi - lo, Y, Z)`` on the engine's device. Summing on the device means only one partial per
-    slab leaves it, not one output per window (about 8x less at overlap 0.5). The next batch is read
-    from disk while the device works on the current one.
+    slab leaves it, not one output per window (about 8x less at overlap 0.5). The slab's rows go to
+    the device once; on a GPU the loop below only queues kernels, so batches run back to back.
     """
     device = engine.device
+    rows = load_slab(volume, slab, device)
     partial = torch.zeros((slab.hi - slab.lo, *volume.shape[2:]), dtype=torch.float32, device=device)
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
     rx, ry, rz = roi
-    batches = list(_batches(slab.starts, batch_size))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segq-gather") as pool:
-        pending = pool.submit(_gather, volume, batches[0], roi) if batches else None
-        for i, starts in enumerate(batches):
-            assert pending is not None
-            host = pending.result()
-            pending = pool.submit(_gather, volume, batches[i + 1], roi) if i + 1 < len(batches) else None
-            if should_stop is not None and should_stop():
-                break
-            probs = engine(host.to(device, non_blocking=True))
-            for p, (x, y, z) in zip(probs[:, 0], starts, strict=True):
-                partial[x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz].add_(p * w)
+    for starts in _batches(slab.starts, batch_size):
+        if should_stop is not None and should_stop():
+            break
+        batch = torch.stack([rows[:, x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz] for x, y, z in starts])
+        probs = engine(batch)
+        for p, (x, y, z) in zip(probs[:, 0], starts, strict=True):
+            partial[x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz].addcmul_(p, w)
     return partial
 
 

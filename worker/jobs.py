@@ -13,11 +13,12 @@ import numpy as np
 
 from segq import storage
 from segq.errors import CancelledError, InputError
-from segq.modelspec import ModelSpec, spec_from_dict
+from segq.modelspec import ModelSpec, file_sha256, spec_from_dict
 from segq.records import JobView
 from segq.settings import Settings
 from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
 from segq.volumes import load_volume
+from worker import faults
 
 logger = logging.getLogger("segq.jobs")
 
@@ -46,11 +47,26 @@ def preprocess(volume: np.ndarray, method: str) -> np.ndarray:
     return volume
 
 
+def check_input(job: JobView, settings: Settings) -> Path:
+    """The input, resolved: still inside the allowed roots and still the file that was submitted."""
+    path = storage.require_allowed(Path(job.input_path), settings.allowed_root_paths, "input")
+    if job.input_sha256 and file_sha256(path) != job.input_sha256:
+        raise InputError(f"input {job.input_path} changed since it was submitted (its sha256 is no longer "
+                         f"{job.input_sha256[:12]}...): submit it again")
+    return path
+
+
+def check_output(job: JobView, settings: Settings) -> None:
+    """Just before writing: the output still lands inside the dataset's output directory and the allowed roots."""
+    if job.out_dir:
+        storage.require_output_inside(Path(job.output_path), Path(job.out_dir), settings.allowed_root_paths)
+
+
 def prepare(job: JobView, settings: Settings) -> Prepared:
     """Load, check and preprocess the volume; write the padded array and the window plan to the workspace."""
     started = time.perf_counter()
     spec = spec_from_dict(job.model)
-    volume, _affine, header = load_volume(Path(job.input_path), spec.in_channels, settings.max_voxels)
+    volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
     volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.slabs(int(job.params.get("max_windows_per_subtask") or settings.max_windows_per_subtask))
@@ -82,6 +98,7 @@ def run_slab(ws: Path, index: int, engine: Any, spec: ModelSpec, batch_size: int
     if not 0 <= index < len(slabs):
         raise InputError(f"slab {index} does not exist: the plan has {len(slabs)} slabs")
     slab = slabs[index]
+    faults.point("in_infer_slab", slab=index)
     volume = storage.load_array(ws / INPUT, mmap=True)
     partial = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop)
     if should_stop is not None and should_stop():
@@ -115,6 +132,7 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
     image.header.set_slope_inter(1, 0)
     with storage.atomic_path(output) as tmp:
         nib.save(image, str(tmp))
+        faults.point("before_merge_rename", output=output.name)
 
 
 def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
@@ -127,6 +145,10 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
 
     from worker.inference import merge_partials
 
+    # A merge killed between writing its temp file and renaming it left that file; this delivery is now
+    # the output's only writer, so whatever temp file is there is stale.
+    for stale in storage.remove_stale_temps(output) + storage.remove_stale_temps(probability_path(output)):
+        logger.warning("removed %s, left by a merge that was killed before its rename", stale)
     plan, slabs = load_plan(ws)
     by_slab = {int(r["slab"]): r for r in refs if r}
     missing = sorted(set(range(len(slabs))) - set(by_slab))

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task, chord, signature
+from celery.signals import task_revoked
 
-from segq import records, storage
+from segq import records, storage, taskids
 from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, INFER_SLAB, JOB_FAILED, MERGE, SEGMENT_VOLUME, app, queue_for
 from segq.errors import CancelledError, EngineError, InputError, TransientError
 from segq.models import Status
@@ -38,12 +39,47 @@ def dispatch(job: records.JobView, n_slabs: int) -> None:
     gpu_q, coord_q = queue_for(GPU_QUEUE, priority), queue_for(COORDINATOR_QUEUE, priority)
     on_error = signature(JOB_FAILED, args=(job.id, job.attempt), queue=coord_q)
     body = signature(MERGE, args=(job.id, job.attempt), queue=coord_q).on_error(on_error)
+    body.set(task_id=taskids.merge_task_id(job.id, job.attempt))
+    # Known ids (job, attempt, slab): `segq cancel` revokes them without having stored them.
     header = [signature(INFER_SLAB, args=(job.id, job.attempt, k), queue=gpu_q, immutable=True)
-              for k in range(n_slabs)]
+              .set(task_id=taskids.slab_task_id(job.id, job.attempt, k)) for k in range(n_slabs)]
     if n_slabs == 1:
         (header[0].on_error(on_error) | body).apply_async()
     else:
         chord(header)(body)
+
+
+def _discard_workspace(job_id: str, attempt: int) -> None:
+    """Delete the workspace of an attempt that ended (cancelled, failed, superseded): nothing is left behind."""
+    storage.remove_workspace(get_settings().storage_root, job_id, attempt)
+
+
+@task_revoked.connect
+def _on_revoked(sender: Any = None, request: Any = None, **_kwargs: Any) -> None:
+    """A revoked slab (``segq cancel``) never runs, so neither would its cleanup: delete its workspace here.
+
+    Runs in the worker's main process, which must not open database connections its forked children
+    could inherit; it needs none: an attempt missing a slab can never merge, so its workspace is dead.
+    """
+    args = list(getattr(request, "args", None) or ())
+    if getattr(sender, "name", None) == INFER_SLAB and len(args) >= 2:
+        _discard_workspace(str(args[0]), int(args[1]))
+
+
+# What a CUDA context that can no longer run anything raises (an illegal access, a device-side assert, a
+# failed library handle): every later call fails too, so the process must go, not the job.
+DEVICE_BROKEN = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert")
+
+
+def device_broken(exc: BaseException) -> bool:
+    """True for an error that leaves this process's device unusable (out of memory is not one)."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and any(
+        marker in str(exc) for marker in DEVICE_BROKEN)
 
 
 def _exit_worker_process(reason: str) -> None:
@@ -52,22 +88,32 @@ def _exit_worker_process(reason: str) -> None:
 
 
 @app.task(name=SEGMENT_VOLUME, bind=True, autoretry_for=(TransientError,), retry_backoff=True, retry_jitter=True)
-def segment_volume(self: Task, job_id: str) -> dict[str, Any] | None:
+def segment_volume(self: Task, job_id: str, attempt: int | None = None) -> dict[str, Any] | None:
     job = records.load_job(job_id)
-    if job is None or not job.active:
+    # A message of an earlier attempt (resume, retry) is stale: the new attempt has its own message.
+    if job is None or not job.active or (attempt is not None and attempt != job.attempt):
         return None
     settings = get_settings()
     try:
         prepared = jobs.prepare(job, settings)
     except InputError as exc:
         records.fail_job(job_id, str(exc), job.attempt)
-        storage.remove_tree(storage.workspace(settings.storage_root, job_id, job.attempt))
+        _discard_workspace(job_id, job.attempt)
         return None
+    except TransientError:
+        raise
+    except Exception as exc:
+        # A bug or an environment fault (disk full, permissions): fail the job with the reason rather
+        # than leave it queued forever; the message is acknowledged as failed, never redelivered.
+        records.fail_job(job_id, f"preparing the volume: {type(exc).__name__}: {exc}", job.attempt)
+        _discard_workspace(job_id, job.attempt)
+        raise
     counts = [len(s.starts) for s in prepared.slabs]
     if not records.record_plan(job_id, job.attempt, shape=prepared.shape, spacing=prepared.spacing,
                                windows=len(prepared.plan.starts), slab_windows=counts,
                                preprocess_seconds=round(prepared.seconds, 3), backend=settings.backend,
                                precision=settings.precision):
+        _discard_workspace(job_id, job.attempt)  # cancelled while preparing
         return None
     dispatch(job, len(prepared.slabs))
     logger.info("job %s: %d windows in %d subtask(s)", job_id, len(prepared.plan.starts), len(prepared.slabs))
@@ -92,12 +138,15 @@ def infer_slab(self: Task, job_id: str, attempt: int, slab: int,
                batch_size: int | None = None) -> dict[str, Any] | None:
     job = records.load_job(job_id)
     if job is None or job.attempt != attempt or not job.active:
+        _discard_workspace(job_id, attempt)
         return None
     settings = get_settings()
     worker = self.request.hostname or "unknown"
     deliveries = records.start_subtask(job_id, attempt, slab, worker)
-    if deliveries > settings.max_deliveries:
-        records.fail_job(job_id, f"slab {slab}: worker lost {deliveries - 1} times running it; giving up", attempt)
+    # Our own retries (out of memory: half the batch; transient errors) are counted by Celery, not as losses.
+    lost = deliveries - 1 - int(self.request.retries or 0)
+    if lost >= settings.max_deliveries:
+        records.fail_job(job_id, f"slab {slab}: worker lost {lost} times running it; giving up", attempt)
         return None
     ws = storage.workspace(settings.storage_root, job_id, attempt)
     try:
@@ -107,6 +156,7 @@ def infer_slab(self: Task, job_id: str, attempt: int, slab: int,
             return done
         return _run_slab(self, job, ws, slab, batch_size, worker)
     except CancelledError:
+        _discard_workspace(job_id, attempt)
         return None
     except InputError as exc:
         records.fail_job(job_id, f"slab {slab}: {exc}", attempt)
@@ -120,11 +170,12 @@ def _run_slab(task: Task, job: records.JobView, ws: Path, slab: int, batch_size:
               worker: str) -> dict[str, Any]:
     import torch
 
-    from worker.runtime import engine_for
+    from worker.runtime import engine_for, gpu_peak_bytes, reset_gpu_peak
 
     settings = get_settings()
     spec, engine = engine_for(job.model, job.model_sha256, settings)
     size = batch_size or spec.sw_batch_size
+    reset_gpu_peak(engine)
     started = time.perf_counter()
     try:
         ref = jobs.run_slab(ws, slab, engine, spec, size, worker, _cancel_check(job.id, job.attempt))
@@ -137,9 +188,12 @@ def _run_slab(task: Task, job: records.JobView, ws: Path, slab: int, batch_size:
     except (InputError, CancelledError, EngineError, TransientError):
         raise
     except Exception as exc:
+        if device_broken(exc):  # the process goes and the slab is redelivered, bounded by max_deliveries
+            raise EngineError(f"slab {slab}: {type(exc).__name__}: {exc}") from exc
         records.fail_job(job.id, f"slab {slab}: {type(exc).__name__}: {exc}", job.attempt)
         raise
-    records.finish_subtask(job.id, job.attempt, slab, round(time.perf_counter() - started, 3), size)
+    records.finish_subtask(job.id, job.attempt, slab, round(time.perf_counter() - started, 3), size,
+                           gpu_peak_bytes(engine))
     return ref
 
 
@@ -148,6 +202,7 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
           attempt: int) -> dict[str, Any] | None:
     job = records.load_job(job_id)
     if job is None or job.attempt != attempt or not job.active:
+        _discard_workspace(job_id, attempt)
         return None
     settings = get_settings()
     ws = storage.workspace(settings.storage_root, job_id, attempt)
@@ -155,11 +210,12 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
     started = time.perf_counter()
     try:
         storage.require_workspace(ws, self.request.hostname or "")
+        jobs.check_output(job, settings)
         voxels, ml = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path),
                                 bool(job.params.get("save_probabilities")))
     except InputError as exc:
         records.fail_job(job_id, f"merge: {exc}", attempt)
-        storage.remove_tree(ws)
+        _discard_workspace(job_id, attempt)
         return None
     except Exception as exc:
         records.fail_job(job_id, f"merge: {type(exc).__name__}: {exc}", attempt)
@@ -180,7 +236,7 @@ def job_failed(request: Any, exc: Any, traceback: Any, job_id: str, attempt: int
     """Error callback of a job's chord: the first failure's reason is kept on the job row."""
     reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
     records.fail_job(job_id, reason, attempt)
-    storage.remove_tree(storage.workspace(get_settings().storage_root, job_id, attempt))
+    _discard_workspace(job_id, attempt)
 
 
 __all__ = ["segment_volume", "infer_slab", "merge", "job_failed", "dispatch", "Status"]

@@ -1,4 +1,9 @@
-"""Inference engines, chosen by configuration: torch, onnxruntime or tensorrt."""
+"""Inference engines, chosen by configuration: torch, onnxruntime or tensorrt.
+
+Every engine follows ``base.Engine``: float32 ROIs in, float32 target-class probability out, both
+on the engine's device. ONNX Runtime and TensorRT engines are made from files cached per model under
+``SEGQ_STORAGE/engines`` (``cache.py``), exported or built on first use unless SEGQ_ENGINE_BUILD=false.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import torch
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
+from segq.settings import Settings, get_settings
 from worker.engines.base import Engine
 
-__all__ = ["Engine", "create_engine", "pick_device"]
+__all__ = ["Engine", "create_engine", "pick_device", "preflight"]
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -22,10 +30,32 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def create_engine(spec: ModelSpec, backend: str, precision: str, device: torch.device,
-                  compile: bool = False) -> Engine:
+                  compile: bool = False, settings: Settings | None = None,
+                  model_sha256: str | None = None) -> Engine:
     """The engine for ``backend``; raises EngineError saying what is missing when it cannot load."""
     if backend == "torch":
         from worker.engines.torch_engine import TorchEngine
 
         return TorchEngine(spec, device, precision, compile=compile)
-    raise EngineError(f"backend {backend!r} is not available in this build; use SEGQ_BACKEND=torch")
+    settings = settings or get_settings()
+    if backend == "onnxruntime":
+        from worker.engines.cache import ensure_onnx
+        from worker.engines.ort_engine import OnnxRuntimeEngine, onnxruntime_module
+
+        onnxruntime_module()  # fail with the install hint before exporting anything
+        onnx = ensure_onnx(spec, precision, settings.engine_root, model_sha256, settings.engine_build)
+        return OnnxRuntimeEngine(onnx, device, precision)
+    if backend == "tensorrt":
+        from worker.engines.cache import ensure_plan
+        from worker.engines.trt_engine import TensorRTEngine
+
+        plan, meta = ensure_plan(spec, precision, settings, device, model_sha256)
+        return TensorRTEngine(plan, meta, device)
+    raise EngineError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}; set SEGQ_BACKEND to one of them")
+
+
+def preflight(settings: Settings, queues: str | None = None) -> None:
+    """Fail a GPU worker's start, with one line saying what is missing, when its backend cannot load."""
+    from worker.preflight import preflight as check
+
+    check(settings, queues)

@@ -1,38 +1,87 @@
-"""PyTorch engine: the wrapped MONAI network in fp32, fp16 or bf16, optionally torch.compile'd."""
+"""PyTorch engine: the wrapped MONAI network in fp32, fp16 or bf16, optionally torch.compile'd.
+
+On a GPU three switches make the same arithmetic faster without touching the weights:
+MONAI's fused window attention (``scaled_dot_product_attention`` instead of materialising every
+343x343 attention matrix of the Swin stages), cuDNN's autotuner for the 3D convolutions (the ROI
+shape is fixed, so the search is paid once per batch size), and optionally channels-last-3d memory
+layout for the convolutions.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+from torch import nn
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
-from worker.model import load_model
+from worker.engines.plans import Profile, chunk_batch
+from worker.model import TargetClassProbability, load_model
 
 logger = logging.getLogger("segq.engine.torch")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch MONAI's window attention to ``scaled_dot_product_attention``; returns how many modules changed.
+
+    MONAI documents the fused path as equivalent to the default one at inference (autograd off).
+    """
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "use_flash_attention") and hasattr(module, "relative_position_bias_table"):
+            module.use_flash_attention = enabled
+            changed += 1
+    return changed
+
+
 class TorchEngine:
     backend = "torch"
 
-    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", compile: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", compile: bool = False,
+                 fused_attention: bool | None = None, cudnn_benchmark: bool | None = None,
+                 channels_last: bool = False, model: TargetClassProbability | None = None) -> None:
         if precision not in DTYPES:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
             raise EngineError("fp16 needs a CUDA device; on a CPU worker set SEGQ_PRECISION=fp32 or bf16")
+        on_gpu = device.type == "cuda"
         self.precision = precision
         self.device = device
         self.dtype = DTYPES[precision]
-        model = load_model(spec)
-        model.network.to(device=device, dtype=self.dtype)
-        self.model: torch.nn.Module = model
+        self.channels_last = channels_last and on_gpu
+        wrapped = model if model is not None else load_model(spec)
+        wrapped.network.to(device=device, dtype=self.dtype)
+        if self.channels_last:
+            wrapped.network.to(memory_format=torch.channels_last_3d)
+        if fused_attention if fused_attention is not None else on_gpu:
+            use_fused_attention(wrapped)
+        if on_gpu and (cudnn_benchmark if cudnn_benchmark is not None else True):
+            torch.backends.cudnn.benchmark = True
+        self.model: nn.Module = wrapped
+        # A compiled graph is specialised to one batch size: batches are padded or split to
+        # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
+        self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
         if compile:
-            logger.info("compiling the network with torch.compile (takes minutes for SwinUNETR)")
-            self.model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
+            logger.info("compiling the network with torch.compile on first use (minutes for SwinUNETR)")
+            self.model = torch.compile(wrapped, dynamic=False)  # type: ignore[assignment]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.model(x).float()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(device=self.device, dtype=self.dtype)).float()
+        x = batch.to(device=self.device, dtype=self.dtype)
+        if self.static is None:
+            return self._forward(x)
+        parts = []
+        for lo, hi, size in chunk_batch(x.shape[0], self.static):
+            chunk = x[lo:hi]
+            if size > hi - lo:
+                chunk = torch.cat([chunk, chunk.new_zeros((size - (hi - lo), *chunk.shape[1:]))])
+            parts.append(self._forward(chunk)[: hi - lo])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

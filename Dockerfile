@@ -1,0 +1,36 @@
+# One image for every segq service: GPU and CPU workers, the coordinator, migrate, flower and the CLI.
+#
+# GPU: the default torch wheel carries its own CUDA runtime; the host needs only the NVIDIA driver and
+# the NVIDIA Container Toolkit (docker-compose.yml reserves the GPUs). A CPU-only image is much smaller:
+#   docker build --build-arg TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" -t segq:cpu .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+RUN groupadd --gid 1000 segq && useradd --uid 1000 --gid 1000 --create-home segq \
+    && mkdir -p /data/storage && chown -R segq:segq /data
+
+WORKDIR /app
+
+# torch first, in its own layer: it is the large part and changes least.
+ARG TORCH_SPEC="torch>=2.3,<3"
+ARG TORCH_PIP_ARGS=""
+RUN pip install ${TORCH_PIP_ARGS} "${TORCH_SPEC}"
+
+COPY pyproject.toml README.md ./
+COPY segq ./segq
+COPY worker ./worker
+COPY producer ./producer
+COPY migrations ./migrations
+RUN pip install ".[worker,postgres,flower]" && segq --help >/dev/null
+
+USER segq
+ENV SEGQ_STORAGE=/data/storage \
+    SEGQ_DATA_DIR=/data/segq
+
+# docker-compose.yml gives each service its command; alone, the image is the CLI.
+CMD ["segq", "--help"]

@@ -1,0 +1,246 @@
+"""``segq report``: one self-contained HTML page per dataset (inline CSS, images as base64 PNG).
+
+The page holds the summary, the results table, three plots (per-volume time, tumour volume
+histogram, per-worker throughput) and, for each done volume, the middle slice through its mask
+overlaid on the input. matplotlib draws off-screen (Agg); nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, func, select
+
+from producer.results import job_seconds, rows, summarize, summary_line
+from segq import records
+from segq.db import ensure_schema, session_scope
+from segq.errors import InputError
+from segq.models import Dataset, Job, Status, Subtask
+from segq.storage import atomic_path
+
+logger = logging.getLogger("segq.report")
+
+TABLE_COLUMNS = ["input", "status", "tumour_ml", "tumour_voxels", "windows", "subtasks", "seconds",
+                 "inference_seconds", "workers", "dice", "error"]
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem;color:#1d1d1f;background:#fff}
+h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+.summary{color:#444;margin:.3rem 0 1rem} table{border-collapse:collapse;font-size:.85rem;width:100%}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
+.done{color:#1a7f37} .failed{color:#cf222e} .cancelled{color:#8250df} .running,.queued{color:#9a6700}
+.plots{display:flex;flex-wrap:wrap;gap:1rem} .plots figure,.gallery figure{margin:0}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.8rem}
+figcaption{font-size:.75rem;color:#555;word-break:break-all} img{max-width:100%;height:auto}
+.note{color:#777;font-style:italic}
+"""
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    worker: str
+    subtasks: int
+    windows: int
+    seconds: float
+
+    @property
+    def windows_per_second(self) -> float:
+        return self.windows / self.seconds if self.seconds > 0 else 0.0
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib figure as a data: URI (and the figure closed)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def time_plot(jobs: list[Job]) -> str | None:
+    """Per-volume seconds of the done volumes, split into preprocess, inference (summed subtasks) and merge."""
+    done = [j for j in jobs if j.status == Status.DONE and job_seconds(j) is not None]
+    if not done:
+        return None
+    plt = _pyplot()
+    done.sort(key=lambda j: j.finished_at or datetime.min.replace(tzinfo=UTC))
+    x = np.arange(len(done))
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=90)
+    ax.bar(x, [job_seconds(j) or 0.0 for j in done], color="#c8d6e5", label="wall (start to result)")
+    pre = np.array([j.preprocess_seconds or 0.0 for j in done])
+    inf = np.array([j.inference_seconds or 0.0 for j in done])
+    ax.bar(x, pre, width=0.5, color="#576574", label="preprocess")
+    ax.bar(x, inf, width=0.5, bottom=pre, color="#2e86de", label="inference (sum of subtasks)")
+    ax.bar(x, [j.merge_seconds or 0.0 for j in done], width=0.5, bottom=pre + inf, color="#ff9f43", label="merge")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("volume (in order of finishing)")
+    ax.set_ylabel("seconds")
+    ax.set_title("Per-volume time")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def tumour_plot(jobs: list[Job]) -> str | None:
+    volumes = [j.tumour_ml for j in jobs if j.status == Status.DONE and j.tumour_ml is not None]
+    if not volumes:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=90)
+    ax.hist(volumes, bins=min(30, max(5, len(volumes) // 2)), color="#ee5253")
+    ax.set_xlabel("tumour volume (mL)")
+    ax.set_ylabel("volumes")
+    ax.set_title("Tumour volume")
+    return _png(fig)
+
+
+def worker_plot(stats: list[WorkerStats]) -> str | None:
+    if not stats:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=90)
+    ax.barh([s.worker for s in stats], [s.windows_per_second for s in stats], color="#10ac84")
+    ax.set_xlabel("windows per busy second")
+    ax.set_title("Per-worker throughput")
+    return _png(fig)
+
+
+def _slice_index(mask: np.ndarray) -> int:
+    """The middle slice (last axis) through the mask, or through the volume when the mask is empty."""
+    hits = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+    return int((hits[0] + hits[-1]) // 2) if hits.size else mask.shape[-1] // 2
+
+
+def overlay_png(input_path: Path, mask_path: Path, size: float = 2.6) -> str:
+    """The input's middle slice in grey with the mask in red, as a data: URI."""
+    import nibabel as nib
+
+    mask = np.asarray(nib.load(str(mask_path)).dataobj)
+    z = _slice_index(mask)
+    image = nib.load(str(input_path))
+    index = (slice(None), slice(None), z) + (0,) * (len(image.shape) - 3)
+    picture = np.asarray(image.dataobj[index], dtype=np.float32)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(size, size), dpi=80)
+    lo, hi = np.percentile(picture, [1, 99]) if picture.size else (0.0, 1.0)
+    ax.imshow(picture.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    ax.imshow(np.ma.masked_equal(mask[:, :, z].T, 0), cmap="autumn", alpha=0.45, origin="lower",
+              interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"slice {z}", fontsize=7)
+    return _png(fig)
+
+
+def worker_stats(job_ids: list[str]) -> list[WorkerStats]:
+    """Done subtasks of the jobs' current attempts, per worker."""
+    if not job_ids:
+        return []
+    current = and_(Subtask.job_id == Job.id, Subtask.attempt == Job.attempt)
+    with session_scope() as s:
+        found = s.execute(select(Subtask.worker, func.count(), func.sum(Subtask.windows), func.sum(Subtask.seconds))
+                          .join(Job, current).where(Job.id.in_(job_ids), Subtask.status == Status.DONE,
+                                                    Subtask.worker.is_not(None)).group_by(Subtask.worker))
+        return [WorkerStats(str(r[0]), int(r[1]), int(r[2] or 0), float(r[3] or 0.0)) for r in found]
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column == "input":
+        return html.escape(Path(str(value)).name)
+    if column == "status":
+        return f'<span class="{html.escape(str(value))}">{html.escape(str(value))}</span>'
+    return html.escape(str(value))
+
+
+def _figure(uri: str | None, alt: str) -> str:
+    if uri is None:
+        return f'<p class="note">{html.escape(alt)}: no data yet</p>'
+    return f'<figure><img src="{uri}" alt="{html.escape(alt)}"></figure>'
+
+
+def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict[str, str | None]) -> str:
+    """The page. ``overlays`` maps a job id to its mid-slice data: URI (None: the files were unreadable)."""
+    jobs = [job for ds in datasets for job in ds.jobs]
+    data = rows(datasets)
+    names = ", ".join(f"{ds.name} ({ds.id})" for ds in datasets)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
+    body = "\n".join("<tr>" + "".join(f"<td>{_cell(c, row.get(c))}</td>" for c in TABLE_COLUMNS) + "</tr>"
+                     for row in data)
+    gallery = []
+    for job in jobs:
+        if job.id not in overlays:
+            continue
+        caption = html.escape(f"{Path(job.input_path).name}: {job.tumour_ml} mL")
+        uri = overlays[job.id]
+        picture = (f'<img src="{uri}" alt="{caption}">' if uri else '<p class="note">image unavailable</p>')
+        gallery.append(f'<figure class="volume">{picture}<figcaption>{caption}</figcaption></figure>')
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>segq report: {html.escape(names)}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>segq report: {html.escape(names)}</h1>
+<p class="summary" id="summary">{html.escape(summary_line(summarize(jobs)))}</p>
+<p class="note">generated {generated}; model {html.escape(datasets[0].model_sha256[:12])}</p>
+<h2>Plots</h2>
+<div class="plots">
+{_figure(time_plot(jobs), "per-volume time")}
+{_figure(tumour_plot(jobs), "tumour volume histogram")}
+{_figure(worker_plot(stats), "per-worker throughput")}
+</div>
+<h2>Volumes</h2>
+<table id="results"><thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody></table>
+<h2>Mid-slices with the mask</h2>
+<div class="gallery">
+{"".join(gallery) or '<p class="note">no done volumes</p>'}
+</div>
+</body></html>
+"""
+
+
+def _overlays(jobs: list[Job], limit: int | None) -> dict[str, str | None]:
+    done = [j for j in jobs if j.status == Status.DONE]
+    found: dict[str, str | None] = {}
+    for job in done[:limit] if limit is not None else done:
+        try:
+            found[job.id] = overlay_png(Path(job.input_path), Path(job.output_path))
+        except (OSError, ValueError, IndexError) as exc:  # a moved or unreadable file: say so on the page
+            logger.warning("no mid-slice for %s: %s", job.input_path, exc)
+            found[job.id] = None
+    return found
+
+
+def write_report(dataset: str, output: Path, *, max_images: int | None = None) -> Path:
+    """Write the report of the dataset(s) with this id or name to ``output`` (atomically); returns its path."""
+    ensure_schema()
+    datasets = records.datasets(dataset)
+    if not datasets:
+        raise InputError(f"no dataset with id or name {dataset!r}: see `segq status`")
+    jobs = [job for ds in datasets for job in ds.jobs]
+    page = build_html(datasets, worker_stats([j.id for j in jobs]), _overlays(jobs, max_images))
+    output = output.expanduser().resolve()
+    with atomic_path(output) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    logger.info("report of %d volume(s) written to %s (%.1f MB)", len(jobs), output, output.stat().st_size / 1e6)
+    return output

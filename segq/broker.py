@@ -1,0 +1,108 @@
+"""Checks of the Redis broker that Celery does not make: does it persist, does it evict, does it take writes.
+
+A broker that loses messages on restart (no AOF) or evicts keys under memory pressure (any
+``maxmemory-policy`` but ``noeviction``) silently drops queued work and chord counters, so a worker
+says so loudly at start. A producer probes that Redis accepts a write before it records anything.
+Every URL that reaches a log goes through :func:`mask_url`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from segq.celery_app import REDIS_KEY_PREFIX
+from segq.errors import TransientError
+
+logger = logging.getLogger("segq.broker")
+
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (user names stay: they are not secret)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+def _client(url: str, timeout: float = 5.0) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+
+
+def persistence_warnings(url: str) -> list[str]:
+    """Why this Redis could lose queued work, one sentence each; empty when it persists and evicts nothing.
+
+    A Redis that hides CONFIG (managed services rename it) cannot be checked; that is said, not assumed.
+    """
+    if urlsplit(url).scheme not in REDIS_SCHEMES:
+        return []
+    import redis
+
+    client = _client(url)
+    try:
+        config = {**client.config_get("appendonly"), **client.config_get("maxmemory-policy")}
+    except redis.ResponseError as exc:
+        return [f"cannot read the broker's configuration ({exc}); make sure it runs with appendonly yes and "
+                "maxmemory-policy noeviction"]
+    finally:
+        client.close()
+    problems = []
+    if config.get("appendonly") != "yes":
+        problems.append("appendonly is off: a Redis restart loses every queued and running task. "
+                        "Run redis-server --appendonly yes (docker-compose.yml does).")
+    policy = config.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        problems.append(f"maxmemory-policy is {policy}: under memory pressure Redis deletes queued tasks and chord "
+                        "counters without a trace. Set maxmemory-policy noeviction.")
+    return problems
+
+
+def warn_if_unsafe(url: str) -> bool:
+    """Log the broker's persistence problems at start, loudly; True when there were none."""
+    try:
+        problems = persistence_warnings(url)
+    except Exception as exc:  # redis.ConnectionError and the like: Celery reports the connection itself
+        logger.warning("could not check the broker at %s: %s", mask_url(url), exc)
+        return False
+    for problem in problems:
+        logger.warning("BROKER AT %s MAY LOSE WORK: %s", mask_url(url), problem)
+    if not problems:
+        logger.info("broker at %s persists (appendonly yes) and evicts nothing (noeviction)", mask_url(url))
+    return not problems
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a probe key: TransientError, saying why, when Redis refuses writes (memory limit)."""
+    if urlsplit(url).scheme not in REDIS_SCHEMES:
+        return
+    import redis
+
+    client = _client(url)
+    key = f"{REDIS_KEY_PREFIX}probe:{uuid.uuid4().hex}"
+    try:
+        client.set(key, "x" * 1024, ex=60)
+        client.delete(key)
+    except redis.ResponseError as exc:
+        full = "OOM" in str(exc) or "maxmemory" in str(exc)  # redis-py strips the OOM prefix into its class
+        hint = (" Redis is at its memory limit: let the workers drain the queues, delete what fills it, or raise "
+                "maxmemory." if full else "")
+        raise TransientError(f"the broker at {mask_url(url)} refuses writes ({exc}); nothing was queued.{hint}") \
+            from exc
+    except redis.RedisError as exc:
+        raise TransientError(f"cannot reach the broker at {mask_url(url)}: {exc}; nothing was queued") from exc
+    finally:
+        client.close()

@@ -1,0 +1,121 @@
+"""The watchdog: a job still running past ``SEGQ_JOB_DEADLINE`` is failed with the reason, so nothing hangs.
+
+A chord whose subtask message was lost (a Redis without AOF restarted, a key evicted, a bug) never fires
+its merge: the job would stay "running" for ever and `segq submit --wait` with it. Each worker sweeps
+every ``SEGQ_WATCHDOG_INTERVAL`` seconds (a timer in its main process), and `segq watchdog` runs the
+same sweep on its own. Failing is idempotent (the first reason wins), so several sweepers are harmless;
+`segq retry` queues such a job again. Queued jobs are not aged: they wait their turn behind the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from celery import bootsteps
+from sqlalchemy import select
+
+from segq import records, storage
+from segq.db import get_engine, session_scope
+from segq.models import Job, Status, utcnow
+from segq.settings import Settings, get_settings
+
+logger = logging.getLogger("segq.watchdog")
+
+
+@dataclass(frozen=True)
+class Stuck:
+    job_id: str
+    attempt: int
+    running_seconds: float
+    output_path: str
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
+
+
+def stuck_jobs(deadline_seconds: int, now: datetime | None = None) -> list[Stuck]:
+    """Running jobs whose attempt started more than ``deadline_seconds`` ago."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=deadline_seconds)
+    with session_scope() as s:
+        rows = s.execute(select(Job.id, Job.attempt, Job.started_at, Job.output_path)
+                         .where(Job.status == Status.RUNNING, Job.started_at.is_not(None)))
+        return [Stuck(job_id, attempt, (now - _aware(started)).total_seconds(), output)
+                for job_id, attempt, started, output in rows if _aware(started) < cutoff]
+
+
+def sweep(settings: Settings | None = None, now: datetime | None = None) -> list[str]:
+    """Fail every job running past the deadline and delete what it left; returns the ids failed now."""
+    settings = settings or get_settings()
+    failed = []
+    for job in stuck_jobs(settings.job_deadline, now):
+        reason = (f"stuck: running for {job.running_seconds / 60:.0f} min, past the deadline of "
+                  f"{settings.job_deadline / 60:.0f} min (SEGQ_JOB_DEADLINE): a subtask or its merge never "
+                  "finished (a worker or Redis lost it); `segq retry` queues it again")
+        if records.fail_job(job.job_id, reason, job.attempt):
+            storage.remove_workspace(settings.storage_root, job.job_id, job.attempt)
+            storage.remove_stale_temps(Path(job.output_path))  # hours old: no live merge owns it
+            failed.append(job.job_id)
+    return failed
+
+
+def sweep_quietly() -> None:
+    """One sweep from a worker's timer: logs instead of raising, and keeps no database connection open
+    (the worker's main process forks pool processes, which must not inherit one)."""
+    try:
+        failed = sweep()
+        if failed:
+            logger.warning("watchdog failed %d stuck job(s): %s", len(failed), ", ".join(failed))
+    except Exception:  # the database is away for a moment: the next sweep tries again
+        logger.exception("watchdog sweep failed")
+    finally:
+        get_engine().dispose()
+
+
+class WatchdogStep(bootsteps.StartStopStep):
+    """A worker bootstep: sweep every ``SEGQ_WATCHDOG_INTERVAL`` seconds on the worker's timer."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        interval = get_settings().watchdog_interval
+        if interval:
+            self.tref = parent.timer.call_repeatedly(interval, sweep_quietly, priority=10)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Sweep once and exit (for cron), instead of every --interval seconds.")
+@click.option("--interval", type=click.IntRange(min=1), default=None,
+              help="Seconds between sweeps (default: SEGQ_WATCHDOG_INTERVAL, else 300).")
+def watchdog(once: bool, interval: int | None) -> None:
+    """Fail jobs running past SEGQ_JOB_DEADLINE, with the reason, and delete what they left behind."""
+    from segq.db import ensure_schema
+
+    ensure_schema()
+    settings = get_settings()
+    every = interval or settings.watchdog_interval or 300
+    while True:
+        failed = sweep(settings)
+        for job_id in failed:
+            click.echo(f"job {job_id}: failed, running past the deadline of {settings.job_deadline} s")
+        if once:
+            click.echo(f"watchdog: {len(failed)} stuck job(s) failed")
+            return
+        time.sleep(every)

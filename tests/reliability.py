@@ -1,0 +1,249 @@
+"""What the fault tests (tests/integration/test_reliability_*.py) share: a deployment of their own on a
+throwaway Redis, and the check every scenario ends with: nothing lost.
+
+Nothing lost means: one job row per output, each in a final state; an output only for a done job, and it
+loads and matches MONAI's sliding_window_inference on the same volume; no temp files, no workspaces; no
+message left in Redis (every queue empty, the ``unacked`` hash empty).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from tests.helpers import ROOT, WorkerProcess, environment, load_mask
+from tests.redis_server import RedisServer
+
+# A short visibility timeout, so a message of a worker that died whole comes back within the test
+# (the settings refuse less than 20 s); the task limit must stay below it.
+VISIBILITY_TIMEOUT = 25
+TASK_TIME_LIMIT = 24
+
+
+@dataclass
+class JobRow:
+    id: str
+    dataset_id: str
+    input_path: str
+    output_path: str
+    out_dir: str
+    status: str
+    error: str | None
+    attempt: int
+    deliveries: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Deployment:
+    """One isolated segq: throwaway Redis (AOF), SQLite, storage, faults directory, real workers."""
+
+    root: Path
+    redis: RedisServer
+    env: dict[str, str]
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def faults_dir(self) -> Path:
+        return Path(self.env["SEGQ_FAULTS_DIR"])
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.env["SEGQ_STORAGE"])
+
+    def worker(self, name: str = "w1", queues: str | None = None, env: dict[str, str] | None = None,
+               concurrency: int = 1) -> WorkerProcess:
+        extra = ["-Q", queues] if queues else []
+        proc = WorkerProcess({**self.env, **(env or {})}, name, self.root / f"{name}-{len(self.workers)}.log",
+                             extra=extra, concurrency=concurrency)
+        self.workers.append(proc)
+        return proc.start()
+
+    def arm(self, spec: str) -> None:
+        """Arm faults in running workers (read at every fault point)."""
+        self.faults_dir.mkdir(parents=True, exist_ok=True)
+        (self.faults_dir / "faults").write_text(spec)
+
+    def submit(self, inputs: list[Path], out: Path, model: Path, **kwargs: Any) -> Any:
+        """Submit in this process, as `segq submit` does (same checks, same rows, same messages)."""
+        from producer.scan import collect_inputs
+        from producer.submit import submit
+        from segq.modelspec import load_model_spec
+
+        items = collect_inputs(inputs, out.resolve())
+        return submit(items, out, load_model_spec(model), **kwargs)
+
+    def segq(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "segq.cli", *args], env={**os.environ, **self.env}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def wait(self, timeout: float = 120, poll: float = 0.5) -> list[JobRow]:
+        """Every job of every dataset in a final state; AssertionError with the rows after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.jobs()
+            if rows and all(r.status in ("done", "failed", "cancelled") for r in rows):
+                return rows
+            if time.monotonic() > deadline:
+                logs = "\n".join(w.read_log()[-3000:] for w in self.workers)
+                raise AssertionError(f"jobs not final after {timeout}s: {rows}\n{logs}")
+            time.sleep(poll)
+
+    def jobs(self) -> list[JobRow]:
+        from sqlalchemy import select
+
+        from segq.db import session_scope
+        from segq.models import Dataset, Job, Subtask
+
+        with session_scope() as s:
+            rows = []
+            for job, out_dir in s.execute(select(Job, Dataset.out_dir).join(Dataset).order_by(Job.input_path)):
+                parts = s.scalars(select(Subtask).where(Subtask.job_id == job.id, Subtask.attempt == job.attempt))
+                rows.append(JobRow(job.id, job.dataset_id, job.input_path, job.output_path, out_dir,
+                                   job.status.value, job.error, job.attempt, {p.slab: p.deliveries for p in parts}))
+            return rows
+
+    def log(self) -> str:
+        return "\n".join(w.read_log() for w in self.workers)
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            proc.kill()
+        self.workers.clear()
+
+
+@contextmanager
+def deployment(root: Path, **settings: str) -> Iterator[Deployment]:
+    """A deployment on a fresh throwaway Redis; workers and Redis are killed on the way out, whatever happens."""
+    redis = RedisServer(root / "redis").start()
+    env = {
+        "SEGQ_BROKER_URL": redis.url(0),
+        "SEGQ_DATABASE_URL": f"sqlite:///{root / 'segq.db'}",
+        "SEGQ_DATA_DIR": str(root / "data"),
+        "SEGQ_STORAGE": str(root / "storage"),
+        "SEGQ_FAULTS_DIR": str(root / "faults"),
+        "SEGQ_MAX_WINDOWS_PER_SUBTASK": "4",
+        "SEGQ_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+        "SEGQ_TASK_TIME_LIMIT": str(TASK_TIME_LIMIT),
+        "SEGQ_WATCHDOG_INTERVAL": "0",
+        **settings,
+    }
+    dep = Deployment(root, redis, env)
+    try:
+        with environment(env):
+            from segq.db import upgrade
+
+            upgrade(env["SEGQ_DATABASE_URL"])
+            yield dep
+    finally:
+        dep.stop()
+        redis.stop()
+
+
+_references: dict[tuple[str, str], np.ndarray] = {}
+
+
+def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
+    """MONAI's sliding_window_inference on the same preprocessed volume: the independent reference."""
+    key = (str(volume_path), str(model_toml))
+    if key not in _references:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        from segq.modelspec import load_model_spec
+        from worker.jobs import preprocess
+        from worker.model import load_model
+
+        spec = load_model_spec(model_toml)
+        data = np.asarray(nib.load(str(volume_path)).get_fdata(dtype=np.float32))
+        volume = preprocess(data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0), spec.preprocess)
+        with torch.inference_mode():
+            prob = sliding_window_inference(torch.from_numpy(volume)[None], spec.roi, spec.sw_batch_size,
+                                            load_model(spec), overlap=spec.overlap, mode=spec.mode)
+        _references[key] = prob[0, 0].numpy()
+    return _references[key]
+
+
+def assert_mask_matches(mask_path: Path, volume_path: Path, model_toml: Path) -> None:
+    reference = reference_probability(volume_path, model_toml)
+    mask = load_mask(mask_path)
+    assert mask.shape == reference.shape and mask.dtype == np.uint8
+    decided = np.abs(reference - 0.5) > 1e-4
+    np.testing.assert_array_equal(mask[decided], (reference >= 0.5)[decided].astype(np.uint8))
+
+
+def temp_files(*dirs: Path) -> list[Path]:
+    return [p for d in dirs if d.exists() for p in d.rglob(".*.tmp-*")]
+
+
+def wait_drained(dep: Deployment, timeout: float = 30) -> dict[str, int]:
+    """Wait for Redis to hold no message (acks come just after the job row is written)."""
+    deadline = time.monotonic() + timeout
+    while (left := dep.redis.pending()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return left
+
+
+def assert_nothing_lost(dep: Deployment, model: Path, *, done: set[str] | None = None,
+                        drain_timeout: float = 30) -> list[JobRow]:
+    """The end check of every scenario; ``done`` names the inputs (file names) that must be done, the rest failed."""
+    rows = dep.wait(timeout=5)
+    outputs = Counter(r.output_path for r in rows)
+    assert all(n == 1 for n in outputs.values()), f"more than one row for an output: {outputs}"
+    for row in rows:
+        output = Path(row.output_path)
+        name = Path(row.input_path).name
+        if done is not None:
+            expected = "done" if name in done else "failed"
+            assert row.status == expected, f"{name}: {row.status} ({row.error}), expected {expected}"
+        if row.status == "done":
+            assert_mask_matches(output, Path(row.input_path), model)
+        else:
+            assert row.error, f"{name}: {row.status} without a reason"
+            assert not output.exists(), f"{output} exists but its job is {row.status}"
+    out_dirs = {Path(r.out_dir) for r in rows}
+    assert not temp_files(*out_dirs, dep.storage), f"temp files left: {temp_files(*out_dirs, dep.storage)}"
+    jobs_dir = dep.storage / "jobs"
+    left = [p for p in jobs_dir.rglob("*")] if jobs_dir.exists() else []
+    assert not left, f"workspaces left: {left[:10]}"
+    pending = wait_drained(dep, drain_timeout)
+    assert not pending, f"messages left in Redis: {pending}"
+    return rows
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def figure(scenario: str, text: str) -> None:
+    """Record a measured figure for docs/RELIABILITY.md (appended to $SEGQ_RELIABILITY_FIGURES when set)."""
+    line = f"{scenario}: {text}"
+    print(f"FIGURE {line}")
+    target = os.environ.get("SEGQ_RELIABILITY_FIGURES")
+    if target:
+        with open(target, "a") as handle:
+            handle.write(line + "\n")

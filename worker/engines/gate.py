@@ -1,0 +1,90 @@
+"""Accuracy gate: an engine's mask on a reference volume must agree with the fp32 PyTorch mask.
+
+A reduced-precision engine is only kept if it segments like the model it came from. The check runs
+the real slab loop over a whole volume (the same windows, weights and merge a job uses) with both
+engines and compares the thresholded masks by Dice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from segq.errors import EngineError
+from segq.modelspec import ModelSpec
+from segq.tiling import Slab, importance_map, pad_volume, plan_windows, weight_sum
+from worker.engines.base import Engine
+
+logger = logging.getLogger("segq.engine.gate")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    dice: float
+    agreement: float
+    voxels: int
+    reference_positive: int
+    candidate_positive: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"dice": round(self.dice, 6), "agreement": round(self.agreement, 6), "voxels": self.voxels,
+                "reference_positive": self.reference_positive, "candidate_positive": self.candidate_positive}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty (they agree)."""
+    a, b = a.astype(bool), b.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def compare_masks(reference: np.ndarray, candidate: np.ndarray) -> GateResult:
+    if reference.shape != candidate.shape:
+        raise ValueError(f"mask shapes differ: {reference.shape} vs {candidate.shape}")
+    return GateResult(dice(reference, candidate), float(np.mean(reference == candidate)), int(reference.size),
+                      int(reference.sum()), int(candidate.sum()))
+
+
+def reference_volume(spec: ModelSpec, scale: float = 1.5, seed: int = 0) -> np.ndarray:
+    """A deterministic synthetic volume (C, X, Y, Z) of ``scale`` ROIs a side: smooth blobs over noise,
+    so the mask has structure rather than coin flips. Pass a real scan for a trained model."""
+    side = int(round(spec.roi_size * scale))
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, side, dtype=np.float32),) * 3, indexing="ij"))
+    volume = rng.normal(scale=0.3, size=(side,) * 3).astype(np.float32)
+    for _ in range(6):
+        centre = rng.uniform(-0.7, 0.7, size=(3, 1, 1, 1)).astype(np.float32)
+        radius = rng.uniform(0.15, 0.4)
+        volume += 2.0 * np.exp(-np.sum((grid - centre) ** 2, axis=0) / (2 * radius**2))
+    return np.repeat(volume[None], spec.in_channels, axis=0)
+
+
+def volume_probability(engine: Engine, volume: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Target probability over a whole (C, X, Y, Z) volume through the slab loop, as one slab."""
+    from worker.inference import infer_slab
+
+    plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
+    padded = pad_volume(volume, plan)
+    weights = importance_map(plan)
+    slab = Slab(0, list(plan.starts), 0, plan.padded_shape[0])
+    total = infer_slab(padded, slab, plan.roi, weights, engine, spec.sw_batch_size)
+    total = total / torch.from_numpy(weight_sum(plan, weights)).to(total.device)
+    return total.cpu().numpy()[plan.crop]
+
+
+def check_accuracy(candidate: Engine, reference: Engine, spec: ModelSpec, volume: np.ndarray,
+                   min_dice: float = 0.99) -> GateResult:
+    """Dice of ``candidate``'s mask against ``reference``'s; EngineError with the figure below ``min_dice``."""
+    ref_mask = volume_probability(reference, volume, spec) >= 0.5
+    cand_mask = volume_probability(candidate, volume, spec) >= 0.5
+    result = compare_masks(ref_mask, cand_mask)
+    logger.info("accuracy gate: Dice %.5f, voxel agreement %.5f (%s %s vs %s %s)", result.dice, result.agreement,
+                candidate.backend, candidate.precision, reference.backend, reference.precision)
+    if result.dice < min_dice:
+        raise EngineError(f"accuracy gate refused the {candidate.backend} {candidate.precision} engine: Dice "
+                          f"{result.dice:.4f} against the fp32 PyTorch mask (need >= {min_dice}); voxel agreement "
+                          f"{result.agreement:.4%}. Build in fp32, or check the ONNX export")
+    return result

@@ -1,0 +1,131 @@
+"""TEST ONLY: faults injected into real worker processes, so the reliability tests can kill, break or stall
+them at an exact point (docs/RELIABILITY.md).
+
+Nothing happens unless ``SEGQ_FAULTS`` or ``SEGQ_FAULTS_DIR`` is set. A fault is written
+``<action>_<point>[:key=value...]``, several separated by commas, for example::
+
+    SEGQ_FAULTS="kill_in_infer_slab:slab=1:times=1,pause_before_merge_rename:seconds=20"
+
+actions
+    ``kill`` (SIGKILL this process), ``raise`` (a RuntimeError), ``cuda_error`` (the RuntimeError a broken
+    CUDA context raises), ``pause`` (sleep ``seconds``, default 30).
+points
+    ``in_infer_slab`` (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
+    written under its temp name, not yet renamed; context ``output``), ``in_submit`` (a producer looked
+    for the dataset and holds the submission lock).
+keys
+    ``times=N`` fires at most N times across every process; any other key must equal the point's context
+    (``slab=1``).
+
+Hits are recorded as files in ``SEGQ_FAULTS_DIR`` (``<fault>.hit<k>``, holding the process id), so
+``times`` survives the death of the process it killed and a test can see which process to kill. Faults
+are also read from ``SEGQ_FAULTS_DIR/faults`` at every point, so a test can arm one in running workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segq.settings import get_settings
+
+logger = logging.getLogger("segq.faults")
+
+ACTIONS = ("cuda_error", "kill", "raise", "pause")
+POINTS = ("in_infer_slab", "before_merge_rename", "in_submit")
+CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+@dataclass(frozen=True)
+class Fault:
+    text: str
+    action: str
+    point: str
+    match: dict[str, str] = field(default_factory=dict)
+    times: int | None = None
+    seconds: float = 30.0
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.text)
+
+
+def parse(spec: str) -> list[Fault]:
+    """The faults named in ``spec``; ValueError for anything not understood (a typo must not pass silently)."""
+    faults = []
+    for text in filter(None, (part.strip() for part in spec.split(","))):
+        name, *options = text.split(":")
+        action = next((a for a in ACTIONS if name.startswith(a + "_")), None)
+        point = name[len(action) + 1:] if action else ""
+        if action is None or point not in POINTS:
+            raise ValueError(f"SEGQ_FAULTS: {name!r} is not <action>_<point> with action in {ACTIONS} "
+                             f"and point in {POINTS}")
+        values = dict(option.split("=", 1) for option in options if "=" in option)
+        times = int(values.pop("times")) if "times" in values else None
+        seconds = float(values.pop("seconds", 30.0))
+        faults.append(Fault(text, action, point, values, times, seconds))
+    return faults
+
+
+def _armed(faults_dir: Path | None, spec: str) -> list[Fault]:
+    extra = ""
+    if faults_dir is not None:
+        armed = faults_dir / "faults"
+        extra = armed.read_text() if armed.is_file() else ""
+    return parse(",".join(filter(None, [spec, extra.replace("\n", ",")])))
+
+
+def _take(fault: Fault, faults_dir: Path | None, context: dict[str, object]) -> bool:
+    """Claim the next hit of ``fault`` (atomically, across processes); False once ``times`` are used up."""
+    if faults_dir is None:
+        return True
+    faults_dir.mkdir(parents=True, exist_ok=True)
+    k = 1
+    while fault.times is None or k <= fault.times:
+        try:
+            fd = os.open(faults_dir / f"{fault.key}.hit{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            k += 1
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"pid": os.getpid(), "time": time.time(), **{k: str(v) for k, v in context.items()}}, handle)
+        return True
+    return False
+
+
+def hits(faults_dir: Path, text: str) -> list[dict[str, str]]:
+    """The recorded hits of the fault written ``text`` (for tests), oldest first."""
+    key = Fault(text, "", "").key
+    files = sorted(faults_dir.glob(f"{key}.hit*"), key=lambda p: int(p.name.rsplit(".hit", 1)[1]))
+    return [json.loads(p.read_text() or "{}") for p in files]
+
+
+def point(name: str, **context: object) -> None:
+    """A place where a test may inject a fault; does nothing unless faults are configured."""
+    settings = get_settings()
+    if not settings.faults and settings.faults_dir is None:
+        return
+    for fault in _armed(settings.faults_dir, settings.faults):
+        if fault.point != name or any(str(context.get(k)) != v for k, v in fault.match.items()):
+            continue
+        if _take(fault, settings.faults_dir, context):
+            _act(fault, context)
+
+
+def _act(fault: Fault, context: dict[str, object]) -> None:
+    where = ", ".join(f"{k}={v}" for k, v in context.items())
+    logger.warning("TEST FAULT %s at %s (%s) in process %d", fault.action, fault.point, where, os.getpid())
+    if fault.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.action == "pause":
+        time.sleep(fault.seconds)
+    elif fault.action == "cuda_error":
+        raise RuntimeError(f"{CUDA_ERROR} (injected by SEGQ_FAULTS {fault.text}, {where})")
+    else:
+        raise RuntimeError(f"injected fault {fault.text} ({where})")
