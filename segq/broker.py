@@ -106,3 +106,28 @@ def check_writable(url: str) -> None:
         raise TransientError(f"cannot reach the broker at {mask_url(url)}: {exc}; nothing was queued") from exc
     finally:
         client.close()
+
+
+def guard_undecodable_messages() -> None:
+    """Drop, with an error in the log, a queue item that is not a JSON envelope, instead of dying of it.
+
+    kombu's Redis transport parses what BRPOP returned without a guard: one item pushed into a queue
+    by hand (or by a foreign client) ends the worker with "Unrecoverable error: JSONDecodeError", and a
+    restarted worker is fine only because BRPOP already removed the item. Installed at worker start.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.Channel._brpop_read
+    if getattr(original, "segq_guarded", False):
+        return
+
+    def _brpop_read(self: Any, **options: Any) -> bool:
+        try:
+            return bool(original(self, **options))
+        except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError: the item is already popped
+            logger.error("discarded a queue item that is not a Celery message (%s: %s); someone wrote to the "
+                         "queue directly", type(exc).__name__, exc)
+            return True
+
+    _brpop_read.segq_guarded = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._brpop_read = _brpop_read

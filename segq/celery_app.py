@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from segq.settings import Settings, get_settings
 
@@ -89,6 +89,13 @@ def create_app(settings: Settings | None = None) -> Celery:
 
     app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
     return app
+
+
+@worker_init.connect
+def _guard_the_consumer(**_kwargs: Any) -> None:
+    from segq.broker import guard_undecodable_messages
+
+    guard_undecodable_messages()
 
 
 @worker_process_init.connect

@@ -103,7 +103,7 @@ def _lesions(rng: np.random.Generator, head: Ellipsoid, spacing: np.ndarray) -> 
 
 def _tissue(rng: np.random.Generator, shape: tuple[int, int, int], grid: tuple[np.ndarray, ...],
             head: Ellipsoid) -> np.ndarray:
-    """Relative intensities: background 0, bright scalp, dark skull, brain ~1 with grey/white texture, dark ventricles."""
+    """Relative intensities: air 0, bright scalp, dark skull, brain ~1 with grey/white texture, dark ventricles."""
     r = head.radius_field(grid)
     head_weight = _shell(r, 1.0, min(head.radii))
     skull_weight = _shell(r, 0.94, min(head.radii))
@@ -129,9 +129,12 @@ def _shell(radius: np.ndarray, level: float, scale: float) -> np.ndarray:
 def _bias_field(rng: np.random.Generator, grid: tuple[np.ndarray, ...], shape: tuple[int, int, int]) -> np.ndarray:
     """A smooth multiplicative field (exp of a random quadratic), roughly 0.75..1.3 across the volume."""
     coords = [(g - (n - 1) / 2.0) / n for g, n in zip(grid, shape, strict=True)]
-    log_field = sum(rng.uniform(-0.25, 0.25) * c for c in coords)
-    log_field = log_field + sum(rng.uniform(-0.4, 0.4) * c * c for c in coords)
-    return np.exp(log_field)
+    linear, quadratic = np.zeros(shape), np.zeros(shape)
+    for c in coords:
+        linear = linear + rng.uniform(-0.25, 0.25) * c
+    for c in coords:
+        quadratic = quadratic + rng.uniform(-0.4, 0.4) * c * c
+    return np.exp(linear + quadratic)
 
 
 def make_volume(rng: np.random.Generator, shape: tuple[int, int, int] = DEFAULT_SHAPE,

@@ -5,7 +5,7 @@ evaluation volumes (other seeds) and overfits no fixed set. Inputs get exactly t
 preprocessing (``segq.preprocess.zscore_nonzero``), and the saved checkpoint is the bare network's
 ``state_dict``, which ``worker.model.load_model`` loads with ``weights_only=True``.
 
-    python -m worker.train -o models/demo --steps 600
+    python -m worker.train -o models/demo --steps 900
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -170,7 +171,8 @@ def validate(network: nn.Module, spec: ModelSpec, rng: np.random.Generator, coun
     for _ in range(count):
         image, mask, _ = make_volume(rng, DEFAULT_SHAPE)
         x = torch.from_numpy(zscore_nonzero(image))[None, None]
-        prob = sliding_window_inference(x, spec.roi, spec.sw_batch_size, model, overlap=spec.overlap, mode=spec.mode)
+        prob = cast(torch.Tensor, sliding_window_inference(x, spec.roi, spec.sw_batch_size, model,
+                                                           overlap=spec.overlap, mode=spec.mode))
         scores.append(dice(prob[0, 0].numpy() > 0.5, mask))
     return float(np.mean(scores))
 
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--out-dir", type=Path, default=Path("models/demo"),
                         help="folder for demo.pt and model.toml (default: models/demo)")
     parser.add_argument("--arch", choices=ARCHS, default="UNet", help="network (default: UNet)")
-    parser.add_argument("--steps", type=int, default=600, help="optimiser steps (default: 600)")
+    parser.add_argument("--steps", type=int, default=900, help="optimiser steps (default: 900)")
     parser.add_argument("--seed", type=int, default=1, help="training seed; evaluate with other seeds (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="log every 50 steps instead of a progress bar")
     args = parser.parse_args(argv)

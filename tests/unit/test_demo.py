@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.affines import voxel_sizes
 
 from segq.demo import IMAGES_DIR, SLICE_MM, TRUTH_DIR, make_volume, write_demo_dataset
 from segq.metrics import dice, volume_error_ml
@@ -31,7 +32,7 @@ def test_volume_shapes_and_dtypes(volumes: list[tuple[np.ndarray, np.ndarray, np
 
 def test_affine_has_anisotropic_spacing(volumes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
     for _, _, affine in volumes:
-        spacing = nib.affines.voxel_sizes(affine)
+        spacing = voxel_sizes(affine)
         assert spacing[0] == pytest.approx(spacing[1])
         assert 0.8 <= spacing[0] <= 1.2
         assert SLICE_MM[0] <= spacing[2] <= SLICE_MM[1]
@@ -44,7 +45,7 @@ def _grow(region: np.ndarray) -> np.ndarray:
     for axis in range(region.ndim):
         for step in (1, -1):
             shifted = np.roll(region, step, axis=axis)
-            edge = [slice(None)] * region.ndim
+            edge: list[slice | int] = [slice(None)] * region.ndim
             edge[axis] = 0 if step == 1 else -1
             shifted[tuple(edge)] = False  # no wrap-around
             grown |= shifted
