@@ -24,8 +24,8 @@ def demo_data(out_dir: Path, count: int, seed: int) -> None:
 @click.option("-o", "--out", "out_dir", default=Path("models/demo"), show_default=True,
               type=click.Path(path_type=Path, file_okay=False))
 @click.option("--arch", default="UNet", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=900, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
 def train_demo(out_dir: Path, arch: str, steps: int, seed: int) -> None:
     """Train the small demo model on synthetic volumes (CPU, minutes) and write model.toml + checkpoint."""
     from worker.train import train_demo as train

@@ -130,4 +130,4 @@ def guard_undecodable_messages() -> None:
             return True
 
     _brpop_read.segq_guarded = True  # type: ignore[attr-defined]
-    kombu_redis.Channel._brpop_read = _brpop_read
+    kombu_redis.Channel._brpop_read = _brpop_read  # type: ignore[method-assign]

@@ -49,7 +49,7 @@ def stuck_jobs(deadline_seconds: int, now: datetime | None = None) -> list[Stuck
         rows = s.execute(select(Job.id, Job.attempt, Job.started_at, Job.output_path)
                          .where(Job.status == Status.RUNNING, Job.started_at.is_not(None)))
         return [Stuck(job_id, attempt, (now - _aware(started)).total_seconds(), output)
-                for job_id, attempt, started, output in rows if _aware(started) < cutoff]
+                for job_id, attempt, started, output in rows if started is not None and _aware(started) < cutoff]
 
 
 def sweep(settings: Settings | None = None, now: datetime | None = None) -> list[str]:

@@ -29,18 +29,20 @@ class RedisServer:
     """One ``redis-server`` process; ``appendfsync always`` so a SIGKILL loses nothing acknowledged."""
 
     def __init__(self, directory: Path, *, appendonly: bool = True, policy: str = "noeviction",
-                 extra: list[str] | None = None) -> None:
+                 password: str | None = None, extra: list[str] | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.appendonly = appendonly
         self.policy = policy
+        self.password = password
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "redis.log"
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def client(self, db: int = 0) -> Any:
         import redis
@@ -54,7 +56,7 @@ class RedisServer:
         cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--save", "",
                "--maxmemory-policy", self.policy, "--logfile", str(self.log), "--protected-mode", "no",
-               *self.extra]
+               *(["--requirepass", self.password] if self.password else []), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -29,6 +29,8 @@ from tests.redis_server import RedisServer
 # (the settings refuse less than 20 s); the task limit must stay below it.
 VISIBILITY_TIMEOUT = 25
 TASK_TIME_LIMIT = 24
+# Every throwaway Redis wants a password (as the shipped configuration does); no log may show it.
+PASSWORD = "s3cret-Redis-pw"
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Deployment:
 @contextmanager
 def deployment(root: Path, **settings: str) -> Iterator[Deployment]:
     """A deployment on a fresh throwaway Redis; workers and Redis are killed on the way out, whatever happens."""
-    redis = RedisServer(root / "redis").start()
+    redis = RedisServer(root / "redis", password=PASSWORD).start()
     env = {
         "SEGQ_BROKER_URL": redis.url(0),
         "SEGQ_DATABASE_URL": f"sqlite:///{root / 'segq.db'}",
@@ -170,6 +172,7 @@ def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
         with torch.inference_mode():
             prob = sliding_window_inference(torch.from_numpy(volume)[None], spec.roi, spec.sw_batch_size,
                                             load_model(spec), overlap=spec.overlap, mode=spec.mode)
+        assert isinstance(prob, torch.Tensor)
         _references[key] = prob[0, 0].numpy()
     return _references[key]
 
@@ -218,6 +221,7 @@ def assert_nothing_lost(dep: Deployment, model: Path, *, done: set[str] | None =
     assert not left, f"workspaces left: {left[:10]}"
     pending = wait_drained(dep, drain_timeout)
     assert not pending, f"messages left in Redis: {pending}"
+    assert PASSWORD not in dep.log(), "the broker password reached a worker log"
     return rows
 
 

@@ -7,10 +7,12 @@ Nothing happens unless ``SEGQ_FAULTS`` or ``SEGQ_FAULTS_DIR`` is set. A fault is
     SEGQ_FAULTS="kill_in_infer_slab:slab=1:times=1,pause_before_merge_rename:seconds=20"
 
 actions
-    ``kill`` (SIGKILL this process), ``raise`` (a RuntimeError), ``cuda_error`` (the RuntimeError a broken
-    CUDA context raises), ``pause`` (sleep ``seconds``, default 30).
+    ``kill`` (SIGKILL this process), ``raise`` (a RuntimeError), ``cuda_error`` (on a GPU a real
+    device-side assert, which leaves the CUDA context unusable; without one the RuntimeError such a
+    context raises), ``pause`` (sleep ``seconds``, default 30).
 points
-    ``in_infer_slab`` (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
+    ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_infer_slab``
+    (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``in_submit`` (a producer looked
     for the dataset and holds the submission lock).
 keys
@@ -38,7 +40,7 @@ from segq.settings import get_settings
 logger = logging.getLogger("segq.faults")
 
 ACTIONS = ("cuda_error", "kill", "raise", "pause")
-POINTS = ("in_infer_slab", "before_merge_rename", "in_submit")
+POINTS = ("in_prepare", "in_infer_slab", "before_merge_rename", "in_submit")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 
@@ -126,6 +128,17 @@ def _act(fault: Fault, context: dict[str, object]) -> None:
     elif fault.action == "pause":
         time.sleep(fault.seconds)
     elif fault.action == "cuda_error":
+        _break_cuda()
         raise RuntimeError(f"{CUDA_ERROR} (injected by SEGQ_FAULTS {fault.text}, {where})")
     else:
         raise RuntimeError(f"injected fault {fault.text} ({where})")
+
+
+def _break_cuda() -> None:
+    """On a GPU, break this process's CUDA context for real (a device-side assert: every later CUDA call
+    fails) and let torch raise its own error; without one, the caller raises the message such a context gives."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = torch.tensor([1 << 20], device="cuda")
+        torch.zeros(1, device="cuda")[index].cpu()  # out of bounds on the device: raises, context unusable

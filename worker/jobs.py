@@ -66,6 +66,7 @@ def prepare(job: JobView, settings: Settings) -> Prepared:
     """Load, check and preprocess the volume; write the padded array and the window plan to the workspace."""
     started = time.perf_counter()
     spec = spec_from_dict(job.model)
+    faults.point("in_prepare", input=Path(job.input_path).name)
     volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
     volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task, chord, signature
 from celery.signals import task_revoked
 
-from segq import records, storage, taskids
+from segq import celery_app, records, storage, taskids
 from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, INFER_SLAB, JOB_FAILED, MERGE, SEGMENT_VOLUME, app, queue_for
 from segq.errors import CancelledError, EngineError, InputError, TransientError
 from segq.models import Status
@@ -82,6 +82,29 @@ def device_broken(exc: BaseException) -> bool:
         marker in str(exc) for marker in DEVICE_BROKEN)
 
 
+def _lost_too_often(task: Task, job_id: str, attempt: int, step: str, output: str = "") -> bool:
+    """Count this delivery of a volume or merge task in Redis (slabs count theirs in SQL); past
+    SEGQ_MAX_DELIVERIES fail the job, so a step that kills its process every time cannot loop for ever.
+
+    A process killed mid-task gets its message redelivered with the same id and retry count, so
+    (id, retries) counts deliveries and not the bounded TransientError retries.
+    """
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return False
+    settings = get_settings()
+    key = f"{celery_app.REDIS_KEY_PREFIX}deliveries:{task.request.id}:{task.request.retries}"
+    deliveries = int(client.incr(key))
+    client.expire(key, settings.result_expires)
+    if deliveries <= settings.max_deliveries:
+        return False
+    records.fail_job(job_id, f"{step}: worker lost {deliveries - 1} times running it; giving up", attempt)
+    _discard_workspace(job_id, attempt)
+    if output:  # the killed merges' temp files: no merge of this attempt will run again
+        storage.remove_stale_temps(Path(output))
+    return True
+
+
 def _exit_worker_process(reason: str) -> None:
     logger.critical("engine broken, ending this worker process so a fresh one takes over: %s", reason)
     os._exit(70)
@@ -92,6 +115,8 @@ def segment_volume(self: Task, job_id: str, attempt: int | None = None) -> dict[
     job = records.load_job(job_id)
     # A message of an earlier attempt (resume, retry) is stale: the new attempt has its own message.
     if job is None or not job.active or (attempt is not None and attempt != job.attempt):
+        return None
+    if _lost_too_often(self, job_id, job.attempt, "preparing the volume"):
         return None
     settings = get_settings()
     try:
@@ -203,6 +228,8 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
     job = records.load_job(job_id)
     if job is None or job.attempt != attempt or not job.active:
         _discard_workspace(job_id, attempt)
+        return None
+    if _lost_too_often(self, job_id, attempt, "merge", job.output_path):
         return None
     settings = get_settings()
     ws = storage.workspace(settings.storage_root, job_id, attempt)

@@ -163,7 +163,7 @@ def _fit(network: nn.Module, pool: VolumePool, spec: ModelSpec, steps: int, prog
 
 @torch.no_grad()
 def validate(network: nn.Module, spec: ModelSpec, rng: np.random.Generator, count: int) -> float:
-    """Mean Dice of the pipeline's inference (sliding window, target probability > 0.5) on fresh volumes."""
+    """Mean Dice on fresh volumes of inference as the pipeline runs it: sliding window, probability >= 0.5."""
     from monai.inferers import sliding_window_inference
 
     model = TargetClassProbability(network, spec.target_class, spec.out_channels).eval()
@@ -173,7 +173,7 @@ def validate(network: nn.Module, spec: ModelSpec, rng: np.random.Generator, coun
         x = torch.from_numpy(zscore_nonzero(image))[None, None]
         prob = cast(torch.Tensor, sliding_window_inference(x, spec.roi, spec.sw_batch_size, model,
                                                            overlap=spec.overlap, mode=spec.mode))
-        scores.append(dice(prob[0, 0].numpy() > 0.5, mask))
+        scores.append(dice(prob[0, 0].numpy() >= 0.5, mask))
     return float(np.mean(scores))
 
 

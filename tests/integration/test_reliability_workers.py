@@ -96,6 +96,26 @@ def test_poison_subtask_fails_job_after_bounded_deliveries(dep: Deployment, unet
            f"{elapsed:.1f} s after the worker started")
 
 
+def test_poison_volume_and_poison_merge_are_bounded_too(dep: Deployment, unet_model: Path, tmp_path: Path) -> None:
+    """Scenario 4, the other steps: loading one volume, and merging another, kill their process every time.
+    Each is failed after SEGQ_MAX_DELIVERIES ("worker lost N times"), nothing is left, a third job is done."""
+    dep.arm("kill_in_prepare:input=a.nii.gz,kill_before_merge_rename:output=b_seg.nii.gz")
+    for i, name in enumerate(("a.nii.gz", "b.nii.gz", "c.nii.gz")):
+        write_volume(tmp_path / "scans" / name, (40, 36, 32), seed=i)
+    dep.worker("w1")
+    started = time.monotonic()
+    dep.submit([tmp_path / "scans"], tmp_path / "out", unet_model)
+    dep.wait(180)
+    elapsed = time.monotonic() - started
+    rows = {Path(r.input_path).name: r for r in assert_nothing_lost(dep, unet_model, done={"c.nii.gz"})}
+    assert "preparing the volume: worker lost 3 times" in (rows["a.nii.gz"].error or ""), rows["a.nii.gz"].error
+    assert "merge: worker lost 3 times" in (rows["b.nii.gz"].error or ""), rows["b.nii.gz"].error
+    assert len(faults.hits(dep.faults_dir, "kill_in_prepare:input=a.nii.gz")) == 3
+    assert _received(dep.log(), "segq.merge") == 4 + 1
+    figure("4 poison volume and merge", f"3 kills each, delivery 4 refused; both failed, the third job done, "
+           f"in {elapsed:.0f} s")
+
+
 def test_raising_subtask_fails_job_with_slab_named(dep: Deployment, unet_model: Path, tmp_path: Path) -> None:
     """Scenario 5: slab 1 raises: the job fails with the error and the slab, never retried, no output."""
     dep.arm("raise_in_infer_slab:slab=1")
@@ -106,7 +126,7 @@ def test_raising_subtask_fails_job_with_slab_named(dep: Deployment, unet_model: 
     assert "slab 1" in (rows[0].error or "") and "injected fault raise_in_infer_slab" in (rows[0].error or "")
     assert rows[0].deliveries[1] == 1
     assert len(faults.hits(dep.faults_dir, "raise_in_infer_slab:slab=1")) == 1
-    figure("5 raising subtask", f"slab 1 delivered once; error: {rows[0].error[:80]!r}")
+    figure("5 raising subtask", f"slab 1 delivered once; error: {(rows[0].error or '')[:80]!r}")
 
 
 def test_merge_killed_between_temp_write_and_rename(dep: Deployment, unet_model: Path, tmp_path: Path) -> None:

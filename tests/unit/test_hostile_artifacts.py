@@ -91,3 +91,19 @@ def test_fault_points_are_silent_unless_configured(tmp_path: Path) -> None:
             faults.point("in_infer_slab", slab=2)
         faults.point("in_infer_slab", slab=2)  # times=1: used up, also for the next process
         assert [h["slab"] for h in faults.hits(tmp_path, "raise_in_infer_slab:slab=2:times=1")] == ["2"]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("rediss://default:s3cret@cache.example:6380/1?ssl_cert_reqs=required",
+     "rediss://default:***@cache.example:6380/1?ssl_cert_reqs=required"),
+    ("postgresql+psycopg2://segq:s3cret@db/segq", "postgresql+psycopg2://segq:***@db/segq"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://user@[::1]:6379/0", "redis://user@[::1]:6379/0"),
+    ("redis://:pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+])
+def test_passwords_are_masked_in_logged_urls(url: str, shown: str) -> None:
+    from segq.broker import mask_url
+
+    assert mask_url(url) == shown
+    assert "s3cret" not in mask_url(url)

@@ -28,7 +28,7 @@ NIFTI2_HEADER, NIFTI2_DIM_OFFSET = 540, 16
 
 def nifti_bytes(shape: tuple[int, ...] = (16, 16, 16), dtype: type = np.float32, seed: int = 0,
                 version: int = 1) -> bytearray:
-    data = np.random.default_rng(seed).normal(size=shape).astype(dtype)
+    data: np.ndarray = np.random.default_rng(seed).normal(size=shape).astype(dtype)
     image_class = nib.Nifti2Image if version == 2 else nib.Nifti1Image
     return bytearray(image_class(data, np.eye(4)).to_bytes())
 
