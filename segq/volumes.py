@@ -90,7 +90,10 @@ def _gunzipped_size(path: Path, limit: int, chunk: int = 1 << 20) -> int:
 
 
 def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarray, np.ndarray, VolumeHeader]:
-    """The volume as float32, channel-first (C, X, Y, Z), with its affine; InputError for anything unusable."""
+    """The volume as float32, channel-first (C, X, Y, Z), with its affine; InputError for anything unusable.
+
+    The array may be a Fortran-ordered view of the file's data, not a C-contiguous copy.
+    """
     import nibabel as nib
 
     header = read_header(path, max_voxels)
@@ -105,8 +108,10 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: the file is corrupt or truncated; its header promises {header.shape} "
                          f"{header.dtype} voxels that could not be read ({type(exc).__name__}: {exc})") from exc
-    if not np.all(np.isfinite(data)):
+    # min and max propagate NaN and show infinities: two passes and no volume-sized mask
+    if data.size and not (np.isfinite(data.min()) and np.isfinite(data.max())):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise InputError(f"{path}: {bad:,} voxels are NaN or infinite; fix or mask them before segmenting")
+    # NIfTI data is stored in Fortran order; the caller decides where to pay for C order.
     volume = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
-    return np.ascontiguousarray(volume, dtype=np.float32), np.asarray(image.affine), header
+    return volume.astype(np.float32, copy=False), np.asarray(image.affine), header

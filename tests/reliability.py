@@ -178,10 +178,14 @@ def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
 
 
 def assert_mask_matches(mask_path: Path, volume_path: Path, model_toml: Path) -> None:
+    """Equal to the reference's mask wherever the reference is clear of 0.5; the reference runs on the CPU,
+    and a worker on a GPU convolves in TF32 (cuDNN's default for fp32 on Ampere and later): wider margin."""
+    import torch
+
     reference = reference_probability(volume_path, model_toml)
     mask = load_mask(mask_path)
     assert mask.shape == reference.shape and mask.dtype == np.uint8
-    decided = np.abs(reference - 0.5) > 1e-4
+    decided = np.abs(reference - 0.5) > (5e-3 if torch.cuda.is_available() else 1e-4)
     np.testing.assert_array_equal(mask[decided], (reference >= 0.5)[decided].astype(np.uint8))
 
 

@@ -59,8 +59,11 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
 def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]], weight_sum: np.ndarray,
                    crop: tuple[slice, ...]) -> np.ndarray:
     """Add slab partials at their offsets, divide by the summed importance map, crop the padding."""
-    total = np.zeros(padded_shape, dtype=np.float32)
-    for lo, part in partials:
-        total[lo : lo + part.shape[0]] += part
+    if len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == padded_shape:
+        total = partials[0][1]  # one slab over the whole volume: divide it in place
+    else:
+        total = np.zeros(padded_shape, dtype=np.float32)
+        for lo, part in partials:
+            total[lo : lo + part.shape[0]] += part
     np.divide(total, weight_sum, out=total)
     return total[crop]
