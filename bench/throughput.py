@@ -90,11 +90,11 @@ def launched(env: dict[str, str], log: Path, args: Sequence[str], ready: int,
 
 
 def run_set(env: dict[str, str], inputs: Sequence[Path], out: Path, model: Path, name: str,
-            max_windows: int, timeout: float) -> tuple[float, list[dict[str, Any]]]:
+            max_windows: int, timeout: float, extra: Sequence[str] = ()) -> tuple[float, list[dict[str, Any]]]:
     """Submit every input as one dataset and wait; the wall seconds and the result rows."""
     started = time.perf_counter()
     segq(env, "submit", *map(str, inputs), "--out", str(out), "--model", str(model), "--name", name, "--wait",
-         "--timeout", str(timeout), "--max-windows-per-subtask", str(max_windows))
+         "--timeout", str(timeout), "--max-windows-per-subtask", str(max_windows), *extra)
     seconds = time.perf_counter() - started
     rows = json.loads(segq(env, "results", name, "--format", "json"))
     failed = [r for r in rows if r["status"] != "done"]

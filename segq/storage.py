@@ -98,6 +98,31 @@ def save_array(final: Path, array: np.ndarray) -> None:
         np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def save_array_once(final: Path, array: np.ndarray) -> bool:
+    """Write a workspace array unless one is there already; True if this call wrote it (first writer wins).
+
+    Two deliveries of one slab (a duplicated message, a redelivery after a lost ack) must not leave the
+    partial of one beside the checksum the chord kept from the other: on a GPU two runs of a slab differ
+    in their last bits. ``os.link`` publishes the file atomically and never replaces one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: check, then rename (a narrow race remains)
+            if final.exists():
+                return False
+            os.replace(tmp, final)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_array(path: Path, mmap: bool = False) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 

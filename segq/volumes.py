@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,9 +60,9 @@ def _check_stored_size(path: Path, needed: int) -> None:
     """The file must hold the bytes its header promises, and a .nii.gz not much more (a gzip bomb).
 
     Checked before the voxels are read, because the reader allocates the promised size first: a 1 kB file
-    claiming a gigavoxel would otherwise cost gigabytes before failing. A .nii.gz is decompressed once,
-    in chunks that are counted and dropped, to its end: that also checks its CRC, which the reader never
-    does (it stops at the bytes it needs), so corrupt data that still inflates is refused, not segmented.
+    claiming a gigavoxel would otherwise cost gigabytes before failing. The gzip trailer's ISIZE (the size
+    mod 2**32) settles a whole file at no cost; any other .nii.gz is counted, in chunks that are dropped.
+    (A hostile file can fake ISIZE: then the reader allocates at most what SEGQ_MAX_VOXELS allows.)
     """
     if not path.name.endswith(".gz"):
         size = path.stat().st_size
@@ -68,6 +70,10 @@ def _check_stored_size(path: Path, needed: int) -> None:
             raise InputError(f"{path}: the file is corrupt or truncated: its header promises {needed:,} bytes, "
                              f"it holds {size:,}")
         return
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        if int.from_bytes(handle.read(4), "little") == needed % 2**32:
+            return
     actual = _gunzipped_size(path, limit=needed + GZIP_SLACK)
     if actual < needed:
         raise InputError(f"{path}: the file is corrupt or truncated: its header promises {needed:,} bytes, the "
@@ -89,6 +95,24 @@ def _gunzipped_size(path: Path, limit: int, chunk: int = 1 << 20) -> int:
     return total
 
 
+def _read_voxels(path: Path, image: Any) -> np.ndarray:
+    """The voxels as float32. A .nii.gz is read through a stream of our own that is then read to its end,
+    bounded: the gzip CRC is checked only there, and the reader alone stops at the bytes it needs, so
+    corrupt data that still inflates would be segmented. One decompression, as the reader's own."""
+    if not path.name.endswith(".gz"):
+        return np.asarray(image.get_fdata(dtype=np.float32, caching="unchanged"))
+    from nibabel.fileholders import FileHolder
+
+    with gzip.open(path, "rb") as stream:
+        streamed = type(image).from_file_map({"image": FileHolder(fileobj=stream)})
+        data = np.asarray(streamed.get_fdata(dtype=np.float32, caching="unchanged"))
+        trailing = len(stream.read(GZIP_SLACK + 1))  # to the end of the stream: CRC and length checked
+    if trailing > GZIP_SLACK:
+        raise InputError(f"{path}: the gzip stream holds more than {GZIP_SLACK:,} bytes beyond what the header "
+                         "describes (a gzip bomb?); refused")
+    return data
+
+
 def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarray, np.ndarray, VolumeHeader]:
     """The volume as float32, channel-first (C, X, Y, Z), with its affine; InputError for anything unusable.
 
@@ -104,7 +128,7 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
     itemsize = image.get_data_dtype().itemsize
     _check_stored_size(path, int(getattr(image.dataobj, "offset", 0)) + header.voxels_stored * itemsize)
     try:
-        data = np.asarray(image.get_fdata(dtype=np.float32, caching="unchanged"))
+        data = _read_voxels(path, image)
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: the file is corrupt or truncated; its header promises {header.shape} "
                          f"{header.dtype} voxels that could not be read ({type(exc).__name__}: {exc})") from exc

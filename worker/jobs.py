@@ -116,7 +116,11 @@ def run_slab(ws: Path, index: int, engine: Any, spec: ModelSpec, batch_size: int
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
     array = partial.cpu().numpy()
     checksum = storage.array_checksum(array)
-    storage.save_array(ws / slab_file(index), array)
+    if not storage.save_array_once(ws / slab_file(index), array):
+        # Another delivery of this slab wrote its partial first: that file is what the merge reads and
+        # what the chord may already count, so report it, not this run's (possibly last-bit different) one.
+        logger.warning("slab %d: a partial from another delivery is already there; keeping it", index)
+        return existing_reference(ws, index, worker) or slab_reference(index, slab.lo, array.shape, checksum, worker)
     return slab_reference(index, slab.lo, array.shape, checksum, worker)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task, chord, signature
-from celery.signals import task_revoked
+from celery.signals import task_revoked, worker_init
 
 from segq import celery_app, records, storage, taskids
 from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, INFER_SLAB, JOB_FAILED, MERGE, SEGMENT_VOLUME, app, queue_for
@@ -109,6 +109,23 @@ def _exit_worker_process(reason: str) -> None:
     logger.critical("engine broken, ending this worker process so a fresh one takes over: %s", reason)
     os._exit(70)
 
+
+
+@worker_init.connect
+def preload_heavy_modules(**_: Any) -> None:
+    """Import torch, MONAI and the engines in the worker's parent, before it forks its pool.
+
+    Each pool process then starts with them loaded (copy-on-write) instead of paying several seconds
+    of imports on its first task, which a dataset's first volumes would otherwise wait for. Importing
+    torch does not initialise CUDA, so the parent still never holds a CUDA context.
+    """
+    import monai.data.utils  # noqa: F401
+    import monai.inferers.utils  # noqa: F401
+    import monai.networks.nets  # noqa: F401
+    import torch  # noqa: F401
+
+    import worker.engines.torch_engine  # noqa: F401
+    import worker.inference  # noqa: F401
 
 @app.task(name=SEGMENT_VOLUME, bind=True, autoretry_for=(TransientError,), retry_backoff=True, retry_jitter=True)
 def segment_volume(self: Task, job_id: str, attempt: int | None = None) -> dict[str, Any] | None:
