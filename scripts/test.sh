@@ -7,4 +7,5 @@ scripts/setup.sh
 scripts/services.sh --postgres
 PY=${PYTHON:-python3}
 "$PY" -m ruff check .
+"$PY" -m mypy segq producer worker
 "$PY" -m pytest -q -ra "$@"
