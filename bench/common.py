@@ -55,6 +55,23 @@ def segq(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
+def run_in_tempdir(prefix: str, run: Any, args: Any, logger: Any) -> None:
+    """Run ``run(args, root)`` in a fresh temp directory, removed afterwards unless ``args.keep``."""
+    import logging
+    import shutil
+    import tempfile
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        run(args, root)
+    finally:
+        if getattr(args, "keep", False):
+            logger.info("kept the volumes, databases and worker logs in %s", root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sqlite3
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from bench.common import deployment_env, emit, segq
+from bench.common import deployment_env, emit, run_in_tempdir, segq
 from bench.scale_gpus import gpu_names, redis_server
 from bench.throughput import launched, make_model, make_volumes, run_set
 
@@ -147,13 +145,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="Keep the work directory (databases, logs).")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = Path(tempfile.mkdtemp(prefix="segq-dataset-"))
-    try:
-        run(args, root)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    run_in_tempdir("segq-dataset-", run, args, logger)
 
 
 if __name__ == "__main__":

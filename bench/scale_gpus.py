@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit
+from bench.common import emit, run_in_tempdir
 from bench.throughput import make_model, make_volumes, run_arm
 from segq.settings import get_settings
 from worker.launcher import count_gpus, visible_devices
@@ -112,16 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="segq-scale-"))
-    try:
-        run(args, root)
-    finally:
-        if args.keep:
-            logger.info("kept the volumes, databases and worker logs in %s", root)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    run_in_tempdir("segq-scale-", run, parse_args(argv), logger)
 
 
 def run(args: argparse.Namespace, root: Path) -> None:

@@ -15,11 +15,9 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, deployment_env, emit, segq
+from bench.common import ROOT, deployment_env, emit, run_in_tempdir, segq
 
 logger = logging.getLogger("segq.bench.throughput")
 
@@ -141,16 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="segq-throughput-"))
-    try:
-        run(args, root)
-    finally:
-        if args.keep:
-            logger.info("kept the volumes, databases and worker logs in %s", root)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    run_in_tempdir("segq-throughput-", run, parse_args(argv), logger)
 
 
 def run(args: argparse.Namespace, root: Path) -> None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from segq.modelspec import MODES
+
+
+def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
+    """Print the closing count; exit 1 when any volume did not end done (scripts and cron see it)."""
+    failed = sum(1 for j in jobs if j.status.value != "done")
+    click.echo(f"{title}: {len(jobs) - failed} done, {failed} {label}")
+    if failed:
+        sys.exit(1)
 
 
 @click.command()
@@ -49,10 +58,7 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     from producer.wait import wait_for
 
     jobs = wait_for(submitted.dataset_id, timeout=timeout, echo=click.echo)
-    failed = sum(1 for j in jobs if j.status.value != "done")
-    click.echo(f"dataset {submitted.dataset_id}: {len(jobs) - failed} done, {failed} failed")
-    if failed:
-        sys.exit(1)
+    exit_on_failures(jobs, f"dataset {submitted.dataset_id}", "failed")
 
 
 @click.command()
@@ -168,10 +174,7 @@ def watch(dataset: str | None, timeout: float | None, poll: float) -> None:
     except TimeoutError as exc:
         click.echo(str(exc), err=True)
         sys.exit(3)
-    failed = sum(1 for j in jobs if j.status.value != "done")
-    click.echo(f"{title}: {len(jobs) - failed} done, {failed} failed or cancelled")
-    if failed:
-        sys.exit(1)
+    exit_on_failures(jobs, title, "failed or cancelled")
 
 
 @click.command()

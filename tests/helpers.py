@@ -124,3 +124,28 @@ def write_volume(path: Path, shape: tuple[int, ...], seed: int = 0, spacing: tup
 
 def load_mask(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
+
+
+_references: dict[tuple[str, str], np.ndarray] = {}
+
+
+def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
+    """MONAI's sliding_window_inference on the same preprocessed volume: the independent reference."""
+    key = (str(volume_path), str(model_toml))
+    if key not in _references:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        from segq.modelspec import load_model_spec
+        from worker.jobs import preprocess
+        from worker.model import load_model
+
+        spec = load_model_spec(model_toml)
+        data = np.asarray(nib.load(str(volume_path)).get_fdata(dtype=np.float32))
+        volume = preprocess(data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0), spec.preprocess)
+        with torch.inference_mode():
+            prob = sliding_window_inference(torch.from_numpy(volume)[None], spec.roi, spec.sw_batch_size,
+                                            load_model(spec), overlap=spec.overlap, mode=spec.mode)
+        assert isinstance(prob, torch.Tensor)
+        _references[key] = prob[0, 0].numpy()
+    return _references[key]

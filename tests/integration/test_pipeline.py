@@ -12,28 +12,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from monai.inferers import sliding_window_inference
 
-from segq.modelspec import load_model_spec
 from tests.conftest import Stack
-from tests.helpers import ROOT, load_mask, write_volume
+from tests.helpers import ROOT, load_mask, reference_probability, write_volume
 
 pytestmark = pytest.mark.integration
-
-
-def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
-    """MONAI's own sliding_window_inference over the same preprocessed array: the independent reference."""
-    from worker.jobs import preprocess
-    from worker.model import load_model
-
-    spec = load_model_spec(model_toml)
-    data = np.asarray(nib.load(str(volume_path)).get_fdata(dtype=np.float32))
-    volume = preprocess(data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0), spec.preprocess)
-    with torch.inference_mode():
-        prob = sliding_window_inference(torch.from_numpy(volume)[None], spec.roi, spec.sw_batch_size,
-                                        load_model(spec), overlap=spec.overlap, mode=spec.mode)
-    return prob[0, 0].numpy()
 
 
 def segq(*args: str, env: dict[str, str], check: bool = True,
