@@ -110,7 +110,6 @@ def _exit_worker_process(reason: str) -> None:
     os._exit(70)
 
 
-
 @worker_init.connect
 def preload_heavy_modules(**_: Any) -> None:
     """Import torch, MONAI and the engines in the worker's parent, before it forks its pool.
@@ -126,6 +125,7 @@ def preload_heavy_modules(**_: Any) -> None:
 
     import worker.engines.torch_engine  # noqa: F401
     import worker.inference  # noqa: F401
+
 
 @app.task(name=SEGMENT_VOLUME, bind=True, autoretry_for=(TransientError,), retry_backoff=True, retry_jitter=True)
 def segment_volume(self: Task, job_id: str, attempt: int | None = None) -> dict[str, Any] | None:
@@ -270,6 +270,7 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
         state = records.job_status(job_id)
         if state is None or state[0] != Status.DONE:
             Path(job.output_path).unlink(missing_ok=True)
+            _discard_workspace(job_id, attempt)
         return None
     storage.remove_tree(storage.job_dir(settings.storage_root, job_id))
     return {"job": job_id, "output": job.output_path, "tumour_voxels": voxels, "tumour_ml": ml}

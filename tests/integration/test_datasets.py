@@ -168,7 +168,11 @@ def test_resume_after_workers_killed_and_redis_restarted(fresh_stack: Stack, own
     for i, name in enumerate(names):
         write_volume(scans / f"{name}.nii.gz", (48, 40, 36), seed=i)
     out = tmp_path / "masks"
-    worker = stack.worker("w1")
+    # The last volume's preparation stalls (once), so the crash always finds volumes done and one not;
+    # the second pool process finishes the others meanwhile.
+    stack.env["SEGQ_FAULTS"] = f"pause_in_prepare:input={names[-1]}.nii.gz:seconds=300:times=1"
+    stack.env["SEGQ_FAULTS_DIR"] = str(tmp_path / "faults")
+    worker = stack.worker("w1", concurrency=2)
     submit(stack, scans, out, unet_model, "crash", "--max-windows-per-subtask", "2")
 
     def some_done() -> bool:
