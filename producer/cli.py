@@ -11,6 +11,13 @@ import click
 from segq.modelspec import MODES
 
 
+def console() -> Any:
+    """A rich console; piped or logged output gets a wide line instead of rich's 80-column default."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
     """Print the closing count; exit 1 when any volume did not end done (scripts and cron see it)."""
     failed = sum(1 for j in jobs if j.status.value != "done")
@@ -66,14 +73,13 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
 @click.option("--limit", type=int, default=10, show_default=True, help="Datasets to show (newest first).")
 def status(dataset: str | None, limit: int) -> None:
     """Show datasets and their jobs: queued, running, done, failed (with the error)."""
-    from rich.console import Console
     from rich.table import Table
 
     from segq import records
     from segq.db import ensure_schema
 
     ensure_schema()
-    console = Console()
+    out = console()
     found = records.datasets(dataset)[:limit]
     if dataset and not found:
         raise click.ClickException(f"no dataset with id or name {dataset!r}")
@@ -91,9 +97,9 @@ def status(dataset: str | None, limit: int) -> None:
                           str(job.windows or ""), str(job.subtasks or ""),
                           "" if job.tumour_ml is None else f"{job.tumour_ml:.2f}", ",".join(job.workers or []),
                           job.error or "")
-        console.print(table)
+        out.print(table)
     if not found:
-        console.print("no datasets yet: queue one with `segq submit DIR --out OUT --model model.toml`")
+        out.print("no datasets yet: queue one with `segq submit DIR --out OUT --model model.toml`")
 
 
 @click.command()
@@ -122,7 +128,6 @@ def results(dataset: str | None, fmt: str, summary: bool) -> None:
         if summary:
             click.echo(line, err=True)
     else:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table()
@@ -133,7 +138,7 @@ def results(dataset: str | None, fmt: str, summary: bool) -> None:
         for row in data:
             table.add_row(*[Path(str(row[c])).name if c == "input" else "" if row[c] is None else str(row[c])
                             for c in shown])
-        Console().print(table)
+        console().print(table)
         if summary:
             click.echo(line)
 

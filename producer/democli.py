@@ -40,9 +40,9 @@ def train_demo(out_dir: Path, arch: str, steps: int, seed: int) -> None:
               help="Directory of ground-truth masks named like the inputs.")
 def evaluate(dataset: str, truth_dir: Path) -> None:
     """Dice and volume error of each volume against ground truth; stored and shown by `segq results`."""
-    from rich.console import Console
     from rich.table import Table
 
+    from producer.cli import console
     from producer.evaluate import evaluate as run
     from segq import records
     from segq.db import ensure_schema
@@ -58,7 +58,7 @@ def evaluate(dataset: str, truth_dir: Path) -> None:
     for s in scores:
         table.add_row(Path(s.input_path).name, "" if s.dice is None else f"{s.dice:.4f}",
                       "" if s.volume_error_ml is None else f"{s.volume_error_ml:+.2f}", s.note)
-    Console().print(table)
+    console().print(table)
     values = [s.dice for s in scores if s.dice is not None]
     if values:
         click.echo(f"mean Dice {statistics.mean(values):.4f} over {len(values)} volume(s)")
