@@ -122,6 +122,16 @@ def write_volume(path: Path, shape: tuple[int, ...], seed: int = 0, spacing: tup
     return path
 
 
+def write_nan_volume(path: Path, shape: tuple[int, int, int] = (30, 30, 30),
+                     at: tuple[int, int, int] = (0, 0, 0)) -> Path:
+    """A volume that is fine but for one NaN voxel: the job must fail with the reason, alone."""
+    data = np.ones(shape, np.float32)
+    data[at] = np.nan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path
+
+
 def load_mask(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 

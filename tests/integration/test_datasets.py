@@ -11,15 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 from sqlalchemy import select
 
 from segq.db import session_scope
 from segq.models import Dataset, Job, Status, Subtask
 from tests.conftest import Stack
-from tests.helpers import ROOT, WorkerProcess, write_model, write_volume
+from tests.helpers import ROOT, WorkerProcess, write_model, write_nan_volume, write_volume
 from tests.integration.test_pipeline import assert_matches_reference, reference_probability, segq
 from tests.redis_server import RedisServer
 
@@ -68,9 +66,7 @@ def test_resubmission_does_no_inference_and_retry_requeues_failed(fresh_stack: S
     scans = tmp_path / "scans"
     for i in range(2):
         write_volume(scans / f"v{i}.nii.gz", (36, 34, 30), seed=i)
-    nan = np.ones((30, 30, 30), np.float32)
-    nan[1, 2, 3] = np.nan
-    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(scans / "bad.nii.gz"))
+    write_nan_volume(scans / "bad.nii.gz", at=(1, 2, 3))
     out = tmp_path / "masks"
     first = submit(stack, scans, out, unet_model, "night", "--wait", "--timeout", "240", check=False)
     assert first.returncode == 1 and first.stdout.count("done    ") == 2, first.stdout + first.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Stack
-from tests.helpers import ROOT, load_mask, reference_probability, write_volume
+from tests.helpers import ROOT, load_mask, reference_probability, write_nan_volume, write_volume
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +95,7 @@ def test_bad_volumes_fail_alone_with_reasons(stack: Stack, unet_model: Path, tmp
     _truncate(write_volume(scans / "truncated.nii.gz", (40, 40, 40), seed=2), 0.5)
     short = write_volume(scans / "short.nii", (40, 40, 40), seed=3)
     _truncate(short, 0.6)  # the header promises more voxels than the file holds
-    nan = np.ones((30, 30, 30), np.float32)
-    nan[3, 4, 5] = np.nan
-    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(scans / "nan.nii.gz"))
+    write_nan_volume(scans / "nan.nii.gz", at=(3, 4, 5))
     write_volume(scans / "twochannel.nii.gz", (30, 30, 30, 2), seed=4)
     garbage = scans / "garbage.nii.gz"
     garbage.write_bytes(gzip.compress(bytes(range(256)) * 2)[:200])

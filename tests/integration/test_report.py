@@ -7,12 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 from tests.conftest import Stack
-from tests.helpers import write_volume
+from tests.helpers import write_nan_volume, write_volume
 from tests.integration.test_pipeline import segq
 
 pytestmark = pytest.mark.integration
@@ -52,9 +50,7 @@ def test_report_loads_in_chromium_with_table_plots_and_images(fresh_stack: Stack
     scans = tmp_path / "scans"
     for i in range(2):
         write_volume(scans / f"case{i}.nii.gz", (40, 36, 30), seed=i)
-    nan = np.ones((30, 30, 30), np.float32)
-    nan[0, 0, 0] = np.nan
-    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(scans / "broken.nii.gz"))
+    write_nan_volume(scans / "broken.nii.gz")
     segq("submit", str(scans), "--out", str(tmp_path / "masks"), "--model", str(unet_model), "--name", "reported",
          "--wait", "--timeout", "240", env=stack.env, check=False)
     report = tmp_path / "report.html"
