@@ -97,23 +97,25 @@ def run(args: argparse.Namespace, root: Path) -> None:
     emit({**common, "arm": "baseline-monai-fp32", "seconds_per_volume": round(base_s, 4),
           "volumes_per_hour": round(3600 / base_s, 1), "ratio": 1.0}, out)
     with redis_server(args.redis_server, args.redis_port, args.broker, root) as broker:
-        for precision in args.precisions:
+        for arm in args.precisions:
             import redis
 
             redis.Redis.from_url(broker).flushdb()
-            arm_root = root / precision
+            precision, _, variant = arm.partition("-")
+            arm_root = root / arm
             arm_root.mkdir()
-            env = {**deployment_env(arm_root, broker), "SEGQ_PRECISION": precision, "SEGQ_BACKEND": "torch"}
+            env = {**deployment_env(arm_root, broker), "SEGQ_PRECISION": precision, "SEGQ_BACKEND": "torch",
+                   "SEGQ_TORCH_COMPILE": "1" if variant == "compile" else "0"}
             extra = ["--overlap", str(args.overlap), "--sw-batch-size", str(args.queue_batch)]
             gpus = "1" if args.device.startswith("cuda") else "none"
-            with launched(env, arm_root / "workers.log", ["--gpus", gpus, "-n", f"bench-{precision}",
+            with launched(env, arm_root / "workers.log", ["--gpus", gpus, "-n", f"bench-{arm}",
                                                          "--coordinator-concurrency", str(args.coordinators)], 2):
                 segq(env, "submit", str(warmup), "--out", str(arm_root / "warm"), "--model", str(model), "--name",
                      "warmup", "--wait", "--timeout", "900", *extra)
                 wall, rows = run_set(env, inputs, arm_root / "masks", model, "set", args.max_windows, 1800, extra)
             seconds = span_seconds(arm_root / "segq.db", "set") / len(inputs)
             agree, dice = agreement(masks, rows, inputs)
-            emit({**common, "arm": f"queue-torch-{precision}-b{args.queue_batch}", "precision": precision,
+            emit({**common, "arm": f"queue-torch-{arm}-b{args.queue_batch}", "precision": precision,
                   "seconds_per_volume": round(seconds, 4), "volumes_per_hour": round(3600 / seconds, 1),
                   "ratio": round(base_s / seconds, 3), "client_wall_seconds": round(wall, 2),
                   "subtasks": sum(int(r["subtasks"]) for r in rows), "agreement": round(agree, 6),
@@ -137,7 +139,8 @@ def main() -> None:
     parser.add_argument("--queue-batch", type=int, default=16, help="Our engine's ROI batch.")
     parser.add_argument("--max-windows", type=int, default=32, help="Windows per subtask.")
     parser.add_argument("--coordinators", type=int, default=3, help="Coordinator processes (load, merge, write).")
-    parser.add_argument("--precisions", nargs="+", default=["fp16", "fp32"])
+    parser.add_argument("--precisions", nargs="+", default=["fp16", "fp32"],
+                        help="Queue arms: fp32, fp16, bf16, each optionally with -compile (SEGQ_TORCH_COMPILE=1).")
     parser.add_argument("--redis-server", type=Path, default=None)
     parser.add_argument("--redis-port", type=int, default=6391)
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/10")

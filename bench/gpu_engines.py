@@ -160,11 +160,16 @@ COMPILE_ARMS: dict[str, dict[str, Any]] = {
     "fused": {"precision": "fp16", "batch": 8, "compile": True},
     # MONAI's own attention code under the compiler (the fused arm's masks disagreed with the baseline)
     "unfused": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": False, "label": "unfused"},
+    # the fused arm replayed as CUDA graphs (launch overhead gone; compiles longer)
+    "cudagraphs": {"precision": "fp16", "batch": 8, "compile": True, "compile_mode": "reduce-overhead",
+                   "label": "cudagraphs"},
 }
 
 
 def engine_arms(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     arms = ARMS + (EXTRA_ARMS if args.extra_arms else [])
+    if args.arms:
+        arms = [a for a in arms if arm_name(a) in args.arms]
     if device.type == "cpu":
         arms = [a for a in arms if a["precision"] != "fp16"]
     return arms
@@ -184,7 +189,8 @@ def make_engine(spec: ModelSpec, network: torch.nn.Module, device: torch.device,
     wrapped = TargetClassProbability(copy.deepcopy(network), spec.target_class, spec.out_channels).eval()
     return TorchEngine(spec, device, arm["precision"], compile=bool(arm.get("compile")),
                        fused_attention=arm.get("fused_attention"), cudnn_benchmark=arm.get("cudnn_benchmark"),
-                       channels_last=bool(arm.get("channels_last")), model=wrapped)
+                       channels_last=bool(arm.get("channels_last")), model=wrapped,
+                       compile_mode=arm.get("compile_mode"))
 
 
 def prepare(name: str, volumes: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
@@ -253,6 +259,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", default=[], choices=list(COMPILE_ARMS),
                         help="torch.compile fp16 arms to add, run last (each compiles for minutes).")
     parser.add_argument("--extra-arms", action="store_true", help="Also the arms the smoke run found slower.")
+    parser.add_argument("--arms", nargs="*", default=None,
+                        help="Only these eager arms, by name (torch-fp16-b16, torch-fp32-b8, ...).")
     parser.add_argument("--no-engine", action="store_true", help="Only the baseline (and the queue path).")
     parser.add_argument("--queue", action="store_true", help="Also run the whole queue path (bench/gpu_queue.py).")
     parser.add_argument("--queue-precisions", nargs="*", default=["fp32", "fp16"])

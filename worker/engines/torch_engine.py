@@ -16,6 +16,7 @@ from torch import nn
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
+from worker.engines.attention import use_opaque_attention
 from worker.engines.plans import Profile, chunk_batch
 from worker.model import TargetClassProbability, load_model
 
@@ -42,7 +43,8 @@ class TorchEngine:
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", compile: bool = False,
                  fused_attention: bool | None = None, cudnn_benchmark: bool | None = None,
-                 channels_last: bool = False, model: TargetClassProbability | None = None) -> None:
+                 channels_last: bool = False, model: TargetClassProbability | None = None,
+                 compile_mode: str | None = None) -> None:
         if precision not in DTYPES:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
@@ -56,10 +58,13 @@ class TorchEngine:
         wrapped.network.to(device=device, dtype=self.dtype)
         if self.channels_last:
             wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        # Under torch.compile the fused attention's masks disagreed with the fp32 baseline on 2.4% of
-        # voxels on an H100 (docs/BENCHMARKS.md), so a compiled engine keeps MONAI's own attention code.
-        if fused_attention if fused_attention is not None else on_gpu and not compile:
-            use_fused_attention(wrapped)
+        # Under torch.compile MONAI's fused attention lost 2.4% of the voxels on an H100 when inductor
+        # lowered it (docs/BENCHMARKS.md); a compiled engine runs it as one opaque operator instead.
+        if fused_attention if fused_attention is not None else on_gpu:
+            if compile:
+                use_opaque_attention(wrapped)
+            else:
+                use_fused_attention(wrapped)
         if on_gpu and (cudnn_benchmark if cudnn_benchmark is not None else True):
             torch.backends.cudnn.benchmark = True
         self.model: nn.Module = wrapped
@@ -68,12 +73,15 @@ class TorchEngine:
         self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
         if compile:
             logger.info("compiling the network with torch.compile on first use (minutes for SwinUNETR)")
-            self.model = torch.compile(wrapped, dynamic=False)  # type: ignore[assignment]
+            self.model = torch.compile(wrapped, dynamic=False, mode=compile_mode)  # type: ignore[assignment]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return self.model(x).float()
+        # .float() copies an fp16 output; an fp32 one is cloned, since CUDA-graph modes of torch.compile
+        # reuse their output buffers on the next call.
+        out = self.model(x)
+        return out.float() if out.dtype != torch.float32 else out.clone()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

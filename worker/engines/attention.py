@@ -1,0 +1,59 @@
+"""SwinUNETR window attention as one opaque operator, so torch.compile fuses everything around it.
+
+MONAI's fused window attention (``use_flash_attention``) hands ``scaled_dot_product_attention`` an
+additive bias: the relative-position bias plus, in shifted windows, the -100 mask. Eager PyTorch
+runs it to the fp32 masks' agreement (99.95% in fp16 on an H100), but under torch.compile the same
+code lost 2.4% of the voxels (docs/BENCHMARKS.md): inductor lowers the attention itself, with its own
+layout of that 343-wide bias. Registered as a custom operator, the attention stays the eager kernel,
+called with the tensors eager mode would build, while inductor still fuses the norms, MLPs and
+element-wise work around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@torch.library.custom_op("segq::window_attention", mutates_args=())
+def window_attention(q: Tensor, k: Tensor, v: Tensor, relative_bias: Tensor, mask: Tensor | None,
+                     scale: float) -> Tensor:
+    """MONAI's flash branch of ``WindowAttention.forward``, from q/k/v (b, heads, n, d) to (b, n, heads*d)."""
+    b, heads, n, d = q.shape
+    if mask is not None:
+        nw = mask.shape[0]
+        bias = relative_bias.view(1, 1, heads, n, n) + mask.reshape(1, nw, 1, n, n)
+        bias = bias.expand(b // nw, nw, heads, n, n).reshape(b, heads, n, n)
+    else:
+        bias = relative_bias.unsqueeze(0)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=0.0, scale=scale)
+    return x.transpose(1, 2).reshape(b, n, heads * d).contiguous()
+
+
+@window_attention.register_fake
+def _window_attention_shape(q: Tensor, k: Tensor, v: Tensor, relative_bias: Tensor, mask: Tensor | None,
+                            scale: float) -> Tensor:
+    b, heads, n, d = q.shape
+    return q.new_empty((b, n, heads * d))
+
+
+def _opaque_forward(self: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """``WindowAttention.forward`` with the attention itself in :func:`window_attention`."""
+    b, n, c = x.shape
+    heads = int(self.num_heads)
+    qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    index = self.relative_position_index[:n, :n].reshape(-1)  # type: ignore[index]
+    relative_bias = self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1).contiguous()
+    out = window_attention(qkv[0], qkv[1], qkv[2], relative_bias, mask, float(self.scale))
+    return self.proj_drop(self.proj(out))  # type: ignore[no-any-return]
+
+
+def use_opaque_attention(model: nn.Module) -> int:
+    """Route every MONAI window attention of ``model`` through :func:`window_attention`; returns how many."""
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "relative_position_bias_table") and hasattr(module, "qkv"):
+            module.forward = _opaque_forward.__get__(module)  # type: ignore[method-assign]
+            changed += 1
+    return changed
