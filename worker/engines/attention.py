@@ -11,9 +11,28 @@ element-wise work around it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+from monai.networks.nets.swin_unetr import WindowAttention
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# None: PyTorch picks the kernel. Read when the operator runs, so it applies to compiled graphs too.
+_backends: list[SDPBackend] | None = None
+
+
+@contextlib.contextmanager
+def attention_backends(backends: list[SDPBackend] | None) -> Iterator[None]:
+    """Restrict :func:`window_attention` to these SDPA kernels (a diagnostic and benchmark switch)."""
+    global _backends
+    previous, _backends = _backends, backends
+    try:
+        yield
+    finally:
+        _backends = previous
 
 
 @torch.library.custom_op("segq::window_attention", mutates_args=())
@@ -27,7 +46,8 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, relative_bias: Tensor, mas
         bias = bias.expand(b // nw, nw, heads, n, n).reshape(b, heads, n, n)
     else:
         bias = relative_bias.unsqueeze(0)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=0.0, scale=scale)
+    with sdpa_kernel(_backends) if _backends else contextlib.nullcontext():
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=0.0, scale=scale)
     return x.transpose(1, 2).reshape(b, n, heads * d).contiguous()
 
 
@@ -38,22 +58,28 @@ def _window_attention_shape(q: Tensor, k: Tensor, v: Tensor, relative_bias: Tens
     return q.new_empty((b, n, heads * d))
 
 
-def _opaque_forward(self: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
-    """``WindowAttention.forward`` with the attention itself in :func:`window_attention`."""
-    b, n, c = x.shape
-    heads = int(self.num_heads)
-    qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    index = self.relative_position_index[:n, :n].reshape(-1)  # type: ignore[index]
-    relative_bias = self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1).contiguous()
-    out = window_attention(qkv[0], qkv[1], qkv[2], relative_bias, mask, float(self.scale))
-    return self.proj_drop(self.proj(out))  # type: ignore[no-any-return]
+class OpaqueWindowAttention(WindowAttention):
+    """``WindowAttention`` whose attention is :func:`window_attention`; same parameters and buffers."""
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        b, n, c = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        index = self.relative_position_index[:n, :n].reshape(-1)  # type: ignore[index]
+        relative_bias = self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1).contiguous()
+        out = window_attention(qkv[0], qkv[1], qkv[2], relative_bias, mask, float(self.scale))
+        return self.proj_drop(self.proj(out))
 
 
 def use_opaque_attention(model: nn.Module) -> int:
-    """Route every MONAI window attention of ``model`` through :func:`window_attention`; returns how many."""
+    """Route every MONAI window attention of ``model`` through :func:`window_attention`; returns how many.
+
+    The class is swapped rather than ``forward`` patched on the instance: torch.compile guards on
+    classes, and a bound method would tie a compiled graph to the first module it saw.
+    """
     changed = 0
     for module in model.modules():
-        if hasattr(module, "relative_position_bias_table") and hasattr(module, "qkv"):
-            module.forward = _opaque_forward.__get__(module)  # type: ignore[method-assign]
+        if type(module) is WindowAttention:
+            module.__class__ = OpaqueWindowAttention
             changed += 1
     return changed
