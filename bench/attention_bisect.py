@@ -1,8 +1,9 @@
 """Which part of SwinUNETR does torch.compile compute differently? Eager against compiled, piece by piece.
 
 Companion to bench/attention_check.py: SwinUNETR feature_size 48, ROI 96, fp16, random weights, the
-window attention as segq's opaque operator. Pieces: the shifted-window mask (compute_mask) at every
-stage's size, one plain and one shifted Swin block, the first stage, the whole Swin encoder. Each row
+window attention as segq's opaque operator. Pieces: the first stage's two Swin blocks with
+MONAI's mask built inside the graph, its patch-merging downsample, the whole first stage with the
+mask built inside and outside the graph, and the whole network as segq's engine compiles it. Each row
 prints the largest and the mean absolute difference between eager and compiled outputs.
 
     python3 -m bench.attention_bisect --out $OUT/attention_bisect.jsonl
@@ -17,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets.swin_unetr import compute_mask
+from monai.networks.nets.swin_unetr import WindowAttention
 
 from bench.attention_check import roi_batch
 from bench.common import emit
 from segq.modelspec import ModelSpec
-from worker.engines.attention import use_opaque_attention
+from worker.engines.attention import OpaqueWindowAttention, use_opaque_attention
 from worker.model import build_network
 
 
@@ -47,27 +48,28 @@ def main() -> None:
     spec = ModelSpec("SwinUNETR", 1, 2, roi, 1, checkpoint=Path("unused"), feature_size=feature, sw_batch_size=8)
     torch.manual_seed(0)
     network = build_network(spec).eval().to(device=device, dtype=dtype)
-    use_opaque_attention(network)
+    in_graph = copy.deepcopy(network)  # opaque attention, MONAI's mask built inside the graph
+    for module in in_graph.modules():
+        if type(module) is WindowAttention:
+            module.__class__ = OpaqueWindowAttention
+    use_opaque_attention(network)  # opaque attention, masks built eagerly (what segq's engine runs)
     x = roi_batch(spec, 2 if args.quick else 8, device).to(dtype)
     vit: Any = network.swinViT
+    stage: Any = in_graph.swinViT.layers1[0]  # type: ignore[union-attr,index]
     with torch.inference_mode():
-        for size in (roi // 2, roi // 4, roi // 8, roi // 16):
-            padded = -(-size // 7) * 7
-            dims, window, shift = [padded] * 3, (7, 7, 7), (3, 3, 3)
-            diff(f"compute_mask-{padded}", compute_mask(dims, window, shift, device),
-                 torch.compile(compute_mask)(dims, window, shift, device), args.out)
         tokens = vit.pos_drop(vit.patch_embed(x))  # (b, c, d, h, w)
-        channels_last = tokens.permute(0, 2, 3, 4, 1).contiguous()
-        d = tokens.shape[2]
-        padded = -(-d // 7) * 7
-        mask = compute_mask([padded] * 3, (7, 7, 7), (3, 3, 3), device)
-        for i, block in enumerate(vit.layers1[0].blocks):
-            diff(f"block-{i}{'-shifted' if i % 2 else ''}", block(channels_last, mask),
-                 torch.compile(copy.deepcopy(block))(channels_last, mask), args.out)
-        diff("stage-1", vit.layers1[0](tokens), torch.compile(copy.deepcopy(vit.layers1[0]))(tokens), args.out)
-        diff("swin-encoder", vit(x), torch.compile(copy.deepcopy(vit))(x), args.out)
-        diff("whole-network", network(x), torch.compile(copy.deepcopy(network))(x), args.out)
-
+        no_downsample = copy.deepcopy(stage)
+        no_downsample.downsample = None
+        blocks_out = no_downsample(tokens)
+        diff("stage-1-blocks-in-graph-mask", blocks_out, torch.compile(copy.deepcopy(no_downsample))(tokens),
+             args.out)
+        merged_input = blocks_out.permute(0, 2, 3, 4, 1).contiguous()
+        diff("stage-1-downsample", stage.downsample(merged_input),
+             torch.compile(copy.deepcopy(stage.downsample))(merged_input), args.out)
+        diff("stage-1-in-graph-mask", stage(tokens), torch.compile(copy.deepcopy(stage))(tokens), args.out)
+        diff("stage-1-eager-mask", vit.layers1[0](tokens), torch.compile(copy.deepcopy(vit.layers1[0]))(tokens),
+             args.out)
+        diff("whole-network-eager-mask", network(x), torch.compile(copy.deepcopy(network))(x), args.out)
 
 if __name__ == "__main__":
     main()

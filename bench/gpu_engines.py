@@ -157,12 +157,15 @@ EXTRA_ARMS: list[dict[str, Any]] = [
     {"precision": "fp16", "batch": 32}, {"precision": "fp16", "batch": 8, "channels_last": True},
 ]
 COMPILE_ARMS: dict[str, dict[str, Any]] = {
-    "fused": {"precision": "fp16", "batch": 8, "compile": True},
+    # the window attention as segq's opaque operator (worker/engines/attention.py) inside the graph
+    "fused": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": True},
     # MONAI's own attention code under the compiler (the fused arm's masks disagreed with the baseline)
     "unfused": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": False, "label": "unfused"},
     # the fused arm replayed as CUDA graphs (launch overhead gone; compiles longer)
-    "cudagraphs": {"precision": "fp16", "batch": 8, "compile": True, "compile_mode": "reduce-overhead",
-                   "label": "cudagraphs"},
+    "cudagraphs": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": True,
+                   "compile_mode": "reduce-overhead", "label": "cudagraphs"},
+    "unfused-cudagraphs": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": False,
+                           "compile_mode": "reduce-overhead", "label": "unfused-cudagraphs"},
 }
 
 

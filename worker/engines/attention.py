@@ -12,11 +12,13 @@ element-wise work around it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.swin_unetr import WindowAttention
+from monai.networks.nets.swin_unetr import BasicLayer, WindowAttention, compute_mask, get_window_size
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -71,15 +73,50 @@ class OpaqueWindowAttention(WindowAttention):
         return self.proj_drop(self.proj(out))
 
 
+@torch.compiler.disable
+@functools.lru_cache(maxsize=16)
+def shifted_window_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
+                        device: torch.device) -> Tensor:
+    """MONAI's shifted-window mask, built eagerly once per padded size and kept.
+
+    Built inside a compiled graph and handed to the attention operator, the mask came out wrong on an
+    H100 (bench/attention_bisect.py: a compiled first stage gave NaNs where eager gave none). Out of
+    the graph it is an ordinary input, and the 27 slice writes that build it run once, not per batch.
+    """
+    return compute_mask(list(dims), window, shift, device)
+
+
+class EagerMaskBasicLayer(BasicLayer):
+    """``BasicLayer`` whose shifted-window mask comes from :func:`shifted_window_mask`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5 or self.use_hyena:
+            return super().forward(x)  # type: ignore[no-any-return,unused-ignore]
+        b, _, d, h, w = x.shape
+        window, shift = get_window_size((d, h, w), self.window_size, self.shift_size)
+        padded = tuple(math.ceil(size / win) * win for size, win in zip((d, h, w), window, strict=True))
+        mask = shifted_window_mask(padded, tuple(window), tuple(shift), x.device)
+        x = x.permute(0, 2, 3, 4, 1)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = x.view(b, d, h, w, -1)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x.permute(0, 4, 1, 2, 3)
+
+
 def use_opaque_attention(model: nn.Module) -> int:
     """Route every MONAI window attention of ``model`` through :func:`window_attention`; returns how many.
 
-    The class is swapped rather than ``forward`` patched on the instance: torch.compile guards on
-    classes, and a bound method would tie a compiled graph to the first module it saw.
+    Stages also take their shifted-window masks from :func:`shifted_window_mask`. Classes are
+    swapped rather than ``forward`` patched on instances: torch.compile guards on classes, and a
+    bound method would tie a compiled graph to the first module it saw.
     """
     changed = 0
     for module in model.modules():
         if type(module) is WindowAttention:
             module.__class__ = OpaqueWindowAttention
             changed += 1
+        elif type(module) is BasicLayer:
+            module.__class__ = EagerMaskBasicLayer
     return changed

@@ -58,9 +58,10 @@ class TorchEngine:
         wrapped.network.to(device=device, dtype=self.dtype)
         if self.channels_last:
             wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        # Under torch.compile MONAI's fused attention lost 2.4% of the voxels on an H100 when inductor
-        # lowered it (docs/BENCHMARKS.md); a compiled engine runs it as one opaque operator instead.
-        if fused_attention if fused_attention is not None else on_gpu:
+        # Under torch.compile on an H100 the fused attention's masks lost 2.4% of the voxels, whether
+        # inductor lowered the attention or it ran as an opaque operator (worker/engines/attention.py,
+        # docs/BENCHMARKS.md), so a compiled engine keeps MONAI's own attention code unless asked.
+        if fused_attention if fused_attention is not None else on_gpu and not compile:
             if compile:
                 use_opaque_attention(wrapped)
             else:
