@@ -120,6 +120,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
                   "ratio": round(base_s / seconds, 3), "client_wall_seconds": round(wall, 2),
                   "subtasks": sum(int(r["subtasks"]) for r in rows), "agreement": round(agree, 6),
                   "dice": round(dice, 6), "inference_seconds": [r["inference_seconds"] for r in rows],
+                  "preprocess_seconds": [r["preprocess_seconds"] for r in rows],
+                  "merge_seconds": [r["merge_seconds"] for r in rows],
                   "workers": sorted({w for r in rows for w in str(r["workers"]).split(",") if w})}, out)
     for line in out.read_text().splitlines():
         r = json.loads(line)

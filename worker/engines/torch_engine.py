@@ -16,7 +16,6 @@ from torch import nn
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
-from worker.engines.attention import use_opaque_attention
 from worker.engines.plans import Profile, chunk_batch
 from worker.model import TargetClassProbability, load_model
 
@@ -63,6 +62,8 @@ class TorchEngine:
         # docs/BENCHMARKS.md), so a compiled engine keeps MONAI's own attention code unless asked.
         if fused_attention if fused_attention is not None else on_gpu and not compile:
             if compile:
+                from worker.engines.attention import use_opaque_attention  # MONAI and torch.library: seconds
+
                 use_opaque_attention(wrapped)
             else:
                 use_fused_attention(wrapped)
