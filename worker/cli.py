@@ -47,12 +47,18 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     from segq.broker import warn_if_unsafe
     from segq.celery_app import get_app
     from segq.db import get_engine
+    from segq.errors import EngineError
     from segq.settings import get_settings
+    from worker.launcher import EXIT_CONFIG
     from worker.preflight import preflight
 
     ensure_schema()
     queue_list = queues or ",".join(consumed_queues(GPU_QUEUE, COORDINATOR_QUEUE))
-    preflight(get_settings(), queue_list)  # a backend that cannot load fails the start, not every task
+    try:
+        preflight(get_settings(), queue_list)  # a backend that cannot load fails the start, not every task
+    except EngineError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     warn_if_unsafe(get_settings().broker_url)  # loudly, if a Redis restart or eviction would lose queued work
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,

@@ -35,6 +35,9 @@ logger = logging.getLogger("segq.launcher")
 ROLES = ("all", "gpu", "coordinator")
 GPUS_HELP = "all | N (the first N) | 0,2 (these indexes; '3,' for GPU 3 alone) | none (CPU workers)"
 POLL_SECONDS = 0.5
+# A worker whose engine cannot load as configured (preflight) exits with sysexits' EX_CONFIG: restarting
+# it cannot help, so the launcher gives it up at once instead of after repeated crashes.
+EXIT_CONFIG = 78
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,12 @@ class Launcher:
             logger.info("%s stopped (exit code %d)", child.spec.name, code)
             return
         ran = now - child.started
+        if code == EXIT_CONFIG:
+            child.given_up = True
+            logger.error("%s cannot start as configured (exit code %d): not restarting it; its output above says "
+                         "what to fix, then start the workers again. The other workers keep running.",
+                         child.spec.name, code)
+            return
         child.fast_crashes = child.fast_crashes + 1 if ran < self.policy.fast_seconds else 1
         if child.fast_crashes >= self.policy.max_fast_crashes:
             child.given_up = True

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from worker.launcher import (
+    EXIT_CONFIG,
     ChildSpec,
     Gpu,
     Launcher,
@@ -207,6 +208,14 @@ def test_every_child_given_up_exits_1(caplog: pytest.LogCaptureFixture) -> None:
     assert launcher.run() == 1
     assert "bad@t died 2 times within 30 s of starting (last exit code 2): giving it up" in caplog.text
     assert "every worker process was given up" in caplog.text
+
+
+def test_a_child_refused_by_preflight_is_given_up_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    launcher = Launcher([fake("cfg@t", f"raise SystemExit({EXIT_CONFIG})")], RestartPolicy(0.01, 0.05, 30, 5),
+                        out=io.BytesIO())
+    assert launcher.run() == 1
+    assert launcher.children[0].starts == 1 and launcher.children[0].given_up
+    assert "cfg@t cannot start as configured (exit code 78): not restarting it" in caplog.text
 
 
 def test_deaths_after_a_long_run_are_always_restarted(alarm: list[float]) -> None:
