@@ -1,12 +1,12 @@
-"""SwinUNETR window attention as one opaque operator, so torch.compile fuses everything around it.
+"""SwinUNETR window attention as one opaque operator: the experiment behind docs/BENCHMARKS.md.
 
 MONAI's fused window attention (``use_flash_attention``) hands ``scaled_dot_product_attention`` an
 additive bias: the relative-position bias plus, in shifted windows, the -100 mask. Eager PyTorch
 runs it to the fp32 masks' agreement (99.95% in fp16 on an H100), but under torch.compile the same
-code lost 2.4% of the voxels (docs/BENCHMARKS.md): inductor lowers the attention itself, with its own
-layout of that 343-wide bias. Registered as a custom operator, the attention stays the eager kernel,
-called with the tensors eager mode would build, while inductor still fuses the norms, MLPs and
-element-wise work around it.
+code lost 2.4% of the voxels. Registered as a custom operator, the attention stays the eager kernel
+while inductor fuses the rest; on the H100 (PyTorch 2.11) the masks still lost 2.4%, so the fault
+lies outside the attention (bench/attention_bisect.py). Compiled engines therefore use this module
+only when asked for fused attention; it stays for the benchmark and for re-testing newer PyTorch.
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def shifted_window_mask(dims: tuple[int, ...], window: tuple[int, ...], shift: t
                         device: torch.device) -> Tensor:
     """MONAI's shifted-window mask, built eagerly once per padded size and kept.
 
-    Built inside a compiled graph and handed to the attention operator, the mask came out wrong on an
-    H100 (bench/attention_bisect.py: a compiled first stage gave NaNs where eager gave none). Out of
-    the graph it is an ordinary input, and the 27 slice writes that build it run once, not per batch.
+    Out of the graph it is an ordinary input, and the 27 slice writes that build it run once, not per
+    batch. It was tried as the cause of the compiled stage's NaNs on an H100 and ruled out
+    (bench/attention_bisect.py: the first stage gave NaNs with the mask built either way).
     """
     return compute_mask(list(dims), window, shift, device)
 

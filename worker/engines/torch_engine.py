@@ -73,6 +73,7 @@ class TorchEngine:
         # A compiled graph is specialised to one batch size: batches are padded or split to
         # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
         self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
+        self.reuses_output = compile and compile_mode in ("reduce-overhead", "max-autotune")
         if compile:
             logger.info("compiling the network with torch.compile on first use (minutes for SwinUNETR)")
             self.model = torch.compile(wrapped, dynamic=False, mode=compile_mode)  # type: ignore[assignment]
@@ -80,10 +81,10 @@ class TorchEngine:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        # .float() copies an fp16 output; an fp32 one is cloned, since CUDA-graph modes of torch.compile
-        # reuse their output buffers on the next call.
         out = self.model(x)
-        return out.float() if out.dtype != torch.float32 else out.clone()
+        # CUDA-graph modes of torch.compile reuse their output buffer on the next call: an fp32 output
+        # is cloned there (.float() already copies an fp16 or bf16 one).
+        return out.clone() if self.reuses_output and out.dtype == torch.float32 else out.float()
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
