@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.common import deployment_env, emit, run_in_tempdir, segq
 from bench.scale_gpus import gpu_names, redis_server
-from bench.throughput import launched, make_model, make_volumes, run_set
+from bench.throughput import add_network_arguments, launched, make_volumes, network_model, run_set
 
 logger = logging.getLogger("segq.bench.gpu_dataset")
 
@@ -88,7 +88,7 @@ def agreement(masks: list[np.ndarray], rows: list[dict[str, Any]], inputs: list[
 def run(args: argparse.Namespace, root: Path) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "gpu_dataset.jsonl"
-    model = make_model(root / "model", args.arch, args.feature_size, args.roi, args.sw_batch_size)
+    model = network_model(args, root)
     inputs = make_volumes(root / "scans", args.volumes, args.shape)
     warmup = make_volumes(root / "warmup-scan", 1, args.shape, seed=99)[0]
     base_s, masks = baseline(model, inputs, args.overlap, args.sw_batch_size, args.device)
@@ -134,10 +134,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=8)
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
     parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--arch", default="SwinUNETR")
-    parser.add_argument("--feature-size", type=int, default=48)
-    parser.add_argument("--roi", type=int, default=96)
-    parser.add_argument("--sw-batch-size", type=int, default=8, help="The baseline's batch.")
+    add_network_arguments(parser, "SwinUNETR", 48, 96, 8, "The baseline's batch.")
     parser.add_argument("--queue-batch", type=int, default=16, help="Our engine's ROI batch.")
     parser.add_argument("--max-windows", type=int, default=32, help="Windows per subtask.")
     parser.add_argument("--coordinators", type=int, default=3, help="Coordinator processes (load, merge, write).")

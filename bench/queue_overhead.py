@@ -22,18 +22,9 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from bench.common import deployment_env, emit, segq, summary, worker_process
-from segq.modelspec import ModelSpec, load_model_spec, write_model_toml
-from worker.model import build_network, load_model
-
-
-def make_model(directory: Path, arch: str, feature_size: int, roi: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec(arch, 1, 2, roi, 1, checkpoint=directory / "model.pt", feature_size=feature_size,
-                     sw_batch_size=4)
-    torch.manual_seed(0)
-    torch.save(build_network(spec).state_dict(), spec.checkpoint)
-    write_model_toml(directory / "model.toml", spec)
-    return directory / "model.toml"
+from bench.throughput import make_model
+from segq.modelspec import load_model_spec
+from worker.model import load_model
 
 
 def write_volume(root: Path, shape: tuple[int, int, int], seed: int) -> Path:
@@ -76,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     root = Path(tempfile.mkdtemp(prefix="segq-bench-"))
-    model_toml = make_model(root / "model", args.arch, args.feature_size, args.roi)
+    model_toml = make_model(root / "model", args.arch, args.feature_size, args.roi, sw_batch_size=4)
     env = deployment_env(root, args.broker)
     import redis
 

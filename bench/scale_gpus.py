@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import emit, run_in_tempdir
-from bench.throughput import make_model, make_volumes, run_arm
+from bench.throughput import add_network_arguments, make_volumes, network_model, run_arm
 from segq.settings import get_settings
 from worker.launcher import count_gpus, visible_devices
 
@@ -93,10 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Without --redis-server: a Redis database this run may flush.")
     parser.add_argument("--volumes", type=int, default=16)
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
-    parser.add_argument("--arch", default="SwinUNETR")
-    parser.add_argument("--feature-size", type=int, default=48)
-    parser.add_argument("--roi", type=int, default=96)
-    parser.add_argument("--sw-batch-size", type=int, default=8)
+    add_network_arguments(parser, "SwinUNETR", 48, 96, 8)
     parser.add_argument("--max-windows-per-subtask", type=int, default=8)
     parser.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--backend", default="torch")
@@ -121,7 +118,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         raise SystemExit(f"--gpus {args.gpus} asks for {max(arms)} GPUs; {available} are visible")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "scale_gpus.jsonl"
-    model = args.model or make_model(root / "model", args.arch, args.feature_size, args.roi, args.sw_batch_size)
+    model = network_model(args, root)
     inputs = make_volumes(root / "scans", args.volumes, args.shape)
     warmup = make_volumes(root / "warmup-scan", 1, args.shape, seed=99)[0]
     env = {"SEGQ_PRECISION": args.precision, "SEGQ_BACKEND": args.backend}

@@ -47,6 +47,21 @@ def make_model(directory: Path, arch: str, feature_size: int, roi: int, sw_batch
     return directory / "model.toml"
 
 
+def add_network_arguments(parser: argparse.ArgumentParser, arch: str, feature_size: int, roi: int,
+                          sw_batch_size: int, sw_batch_help: str | None = None) -> None:
+    """The options of the randomly initialised network a benchmark builds (see :func:`network_model`)."""
+    parser.add_argument("--arch", default=arch)
+    parser.add_argument("--feature-size", type=int, default=feature_size)
+    parser.add_argument("--roi", type=int, default=roi)
+    parser.add_argument("--sw-batch-size", type=int, default=sw_batch_size, help=sw_batch_help)
+
+
+def network_model(args: argparse.Namespace, root: Path) -> Path:
+    """``--model`` when the benchmark has it and it is given, else a random network from the options above."""
+    given: Path | None = getattr(args, "model", None)
+    return given or make_model(root / "model", args.arch, args.feature_size, args.roi, args.sw_batch_size)
+
+
 def make_volumes(directory: Path, count: int, shape: Sequence[int], seed: int = 0) -> list[Path]:
     """``count`` random volumes (uncompressed .nii: the benchmark is about the queue, not gzip)."""
     import nibabel as nib
@@ -124,10 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default="1,2", help="CPU worker counts to compare (default 1,2).")
     parser.add_argument("--volumes", type=int, default=6)
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48))
-    parser.add_argument("--arch", default="UNet")
-    parser.add_argument("--feature-size", type=int, default=8)
-    parser.add_argument("--roi", type=int, default=32)
-    parser.add_argument("--sw-batch-size", type=int, default=4)
+    add_network_arguments(parser, "UNet", 8, 32, 4)
     parser.add_argument("--max-windows-per-subtask", type=int, default=4)
     parser.add_argument("--model", type=Path, default=None, help="A model.toml to use instead of a random network.")
     parser.add_argument("--repeats", type=int, default=1)
@@ -144,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, root: Path) -> None:
     counts = [int(c) for c in args.workers.split(",")]
-    model = args.model or make_model(root / "model", args.arch, args.feature_size, args.roi, args.sw_batch_size)
+    model = network_model(args, root)
     inputs = make_volumes(root / "scans", args.volumes, args.shape)
     warmup = make_volumes(root / "warmup-scan", 1, args.shape, seed=99)[0]
     out = args.out / "throughput.jsonl" if args.out else None
