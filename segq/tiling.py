@@ -64,9 +64,12 @@ class WindowPlan:
         """Windows sorted along the first axis, cut into ``ceil(n / max_windows)`` near-equal groups."""
         if max_windows < 1:
             raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+        return self.split(math.ceil(len(self.starts) / max_windows))
+
+    def split(self, count: int) -> list[Slab]:
+        """Windows sorted along the first axis, cut into ``count`` near-equal groups (at least one)."""
         order = sorted(self.starts, key=lambda s: s[0])
-        count = max(1, math.ceil(len(order) / max_windows))
-        groups = np.array_split(np.arange(len(order)), count)
+        groups = np.array_split(np.arange(len(order)), max(1, min(count, len(order))))
         slabs = []
         for k, idx in enumerate(groups):
             starts = [order[i] for i in idx]

@@ -6,20 +6,20 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segq import storage
+from segq import faults, storage
 from segq.errors import CancelledError, InputError
 from segq.modelspec import ModelSpec, file_sha256, spec_from_dict
 from segq.records import JobView
 from segq.settings import Settings
 from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
 from segq.volumes import load_volume
-from worker import faults
 
 logger = logging.getLogger("segq.jobs")
 
@@ -86,15 +86,18 @@ def f_order(array: np.ndarray) -> np.ndarray:
     return torch.from_numpy(array).permute(*reverse).contiguous().numpy().transpose(reverse)
 
 
-def prepare(job: JobView, settings: Settings) -> Prepared:
-    """Load, check and preprocess the volume; write the padded array and the window plan to the workspace."""
+def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Prepared:
+    """Load, check and preprocess the volume; write the padded array and the window plan to the workspace.
+
+    ``parts(windows)`` says into how many GPU parts the volume is cut (segq.scheduler.split_parts).
+    """
     started = time.perf_counter()
     spec = spec_from_dict(job.model)
     faults.point("in_prepare", input=Path(job.input_path).name)
     volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
     volume = preprocess(c_order(volume), spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
-    slabs = plan.slabs(int(job.params.get("max_windows_per_subtask") or settings.max_windows_per_subtask))
+    slabs = plan.split(parts(len(plan.starts)))
     ws = storage.workspace(settings.storage_root, job.id, job.attempt)
     ws.mkdir(parents=True, exist_ok=True)
     storage.save_array(ws / INPUT, pad_volume(volume, plan))
@@ -109,13 +112,14 @@ def load_plan(ws: Path) -> tuple[WindowPlan, list[Slab]]:
     return WindowPlan.from_json(document["plan"]), [Slab.from_json(s) for s in document["slabs"]]
 
 
-def slab_reference(index: int, lo: int, shape: tuple[int, ...], checksum: str, worker: str) -> dict[str, Any]:
+def slab_reference(slab: Slab, shape: tuple[int, ...], checksum: str, worker: str) -> dict[str, Any]:
     """What crosses Redis for a slab: ids and a checksum, never the array."""
-    return {"slab": index, "lo": lo, "shape": list(shape), "checksum": checksum, "worker": worker}
+    return {"slab": slab.index, "lo": slab.lo, "shape": list(shape), "checksum": checksum, "worker": worker,
+            "windows": len(slab.starts)}
 
 
 def run_slab(ws: Path, index: int, engine: Any, spec: ModelSpec, batch_size: int, worker: str,
-             should_stop: Any = None) -> dict[str, Any]:
+             should_stop: Any = None, lease: Any = None) -> dict[str, Any]:
     """Run one slab's windows and write its partial sum; returns the slab's reference."""
     from worker.inference import infer_slab
 
@@ -125,17 +129,16 @@ def run_slab(ws: Path, index: int, engine: Any, spec: ModelSpec, batch_size: int
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
     volume = storage.load_array(ws / INPUT, mmap=True)
-    partial = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop)
+    array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease)
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
-    array = partial.cpu().numpy()
     checksum = storage.array_checksum(array)
     if not storage.save_array_once(ws / slab_file(index), array):
         # Another delivery of this slab wrote its partial first: that file is what the merge reads and
         # what the chord may already count, so report it, not this run's (possibly last-bit different) one.
         logger.warning("slab %d: a partial from another delivery is already there; keeping it", index)
-        return existing_reference(ws, index, worker) or slab_reference(index, slab.lo, array.shape, checksum, worker)
-    return slab_reference(index, slab.lo, array.shape, checksum, worker)
+        return existing_reference(ws, index, worker) or slab_reference(slab, array.shape, checksum, worker)
+    return slab_reference(slab, array.shape, checksum, worker)
 
 
 def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
@@ -145,7 +148,7 @@ def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | No
         return None
     _plan, slabs = load_plan(ws)
     array = storage.load_array(path)
-    return slab_reference(index, slabs[index].lo, array.shape, storage.array_checksum(array), worker)
+    return slab_reference(slabs[index], array.shape, storage.array_checksum(array), worker)
 
 
 _WEIGHT_CACHE: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
