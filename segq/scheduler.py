@@ -186,7 +186,7 @@ def _claim(settings: Settings, gpus: int) -> list[tuple[str, int, str]]:
             return []
         ids = [job_id for job_id, _ in picked]
         s.execute(update(Job).where(Job.id.in_(ids)).values(admitted_at=utcnow()))
-        attempts = dict(s.execute(select(Job.id, Job.attempt).where(Job.id.in_(ids))).tuples().all())
+        attempts = {job_id: attempt for job_id, attempt in s.execute(select(Job.id, Job.attempt).where(Job.id.in_(ids)))}
         return [(job_id, attempts[job_id], priority) for job_id, priority in picked]
 
 
