@@ -37,7 +37,7 @@ from sqlalchemy import func, select, update
 
 from segq import records
 from segq.db import session_scope
-from segq.models import Dataset, Job, Status, utcnow
+from segq.models import Dataset, Job, Status, Subtask, utcnow
 from segq.names import GPU_WORKERS_KEY, PREPARE, PREPARE_QUEUE, PRIORITIES, queue_for, volume_task_id
 from segq.settings import Settings, get_settings
 
@@ -147,9 +147,13 @@ def in_flight() -> int:
 
 
 def backlog(exclude: str | None = None) -> int:
-    """Volumes still waiting for a GPU: queued in SQL or being prepared (``exclude``: the asking job)."""
+    """Volumes still waiting for a GPU (``exclude``: the asking job): queued in SQL, being prepared, or
+    prepared with none of their parts started yet."""
+    started = (select(Subtask.id).where(Subtask.job_id == Job.id, Subtask.attempt == Job.attempt,
+                                        Subtask.status != Status.QUEUED).exists())
     with session_scope() as s:
-        query = select(func.count()).select_from(Job).where(Job.status == Status.QUEUED)
+        query = select(func.count()).select_from(Job).where(
+            (Job.status == Status.QUEUED) | ((Job.status == Status.RUNNING) & ~started))
         if exclude:
             query = query.where(Job.id != exclude)
         return int(s.scalar(query) or 0)
@@ -186,7 +190,8 @@ def _claim(settings: Settings, gpus: int) -> list[tuple[str, int, str]]:
             return []
         ids = [job_id for job_id, _ in picked]
         s.execute(update(Job).where(Job.id.in_(ids)).values(admitted_at=utcnow()))
-        attempts = {job_id: attempt for job_id, attempt in s.execute(select(Job.id, Job.attempt).where(Job.id.in_(ids)))}
+        rows = s.execute(select(Job.id, Job.attempt).where(Job.id.in_(ids)))
+        attempts = {job_id: attempt for job_id, attempt in rows}
         return [(job_id, attempts[job_id], priority) for job_id, priority in picked]
 
 
