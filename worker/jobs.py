@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import numpy as np
 from segq import faults, storage
 from segq.errors import CancelledError, InputError
 from segq.modelspec import ModelSpec, file_sha256, spec_from_dict
+from segq.preprocess import STD_FLOOR
 from segq.records import JobView
 from segq.settings import Settings
 from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
@@ -24,6 +26,7 @@ from segq.volumes import load_volume
 logger = logging.getLogger("segq.jobs")
 
 INPUT = "input.npy"
+GZIP_THREADS = 2
 PLAN = "plan.json"
 
 
@@ -41,11 +44,31 @@ class Prepared:
 
 
 def preprocess(volume: np.ndarray, method: str) -> np.ndarray:
-    if method == "zscore":
-        from segq.preprocess import zscore_nonzero
+    """The network's input: a C-ordered float32 copy of the channel-first ``volume``, normalised by ``method``.
 
-        return np.stack([zscore_nonzero(channel) for channel in volume]).astype(np.float32)
-    return volume
+    ``zscore`` is segq.preprocess.zscore_nonzero channel by channel (the training's own definition), computed
+    with torch's threaded kernels in a pass for the statistics and one in place: on a 512x512x300 CT the
+    numpy version's masked copy and four float64 passes were half of a coordinator's time on the volume.
+    """
+    import torch
+
+    data = torch.from_numpy(np.asarray(volume, dtype=np.float32))
+    out = data.contiguous() if not data.is_contiguous() else data.clone()
+    if method != "zscore":
+        return out.numpy()
+    for channel in out:
+        count = int(torch.count_nonzero(channel))
+        if count == 0:
+            channel.zero_()
+            continue
+        # float32 sums of 4096-voxel rows, added up in float64: a float32 sum over millions of voxels drifts
+        # visibly, a float64 one over the whole volume is several times slower. Zeros add nothing to either.
+        rows = channel.reshape(-1, 4096) if channel.numel() % 4096 == 0 else channel.reshape(1, -1)
+        mean = float(rows.sum(dim=1).double().sum()) / count
+        square = float((torch.linalg.vector_norm(rows, dim=1).double() ** 2).sum()) / count
+        std = max(math.sqrt(max(square - mean * mean, 0.0)), STD_FLOOR)
+        channel.sub_(mean).mul_(1.0 / std)
+    return out.numpy()
 
 
 def check_input(job: JobView, settings: Settings) -> Path:
@@ -95,7 +118,7 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     spec = spec_from_dict(job.model)
     faults.point("in_prepare", input=Path(job.input_path).name)
     volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
-    volume = preprocess(c_order(volume), spec.preprocess)
+    volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
     ws = storage.workspace(settings.storage_root, job.id, job.attempt)
@@ -187,7 +210,14 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
     image = nib.Nifti1Image(array, source.affine, header)
     image.header.set_slope_inter(1, 0)
     with storage.atomic_path(output) as tmp:
-        nib.save(image, str(tmp))
+        if output.name.endswith(".gz"):
+            # ISA-L's deflate, in threads: a CT's mask is written several times faster than through zlib.
+            from isal import igzip_threaded
+
+            with igzip_threaded.open(tmp, "wb", compresslevel=1, threads=GZIP_THREADS) as stream:
+                stream.write(image.to_bytes())
+        else:
+            nib.save(image, str(tmp))
         faults.point("before_merge_rename", output=output.name)
 
 

@@ -177,9 +177,12 @@ def plan_children(gpus: list[Gpu] | None, *, cpu_workers: int = 1, role: str = "
         name = node_name("coord", hostname)
         devices = len(gpus) if gpus is not None else cpu_workers
         processes = coordinator_concurrency or coordinator_processes(devices, cpu_count)
+        # Each process's torch and OpenMP would otherwise start a thread a core: 16 processes x 64 threads on a
+        # 64-core host starve the GPU workers' kernel launches. The cores are shared among them instead.
+        cores = str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
         children.append(ChildSpec(name, worker_argv(name, consumed_queues(FINISH_QUEUE, PREPARE_QUEUE),
                                                     processes, loglevel, extra),
-                                  {**env, "CUDA_VISIBLE_DEVICES": ""}))
+                                  {"OMP_NUM_THREADS": cores, **env, "CUDA_VISIBLE_DEVICES": ""}))
     return children
 
 
