@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peer_folder
-from bench.common import deployment_env, emit, run_in_tempdir
+from bench.common import ROOT, deployment_env, emit, run_in_tempdir
 from bench.throughput import add_network_arguments, launched, network_model, run_set
 from segq.settings import get_settings
 from worker.launcher import count_gpus, visible_devices
@@ -157,7 +158,7 @@ def timeline_figures(env: dict[str, str], dataset: str, submitted: datetime) -> 
 
 
 def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: Path,
-              inputs: list[Path], ct: Path | None) -> list[dict[str, Any]]:
+              inputs: list[Path], ct: list[Path]) -> list[dict[str, Any]]:
     """The dataset and the CT latency on ``n`` GPUs, in one warm launcher."""
     import redis
 
@@ -181,12 +182,12 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
         records.append({"arm": "segq", "gpus": n, "volumes": len(rows), "seconds": round(wall, 3),
                         "cases_per_hour": round(len(rows) / wall * 3600, 1), "submit_wait_seconds": round(seconds, 3),
                         "max_workspaces": workspaces.most, "lookahead_bound": n * (args.lookahead + 1), **figures})
-        if ct is not None:
+        if ct:
             latencies = []
-            for repeat in range(args.ct_repeats):
+            for repeat, scan in enumerate(ct):  # a new volume each time: the same one again would be reused
                 name = f"ct{repeat}"
                 started = datetime.now(UTC)
-                ct_seconds, ct_rows = run_set(env, [ct], arm_root / name, model, name, args.max_windows_per_subtask,
+                ct_seconds, ct_rows = run_set(env, [scan], arm_root / name, model, name, args.max_windows_per_subtask,
                                               args.timeout, ["--overlap", str(args.ct_overlap)])
                 latencies.append({"submit_wait_seconds": round(ct_seconds, 3), "windows": ct_rows[0]["windows"],
                                   **timeline_figures(env, name, started)})
@@ -200,7 +201,7 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", default=None, help="GPU counts to compare, e.g. 1,4 (default: 1, 2, 4 … N).")
-    parser.add_argument("--arms", default="peer,segq,ct", help="Which of peer, segq, ct to run.")
+    parser.add_argument("--arms", default="engine,peer,segq,ct", help="Which of engine, peer, segq, ct to run.")
     parser.add_argument("--redis-server", type=Path, default=None, help="Start this redis-server binary.")
     parser.add_argument("--redis-port", type=int, default=6390)
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/11",
@@ -241,8 +242,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     started = time.perf_counter()
     inputs = peer_folder.make_volumes(root / "scans", args.volumes, tuple(args.shape))
     warmup = peer_folder.make_volumes(root / "warmup-scan", 1, tuple(args.shape), seed=99, prefix="w")[0]
-    ct = peer_folder.make_volumes(root / "ct-scan", 1, tuple(args.ct_shape), seed=7, dtype="int16",
-                                  prefix="ct")[0] if "ct" in arms else None
+    ct = peer_folder.make_volumes(root / "ct-scan", args.ct_repeats, tuple(args.ct_shape), seed=7, dtype="int16",
+                                  prefix="ct") if "ct" in arms else []
     model = network_model(args, root)
     logger.info("made the files in %.1f s", time.perf_counter() - started)
     setting = {"bench": "scale_gpus", "gpu_names": gpu_names(), "gpus_present": available, "shape": list(args.shape),
@@ -250,6 +251,14 @@ def run(args: argparse.Namespace, root: Path) -> None:
                "sw_batch_size": args.sw_batch_size, "precision": args.precision, "backend": args.backend,
                "lookahead": args.lookahead, "cpus": os.cpu_count()}
     results: list[dict[str, Any]] = []
+    if "engine" in arms:
+        for shape, overlap in ((args.shape, args.overlap), (args.ct_shape, args.ct_overlap)):
+            argv = [sys.executable, "-m", "bench.engine_alone", str(model), *map(str, shape), str(overlap),
+                    args.precision]
+            line = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT,
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}).stdout.strip().splitlines()[-1]
+            results.append({**setting, "gpus": 1, **json.loads(line)})
+            emit(results[-1], None)
     with redis_server(args.redis_server, args.redis_port, args.broker, root) as broker:
         for n in gpus:
             if "peer" in arms:
@@ -269,6 +278,9 @@ def finish(results: list[dict[str, Any]], out: Path) -> None:
         return next((r for r in results if r["arm"] == arm and r["gpus"] == gpus), None)
 
     for record in results:
+        if record["arm"] == "engine alone":
+            emit(record, out)
+            continue
         first = min(r["gpus"] for r in results if r["arm"] == record["arm"])
         base = find(record["arm"], first)
         if record["arm"] in ("segq", "peer folder split") and base:
@@ -282,7 +294,9 @@ def finish(results: list[dict[str, Any]], out: Path) -> None:
             record["speedup_from_submit"] = round(base["to_last_mask_seconds"] / record["to_last_mask_seconds"], 3)
         emit(record, out)
     for record in results:
-        if record["arm"] == "ct latency":
+        if record["arm"] == "engine alone":
+            print(f"engine alone {record['shape']}: {record['seconds']:.3f} s ({record['ms_per_window']} ms a window)")
+        elif record["arm"] == "ct latency":
             print(f"{record['gpus']} GPU(s) ct latency: {record['seconds']:7.2f} s queued to mask "
                   f"(speedup {record.get('speedup_vs_own_first', 1.0):.2f}), {record['to_last_mask_seconds']:.2f} s "
                   f"from submit (speedup {record.get('speedup_from_submit', 1.0):.2f})")
