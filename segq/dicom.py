@@ -30,7 +30,7 @@ logger = logging.getLogger("segq.dicom")
 
 MAGIC_OFFSET, MAGIC = 128, b"DICM"
 SEG_SUFFIX = "_seg.dcm"
-OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+NOT_IMAGES = ("SEG", "RTDOSE", "RTSTRUCT", "REG", "PR", "SR", "KO")  # modalities that are results, not scans
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _POSITION_DECIMALS = 3  # mm: positions closer than this are one position
 
@@ -113,9 +113,11 @@ def _native_bytes(ds: Any) -> int:
 
 def read_header(path: Path) -> Any:
     """The file's dataset without its pixel data, after checking that pixel data can be read; InputError if not."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as exc:
+        raise InputError("DICOM support is not installed here: pip install 'segq[dicom]'") from exc
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
@@ -123,6 +125,8 @@ def read_header(path: Path) -> Any:
     if "PixelData" not in ds:
         sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
         raise InputError(f"a DICOM {sop} object holds no image: not segmented")
+    if ds.get("Modality") in NOT_IMAGES:
+        raise InputError(f"a DICOM {ds.Modality} object (a derived result, not an image): not segmented")
     for key in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated"):
         if key not in ds:
             raise InputError(f"the image lacks {key}: not a usable DICOM image")
