@@ -144,7 +144,8 @@ def read_header(path: Path) -> Any:
 
 
 def _series_name(uid: str, files: list[Path]) -> str:
-    return f"series {uid} ({len(files)} file{'s' if len(files) != 1 else ''} in {files[0].parent})"
+    where = str(files[0]) if len(files) == 1 else f"{len(files)} files in {files[0].parent}"
+    return f"series {uid} ({where})"
 
 
 def _distinct(values: list[Any]) -> list[Any]:

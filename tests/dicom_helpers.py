@@ -24,6 +24,13 @@ def oblique_affine(spacing: tuple[float, float, float] = (0.8, 1.1, 2.5), degree
     return affine
 
 
+def _ds(values: object) -> list[object]:
+    """Decimal strings of at most 16 characters, as the standard (and a scanner) writes them."""
+    from pydicom.valuerep import DS
+
+    return [DS(float(v), auto_format=True) for v in values]  # type: ignore[attr-defined]
+
+
 def _dataset(sop_class: str, modality: str, study: str, series: str, frame_of_reference: str) -> object:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -40,7 +47,7 @@ def _dataset(sop_class: str, modality: str, study: str, series: str, frame_of_re
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "ACC1"
     ds.ReferringPhysicianName = ""
     ds.Modality, ds.SeriesNumber, ds.Manufacturer = modality, 3, "segq-tests"
-    ds.PositionReferenceIndicator = ""
+    ds.PositionReferenceIndicator, ds.PatientPosition, ds.Laterality, ds.AcquisitionNumber = "", "HFS", "", 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -78,10 +85,10 @@ def write_series(directory: Path, data: np.ndarray, affine_ras: np.ndarray, *, m
     for number, k in enumerate(order):
         ds = _dataset(sop_class, modality, study, series, frame_of_reference)
         ds.InstanceNumber = number + 1
-        ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
-        ds.ImageOrientationPatient = [float(v) for v in (*row_cosine, *column_cosine)]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing (between rows), column spacing
-        ds.SliceThickness = float(spacing[2])
+        ds.ImagePositionPatient = _ds((lps @ [0, 0, k, 1])[:3])
+        ds.ImageOrientationPatient = _ds((*row_cosine, *column_cosine))
+        ds.PixelSpacing = _ds((spacing[1], spacing[0]))  # row spacing (between rows), column spacing
+        ds.SliceThickness = _ds((spacing[2],))[0]
         ds.Rows, ds.Columns = data.shape[1], data.shape[0]
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
@@ -89,3 +96,58 @@ def write_series(directory: Path, data: np.ndarray, affine_ras: np.ndarray, *, m
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_enhanced(path: Path, slices: list[Path]) -> Path:
+    """The single-frame series as one legacy-converted enhanced CT (multi-frame) object, by highdicom."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    datasets = [pydicom.dcmread(p) for p in slices]
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(datasets, generate_uid(), 4, generate_uid(), 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(path)
+    return path
+
+
+def write_undecodable(path: Path, source: Path) -> Path:
+    """``source`` re-labelled as MPEG-2 video with its pixels encapsulated: a transfer syntax nothing decodes."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML, generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+    return path
+
+
+def write_truncated(path: Path, source: Path) -> Path:
+    """``source`` under a series of its own, cut short in its pixel data (a copy interrupted half-way)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - len(ds.PixelData) // 2])
+    return path
+
+
+def write_localizer(path: Path, source: Path) -> Path:
+    """A slice of ``source``'s series turned to another orientation: a scout image among axial slices."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(path)
+    return path
