@@ -284,6 +284,53 @@ def read_datasets(files: list[Path], pixels: bool) -> list[Any]:
     return [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in files]
 
 
+def _order(datasets: list[Any]) -> tuple[float, list[Any]]:
+    """Slice spacing and the datasets in volume order, by highdicom; InputError saying why not a volume."""
+    from highdicom.spatial import get_volume_positions
+
+    positions = [[float(v) for v in ds.ImagePositionPatient] for ds in datasets]
+    spacing, indices = get_volume_positions(positions, [float(v) for v in datasets[0].ImageOrientationPatient])
+    if spacing is None or indices is None:
+        raise InputError(_spacing_problem(datasets))
+    return spacing, [ds for _, ds in sorted(zip(indices, datasets, strict=True), key=lambda pair: pair[0])]
+
+
+def _rescale_into(out: np.ndarray, ds: Any) -> None:
+    """The modality transform (pydicom's) of one slice, written into ``out`` without a float64 slice between."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        out[...] = apply_modality_lut(ds.pixel_array, ds)
+        return
+    np.multiply(ds.pixel_array, float(ds.get("RescaleSlope", 1) or 1), out=out, casting="unsafe")
+    out += float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def _stack_single_frames(datasets: list[Any]) -> Any:
+    """The slices as a highdicom Volume: highdicom orders them and builds the geometry, pydicom decodes them.
+
+    highdicom's own series reader checks every image against its IOD (15 ms a slice, 4.7 of 9 s for a
+    300-slice CT on two cores), so only its geometry is used here. The slices are stacked straight into the
+    left-handed order that becomes (column, row, slice) along the normal, so no flipped copy is needed.
+    """
+    import highdicom as hd
+
+    spacing, ordered = _order(datasets)
+    first = ordered[0]
+    geometry = hd.VolumeGeometry.from_attributes(
+        image_position=first.ImagePositionPatient, image_orientation=first.ImageOrientationPatient,
+        rows=int(first.Rows), columns=int(first.Columns), pixel_spacing=first.PixelSpacing,
+        spacing_between_slices=spacing, number_of_frames=len(ordered), coordinate_system="PATIENT",
+        frame_of_reference_uid=first.get("FrameOfReferenceUID"))
+    wanted = geometry.ensure_handedness("LEFT_HANDED", flip_axis=0)
+    if not np.allclose(wanted.affine, geometry.affine):
+        ordered.reverse()
+    array = np.empty((len(ordered), int(first.Rows), int(first.Columns)), np.float32)
+    for k, ds in enumerate(ordered):
+        _rescale_into(array[k], ds)
+    return wanted.with_array(array)
+
+
 def load_series(files: list[Path]) -> LoadedSeries:
     """Decode the series into a volume in NIfTI order; InputError for anything highdicom cannot stack."""
     import highdicom as hd
@@ -293,15 +340,17 @@ def load_series(files: list[Path]) -> LoadedSeries:
         if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
             volume = hd.Image.from_dataset(datasets[0], copy=False).get_volume(dtype=np.float32)
         else:
-            volume = hd.get_volume_from_series(datasets, dtype=np.float32)
+            volume = _stack_single_frames(datasets)
     except InputError:
         raise
     except Exception as exc:  # pydicom and highdicom raise ValueError, RuntimeError, KeyError, AttributeError
         raise InputError(f"the series could not be read as a volume ({type(exc).__name__}: {exc})") from exc
     # (slice, row, column) left-handed in LPS is (column, row, slice) right-handed: slices run along the normal
     volume = volume.ensure_handedness("LEFT_HANDED", flip_axis=0)
-    array = np.ascontiguousarray(volume.array, dtype=np.float32)  # the flip above may be a negative-stride view
+    array = np.asarray(volume.array, dtype=np.float32)
     if array.ndim != 3:
         raise InputError(f"the series decodes to shape {array.shape}, not one greyscale volume")
     affine = RAS_FROM_LPS @ np.asarray(volume.affine)[:, [2, 1, 0, 3]]
-    return LoadedSeries(array.transpose(2, 1, 0), affine, np.asarray(volume.affine), volume.frame_of_reference_uid)
+    # (column, row, slice) as a Fortran-ordered view, as nibabel gives a NIfTI; a flipped view is copied once
+    return LoadedSeries(np.asfortranarray(array.transpose(2, 1, 0)), affine, np.asarray(volume.affine),
+                        volume.frame_of_reference_uid)
