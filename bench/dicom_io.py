@@ -56,13 +56,13 @@ def main() -> None:
         timings["reference: the same volume as .nii.gz"] = time.perf_counter() - started
         grid = np.indices(shape[:2]).astype(np.float32)
         disc = ((grid[0] - args.size / 2) ** 2 + (grid[1] - args.size / 2) ** 2) < (args.size / 5) ** 2
-        mask = np.zeros(shape, np.uint8)
+        mask = np.zeros(shape, np.uint8, order="F")
         mask[:, :, args.slices // 4: 3 * args.slices // 4] = disc[:, :, None]
         meta = SeriesMeta([str(f) for f in series.files], loaded.affine.tolist(), loaded.lps_affine.tolist(),
                           loaded.frame_of_reference_uid, "both", ["tumour", "MorphologicallyAbnormalStructure",
                                                                   "Neoplasm"], ["segq bench", "0"])
         started = time.perf_counter()
-        write_seg(mask, meta, root / "bench_seg.dcm")
+        write_seg(np.asfortranarray(mask), meta, root / "bench_seg.dcm")  # merge passes NIfTI's (Fortran) order
         timings["merge: write the DICOM SEG"] = time.perf_counter() - started
         size = (root / "bench_seg.dcm").stat().st_size
     print(f"series {shape[0]}x{shape[1]}x{shape[2]} int16 CT, {len(files)} files; mask {int(mask.sum()):,} voxels")

@@ -121,7 +121,8 @@ def build_seg(mask: np.ndarray, meta: SeriesMeta) -> Any:
     from pydicom.uid import generate_uid
 
     sources = read_datasets([Path(f) for f in meta.files], pixels=False)
-    grid = np.ascontiguousarray(mask.transpose(2, 1, 0), dtype=np.uint8)  # back to highdicom's (slice, row, column)
+    # back to highdicom's (slice, row, column): free for a Fortran-ordered mask, as merge passes it
+    grid = np.ascontiguousarray(mask.transpose(2, 1, 0), dtype=np.uint8)
     volume = hd.Volume(grid, np.asarray(meta.lps_affine), coordinate_system="PATIENT",
                        frame_of_reference_uid=meta.frame_of_reference_uid)
     label, category, kind = meta.segment

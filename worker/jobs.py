@@ -226,12 +226,13 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)
     if save_probabilities:
         _write_nifti(f_order(probability), source, probability_path(output))
+    ordered = f_order(mask)  # NIfTI's order on disk; its transpose is the SEG's (slice, row, column), copy-free
     if series is None or series.writes_nifti:
-        _write_nifti(f_order(mask), source, output)
+        _write_nifti(ordered, source, output)
     if series is not None and series.writes_seg:
         seg = dicomseg.seg_path(output)
         storage.remove_stale_temps(seg)
-        dicomseg.write_seg(mask, series, seg)
+        dicomseg.write_seg(ordered, series, seg)
     voxels = int(np.count_nonzero(mask))
     spacing = np.prod(source.header.get_zooms()[:3])
     return voxels, round(float(voxels * spacing) / 1000.0, 4)
