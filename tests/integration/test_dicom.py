@@ -120,6 +120,16 @@ def test_dicom_series_match_nifti_and_write_valid_seg(stack: Stack, unet_model: 
     again = _submit(stack, [nifti_dir, scans], out, unet_model, name)
     assert "queued 0 volume(s), 4 already done" in again.stdout, again.stdout
 
+    # evaluate finds a series' ground truth by its Series Instance UID
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    single = next(r for r in series_rows if r["modality"] == "CT")
+    nib.save(nib.Nifti1Image(nifti_mask, affine), str(truth / f"{single['series_uid']}.nii.gz"))
+    segq("evaluate", name, "--truth", str(truth), env=stack.env)
+    scored = {r["series_uid"]: r["dice"] for r in json.loads(segq("results", name, "--format", "json",
+                                                                   env=stack.env).stdout)}
+    assert scored[single["series_uid"]] == 1.0
+
 
 def _submit(stack: Stack, inputs: list[Path], out: Path, model: Path, name: str) -> subprocess.CompletedProcess[str]:
     return segq("submit", *map(str, inputs), "--out", str(out), "--model", str(model), "--name", name, "--wait",
