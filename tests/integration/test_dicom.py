@@ -120,6 +120,18 @@ def test_dicom_series_match_nifti_and_write_valid_seg(stack: Stack, unet_model: 
     again = _submit(stack, [nifti_dir, scans], out, unet_model, name)
     assert "queued 0 volume(s), 4 already done" in again.stdout, again.stdout
 
+    # the same series in another dataset: its NIfTI mask and SEG are copied, nothing is segmented again
+    copied = _submit(stack, [scans], tmp_path / "copies", unet_model, f"{name}-copy")
+    assert "queued 0 volume(s), 3 already done" in copied.stdout, copied.stdout
+    assert len(list((tmp_path / "copies").rglob("*_seg.dcm"))) == 3
+
+    # the report draws each series' mid-slice, and names no patient
+    report = segq("report", name, "-o", str(tmp_path / "report.html"), env=stack.env)
+    assert "no mid-slice" not in report.stderr, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert "Doe" not in page and "PID-SECRET" not in page
+    assert all(row["series_uid"] in page for row in series_rows)
+
     # evaluate finds a series' ground truth by its Series Instance UID
     truth = tmp_path / "truth"
     truth.mkdir()
