@@ -31,7 +31,7 @@ from segq import records
 from segq.broker import check_writable
 from segq.celery_app import COORDINATOR_QUEUE, SEGMENT_VOLUME, get_app, queue_for
 from segq.db import ensure_schema, session_scope
-from segq.dicom import SEG_SUFFIX, check_volume, series_sha256
+from segq.dicom import check_volume, seg_output, series_sha256
 from segq.errors import InputError, TransientError
 from segq.models import Dataset, Job, Status
 from segq.modelspec import ModelSpec, file_sha256
@@ -84,12 +84,6 @@ def send_job(job_id: str, attempt: int = 0, priority: str = "normal") -> None:
 def probability_output(output: Path) -> Path:
     """Where ``--save-probabilities`` puts the float map beside a mask (the worker's naming)."""
     return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz").replace("_seg.dcm", "_prob.nii.gz"))
-
-
-def seg_output(output: Path) -> Path:
-    """Where the DICOM SEG of a job whose main output is a NIfTI mask goes (the worker's naming)."""
-    return output if output.name.endswith(SEG_SUFFIX) else output.with_name(
-        output.name.replace("_seg.nii.gz", SEG_SUFFIX))
 
 
 def job_outputs(output: str | Path, save_probabilities: bool, output_format: str | None = "nifti") -> list[Path]:

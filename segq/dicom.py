@@ -16,7 +16,6 @@ No patient name or identifier is read into anything this module returns.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,17 @@ import numpy as np
 
 from segq.errors import InputError
 
-logger = logging.getLogger("segq.dicom")
-
 MAGIC_OFFSET, MAGIC = 128, b"DICM"
 SEG_SUFFIX = "_seg.dcm"
 NOT_IMAGES = ("SEG", "RTDOSE", "RTSTRUCT", "REG", "PR", "SR", "KO")  # modalities that are results, not scans
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _POSITION_DECIMALS = 3  # mm: positions closer than this are one position
+
+
+def seg_output(output: Path) -> Path:
+    """Where a job's DICOM SEG goes: beside its NIfTI mask, or the output itself when only a SEG is written."""
+    return output if output.name.endswith(SEG_SUFFIX) else output.with_name(
+        output.name.replace("_seg.nii.gz", SEG_SUFFIX))
 
 
 def is_dicom(path: Path) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from segq import storage
-from segq.dicom import SEG_SUFFIX, load_series, read_datasets, series_sha256
+from segq.dicom import load_series, read_datasets, series_sha256
 from segq.errors import InputError
 from segq.modelspec import parse_code, spec_from_dict
 from segq.records import JobView
@@ -99,12 +99,6 @@ def nifti_source(meta: SeriesMeta) -> Any:
     image.header.set_qform(image.affine, code=1)  # scanner coordinates, as dcm2niix writes them
     image.header.set_sform(image.affine, code=1)
     return image
-
-
-def seg_path(output: Path) -> Path:
-    """The SEG beside a NIfTI mask, or the output itself when only a SEG is written."""
-    return output if output.name.endswith(SEG_SUFFIX) else output.with_name(
-        output.name.replace("_seg.nii.gz", SEG_SUFFIX))
 
 
 def _code(text: str) -> Any:

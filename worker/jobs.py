@@ -202,6 +202,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     """
     import nibabel as nib
 
+    from segq.dicom import seg_output
     from worker import dicomseg
     from worker.inference import merge_partials
 
@@ -230,7 +231,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     if series is None or series.writes_nifti:
         _write_nifti(ordered, source, output)
     if series is not None and series.writes_seg:
-        seg = dicomseg.seg_path(output)
+        seg = seg_output(output)
         storage.remove_stale_temps(seg)
         dicomseg.write_seg(ordered, series, seg)
     voxels = int(np.count_nonzero(mask))
