@@ -165,3 +165,31 @@ def _check_seg(path: Path, mask: np.ndarray, affine_ras: np.ndarray) -> None:
     report = subprocess.run([validator, str(path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
     assert not errors, "\n".join(errors)
+
+
+def test_dicom_jobs_resume_after_a_lost_queue_and_retry_after_a_fix(fresh_stack: Stack, unet_model: Path,
+                                                                      tmp_path: Path) -> None:
+    import redis
+
+    stack, scans, out, name = fresh_stack, tmp_path / "scans", tmp_path / "masks", "dicom-resume"
+    first = write_series(scans / "a", _volume(), oblique_affine())
+    write_series(scans / "b", _volume(1), oblique_affine(degrees=-10))
+    queued = segq("submit", str(scans), "--out", str(out), "--model", str(unet_model), "--name", name, env=stack.env)
+    assert "queued 2 volume(s)" in queued.stdout, queued.stdout
+    redis.Redis.from_url(stack.env["SEGQ_BROKER_URL"]).flushdb()  # the queue is lost before any worker ran
+    aside = first[5].rename(tmp_path / "aside.dcm")  # and a slice of one series goes missing meanwhile
+
+    resumed = segq("resume", name, env=stack.env)
+    assert "re-queued 2 unfinished job(s)" in resumed.stdout, resumed.stdout
+    stack.worker("w1")
+    assert segq("watch", name, "--timeout", "240", env=stack.env, check=False).returncode == 1
+    rows = {r["series_uid"]: r for r in json.loads(segq("results", name, "--format", "json", env=stack.env).stdout)}
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "gone since submit" in failed[0]["error"], rows
+
+    aside.rename(first[5])  # the slice is back: retry runs that series again, alone
+    assert "re-queued 1 job(s)" in segq("retry", name, "--failed", env=stack.env).stdout
+    assert segq("watch", name, "--timeout", "240", env=stack.env, check=False).returncode == 0
+    rows = {r["series_uid"]: r for r in json.loads(segq("results", name, "--format", "json", env=stack.env).stdout)}
+    assert all(r["status"] == "done" for r in rows.values()) and len(rows) == 2
+    assert all(Path(r["output"]).with_name(f"{uid}_seg.dcm").is_file() for uid, r in rows.items())
