@@ -117,3 +117,30 @@ def test_segment_codes_come_from_the_model_file(tmp_path: Path) -> None:
     spec = ModelSpec("UNet", 1, 2, 32, 1, tmp_path / "m.pt", segment_type="NoSuchThing")
     with pytest.raises(InputError, match="segment_type"):
         spec.validate()
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless"])
+def test_compressed_series_decode_to_the_same_voxels(tmp_path: Path, syntax: str) -> None:
+    """RLE (pydicom's own codec) and JPEG-LS (pyjpegls, a highdicom dependency), slice by slice."""
+    import pydicom
+    import pydicom.uid
+
+    data = _data(6)
+    files = write_series(tmp_path, data, oblique_affine())
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.compress(getattr(pydicom.uid, syntax))
+        ds.save_as(path)
+    [series], refused = find_series(files)
+    assert not refused
+    np.testing.assert_array_equal(load_series(list(series.files)).volume, data)
+
+
+def test_the_dicom_extra_decodes_jpeg2000(tmp_path: Path) -> None:
+    """pydicom's real JPEG 2000 scan passes the decoder check (pylibjpeg-openjpeg, from segq[dicom]):
+    it is refused only for being one slice."""
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(str(get_testdata_file("MR_small_jp2klossless.dcm", download=False)), tmp_path / "j2k.dcm")
+    _, [refused] = find_series([tmp_path / "j2k.dcm"])
+    assert "a single slice" in refused.reason, refused.line()
