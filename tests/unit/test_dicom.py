@@ -77,6 +77,14 @@ def test_hostile_files_are_refused_alone_with_one_line_each(tmp_path: Path) -> N
         assert sum(what in line and reason in line for line in lines) == 1, (what, lines)
 
 
+def test_mixed_sizes_in_one_series_are_refused(tmp_path: Path) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    write_series(tmp_path, _data(), oblique_affine(), series_uid=uid, names="a{k:03d}.dcm")
+    write_series(tmp_path, _data()[:10, :12], oblique_affine(), series_uid=uid, names="b{k:03d}.dcm")
+    found, [refused] = find_series(_files(tmp_path))
+    assert not found and refused.line().startswith(f"series {uid} (") and "mixed image sizes" in refused.reason
+
+
 def test_mixed_series_in_one_folder_are_two_volumes(tmp_path: Path) -> None:
     write_series(tmp_path, _data(3), oblique_affine(), names="a{k:03d}.dcm")
     write_series(tmp_path, _data(4)[:, :, :10], oblique_affine(degrees=5), names="b{k:03d}.dcm")
