@@ -26,7 +26,7 @@ COPY segq ./segq
 COPY worker ./worker
 COPY producer ./producer
 COPY migrations ./migrations
-RUN pip install ".[worker,postgres,flower]" && segq --help >/dev/null
+RUN pip install ".[worker,dicom,postgres,flower]" && segq --help >/dev/null
 
 USER segq
 ENV SEGQ_STORAGE=/data/storage \

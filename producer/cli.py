@@ -41,31 +41,47 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
               help="Split volumes into subtasks of at most this many windows (default: SEGQ_MAX_WINDOWS_PER_SUBTASK).")
 @click.option("--save-probabilities", is_flag=True,
               help="Also write <name>_prob.nii.gz: the merged target-class probability (float32).")
+@click.option("--output-format", type=click.Choice(["auto", "nifti", "dicom-seg", "both"]), default="auto",
+              show_default=True, help="Masks as NIfTI, DICOM SEG or both; auto: NIfTI for NIfTI inputs, both for "
+                                      "DICOM series (a SEG needs a DICOM series to reference).")
 @click.option("--wait", is_flag=True, help="Return when every volume has finished, printing a line each.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
            sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
-           max_windows_per_subtask: int | None, save_probabilities: bool, wait: bool,
+           max_windows_per_subtask: int | None, save_probabilities: bool, output_format: str, wait: bool,
            timeout: float | None) -> None:
-    """Queue every NIfTI volume in INPUTS (files or directories) for segmentation."""
-    from producer.scan import collect_inputs
+    """Queue every NIfTI volume and DICOM series in INPUTS (files or directories) for segmentation.
+
+    DICOM files are found by content (any name); each series is one volume. A DICOM file or series that
+    cannot be segmented is refused with one line on stderr and the rest is queued; with --wait the exit
+    status is then 1.
+    """
+    from producer.scan import collect
     from producer.submit import submit as submit_dataset
     from segq.modelspec import load_model_spec
 
     spec = load_model_spec(model_path).with_overrides(overlap, sw_batch_size, mode)
-    items = collect_inputs(list(inputs), out_dir.expanduser().resolve())
-    submitted = submit_dataset(items, out_dir, spec, name=name, priority=priority,
+    collected = collect(list(inputs), out_dir.expanduser().resolve(), output_format)
+    # every input refused: the error names each one
+    submitted = submit_dataset(collected.inputs, out_dir, spec, name=name, priority=priority,
                                max_windows_per_subtask=max_windows_per_subtask,
-                               save_probabilities=save_probabilities)
+                               save_probabilities=save_probabilities, refused=[r.line() for r in collected.refused])
+    for line in submitted.refused:
+        click.echo(f"refused {line}", err=True)
     again = " (same dataset as before)" if submitted.reused_dataset else ""
+    refused = f", {len(submitted.refused)} refused" if submitted.refused else ""
     click.echo(f"dataset {submitted.dataset_id}: queued {len(submitted.queued)} volume(s), "
-               f"{len(submitted.done)} already done{again}")
+               f"{len(submitted.done)} already done{refused}{again}")
     if not wait:
         return
     from producer.wait import wait_for
 
     jobs = wait_for(submitted.dataset_id, timeout=timeout, echo=click.echo)
+    if submitted.refused:
+        click.echo(f"{len(submitted.refused)} input(s) refused at submit (above)")
     exit_on_failures(jobs, f"dataset {submitted.dataset_id}", "failed")
+    if submitted.refused:
+        sys.exit(1)
 
 
 @click.command()

@@ -40,6 +40,9 @@ def score_job(job: Job, truth_dir: Path) -> Score:
         return Score(job.id, job.input_path, None, None, f"not scored: {job.status.value}")
     if truth_path is None:
         return Score(job.id, job.input_path, None, None, f"no ground truth for it in {truth_dir}")
+    if job.output_path.endswith(".dcm"):
+        return Score(job.id, job.input_path, None, None, "not scored: only a DICOM SEG was written "
+                     "(submit with --output-format both to score it)")
     pred_image = nib.load(job.output_path)
     truth = np.asarray(nib.load(str(truth_path)).dataobj)
     pred = np.asarray(pred_image.dataobj)

@@ -176,15 +176,22 @@ def _slice_index(mask: np.ndarray) -> int:
     return int((hits[0] + hits[-1]) // 2) if hits.size else mask.shape[-1] // 2
 
 
-def overlay_png(input_path: Path, mask_path: Path, size: float = 2.6) -> str:
-    """The input's middle slice in grey with the mask in red, as a data: URI."""
+def overlay_png(input_path: Path, mask_path: Path, size: float = 2.6, source_files: list[str] | None = None) -> str:
+    """The input's middle slice in grey with the mask in red, as a data: URI (``source_files``: a DICOM series)."""
     import nibabel as nib
 
+    if mask_path.name.endswith(".dcm"):
+        raise ValueError("only a DICOM SEG was written; the overlay is drawn from a NIfTI mask")
     mask = np.asarray(nib.load(str(mask_path)).dataobj)
     z = _slice_index(mask)
-    image = nib.load(str(input_path))
-    index = (slice(None), slice(None), z) + (0,) * (len(image.shape) - 3)
-    picture = np.asarray(image.dataobj[index], dtype=np.float32)
+    if source_files:
+        from segq.dicom import load_series
+
+        picture = load_series([Path(f) for f in source_files]).volume[:, :, z]
+    else:
+        image = nib.load(str(input_path))
+        index = (slice(None), slice(None), z) + (0,) * (len(image.shape) - 3)
+        picture = np.asarray(image.dataobj[index], dtype=np.float32)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(size, size), dpi=80)
     lo, hi = np.percentile(picture, [1, 99]) if picture.size else (0.0, 1.0)
@@ -278,8 +285,8 @@ def _overlays(jobs: list[Job], limit: int | None) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for job in done[:limit] if limit is not None else done:
         try:
-            found[job.id] = overlay_png(Path(job.input_path), Path(job.output_path))
-        except (OSError, ValueError, IndexError) as exc:  # a moved or unreadable file: say so on the page
+            found[job.id] = overlay_png(Path(job.input_path), Path(job.output_path), source_files=job.source_files)
+        except (OSError, ValueError, IndexError, InputError) as exc:  # a moved or unreadable file: say so on the page
             logger.warning("no mid-slice for %s: %s", job.input_path, exc)
             found[job.id] = None
     return found

@@ -19,6 +19,7 @@ COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
     "queued_at", "started_at", "finished_at", "inference_seconds", "workers", "backend", "precision",
     "model_sha256", "dice", "volume_error_ml", "seconds", "preprocess_seconds", "merge_seconds",
+    "modality", "study_uid", "series_uid", "output_format",
 ]
 
 
@@ -37,6 +38,9 @@ def job_row(dataset: Dataset, job: Job) -> dict[str, Any]:
         "backend": job.backend, "precision": job.precision, "model_sha256": dataset.model_sha256, "dice": job.dice,
         "volume_error_ml": job.volume_error_ml, "seconds": job_seconds(job),
         "preprocess_seconds": job.preprocess_seconds, "merge_seconds": job.merge_seconds,
+        # a DICOM series is named by its UIDs, never by its patient
+        "modality": job.modality, "study_uid": job.study_uid, "series_uid": job.series_uid,
+        "output_format": job.output_format or "nifti",
     }
 
 

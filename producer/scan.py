@@ -1,23 +1,49 @@
-"""Find the NIfTI inputs named on the command line and check them before anything is queued."""
+"""Find the NIfTI files and DICOM series named on the command line and check them before anything is queued.
+
+A DICOM file is recognised by its content, with or without a .dcm suffix; files are grouped into series
+by SeriesInstanceUID, each series one volume. A DICOM file or series that cannot be segmented is refused
+alone, with one line saying why; the rest of the dataset goes ahead.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from segq.dicom import SEG_SUFFIX, Refused, Series, find_series, is_dicom
 from segq.errors import InputError
 from segq.settings import get_settings
 from segq.storage import is_nifti, output_path, require_allowed
 
+logger = logging.getLogger("segq.scan")
+
+OUTPUT_FORMATS = ("auto", "nifti", "dicom-seg", "both")
+
 
 @dataclass(frozen=True)
 class Input:
+    """One volume: a NIfTI file, or a DICOM series (then ``path`` is the series' directory joined with its UID)."""
+
     path: Path
     output: Path
+    series: Series | None = None
+    output_format: str = "nifti"
 
 
-def _scan_dir(root: Path) -> list[tuple[Path, Path]]:
+@dataclass(frozen=True)
+class Collected:
+    inputs: list[Input]
+    refused: list[Refused] = field(default_factory=list)
+
+
+def _dicom_candidate(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm" or is_dicom(path)
+
+
+def _scan_dir(root: Path, dicom: list[tuple[Path, Path]] | None = None) -> list[tuple[Path, Path]]:
+    """NIfTI files under ``root`` (with their relative paths); DICOM candidates go to ``dicom`` with their root."""
     found = []
     seen: set[Path] = set()
     # Symlinked directories are followed (each real directory once, so a link loop ends), and what they hold
@@ -31,44 +57,92 @@ def _scan_dir(root: Path) -> list[tuple[Path, Path]]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if not name.startswith(".") and is_nifti(path):
+            if name.startswith("."):
+                continue
+            if is_nifti(path):
                 found.append((path, path.relative_to(root)))
+            elif dicom is not None and _dicom_candidate(path):
+                dicom.append((path, root))
     return found
 
 
-def collect_inputs(paths: list[Path], out_dir: Path) -> list[Input]:
-    """Every NIfTI volume under ``paths`` (files, directories, or both) with its output path.
+def collect_inputs(paths: list[Path], out_dir: Path, output_format: str = "auto") -> list[Input]:
+    """Every volume under ``paths`` with its output path; refused DICOM files and series are logged and left out."""
+    collected = collect(paths, out_dir, output_format)
+    for refusal in collected.refused:
+        logger.warning("refused %s", refusal.line())
+    return collected.inputs
+
+
+def _series_format(requested: str) -> str:
+    return "both" if requested == "auto" else requested
+
+
+def _series_input(series: Series, root: Path, out_dir: Path, fmt: str) -> Input:
+    """A series' input path (its directory and UID: what results show) and its stable output path."""
+    directory = series.directory
+    relative = directory.relative_to(root) if directory.is_relative_to(root) else Path()
+    target = output_path(out_dir, relative / series.uid)
+    if fmt == "dicom-seg":
+        target = target.with_name(series.uid + SEG_SUFFIX)
+    return Input(directory / series.uid, target, series, fmt)
+
+
+def collect(paths: list[Path], out_dir: Path, output_format: str = "auto") -> Collected:
+    """Every volume under ``paths`` (files, directories, or both) with its output path, and what was refused.
 
     A missing or unreadable path is refused here, naming it, so nothing is queued for a typo.
     Two inputs mapping to one output are refused too.
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     if not paths:
-        raise InputError("no inputs given: pass one or more NIfTI files or directories")
+        raise InputError("no inputs given: pass one or more NIfTI files, DICOM series or directories")
     roots = get_settings().allowed_root_paths
     out_dir = require_allowed(out_dir, roots, "output directory")
     pairs: list[tuple[Path, Path]] = []
+    dicom: list[tuple[Path, Path]] = []
     for given in paths:
         path = given.expanduser()
         if not path.exists():
             raise InputError(f"input {given} does not exist")
         if path.is_dir():
-            found = _scan_dir(path)
-            if not found:
-                raise InputError(f"input directory {given} holds no .nii or .nii.gz files")
+            found = _scan_dir(path, dicom)
+            if not found and not any(root == path for _, root in dicom):
+                raise InputError(f"input directory {given} holds no .nii or .nii.gz files and no DICOM files")
             pairs.extend(found)
         elif is_nifti(path):
             pairs.append((path, Path(path.name)))
+        elif _dicom_candidate(path):
+            dicom.append((path, path.parent))
         else:
-            raise InputError(f"input {given} is not a .nii or .nii.gz file")
+            raise InputError(f"input {given} is neither a .nii or .nii.gz file nor a DICOM file")
     inputs: dict[Path, Input] = {}
     by_output: dict[Path, Path] = {}
+    refused: list[Refused] = []
+    nifti_format = "nifti" if output_format in ("auto", "nifti") else None
     for path, relative in pairs:
         resolved = require_allowed(path, roots, "input")
         if not os.access(resolved, os.R_OK) or not resolved.is_file():
             raise InputError(f"input {path} is not a readable file")
+        if nifti_format is None:
+            refused.append(Refused(str(path), f"a NIfTI file has no DICOM series to reference: "
+                                              f"--output-format {output_format} needs DICOM input"))
+            continue
         target = output_path(out_dir, relative)
-        if target in by_output and by_output[target] != resolved:
-            raise InputError(f"inputs {by_output[target]} and {resolved} would both write {target}: rename one")
-        by_output[target] = resolved
+        _claim(by_output, target, resolved)
         inputs[resolved] = Input(resolved, target)
-    return list(inputs.values())
+    root_of = {require_allowed(path, roots, "input"): root.expanduser().resolve() for path, root in dicom}
+    series, bad = find_series(sorted(root_of))
+    refused.extend(bad)
+    for one in series:
+        item = _series_input(one, root_of[one.files[0]], out_dir, _series_format(output_format))
+        _claim(by_output, item.output, item.path)
+        inputs[item.path] = item
+    return Collected(list(inputs.values()), refused)
+
+
+def _claim(by_output: dict[Path, Path], target: Path, source: Path) -> None:
+    if target in by_output and by_output[target] != source:
+        raise InputError(f"inputs {by_output[target]} and {source} would both write {target}: rename one")
+    by_output[target] = source

@@ -6,6 +6,10 @@ directory, model and parameters) reuses that dataset: volumes already done, whos
 exist, are reported done and cost nothing; the others are queued again as a new attempt. A volume
 new to the dataset whose fingerprint is done in another dataset gets that mask copied to its own
 output path instead of being segmented again.
+
+A DICOM series is one volume whose identity is its content hash (over its files) with its output format and
+segment description; a series that cannot be segmented (too thin for the model, too large) is refused alone
+and the rest is queued.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from segq import faults, records, scheduler
 from segq.broker import check_writable
 from segq.celery_app import get_app
 from segq.db import ensure_schema, session_scope
+from segq.dicom import check_volume, seg_output, series_sha256
 from segq.errors import InputError, TransientError
 from segq.models import Dataset, Job, Status
 from segq.modelspec import ModelSpec, file_sha256
@@ -46,6 +51,7 @@ class Submitted:
     queued: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     reused_dataset: bool = False
+    refused: list[str] = field(default_factory=list)  # one line each: what was not queued, and why
 
 
 def fingerprint(input_sha256: str, model_sha256: str, params: dict[str, object]) -> str:
@@ -67,23 +73,31 @@ def check_broker(timeout: float = 5.0) -> None:
         conn.release()
 
 
-def hash_inputs(paths: list[Path]) -> dict[Path, str]:
-    """Each input's sha256, several files at once (hashlib releases the GIL): a 48-volume dataset is
-    1.7 GB to hash, seconds on one core before anything is queued."""
+def hash_inputs(inputs: list[Input]) -> dict[Path, str]:
+    """Each input's sha256 (a DICOM series': of its files'), several at once (hashlib releases the GIL): a
+    48-volume dataset is 1.7 GB to hash, seconds on one core before anything is queued."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, max(len(paths), 1))) as pool:
-        return dict(zip(paths, pool.map(file_sha256, paths), strict=True))
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, max(len(inputs), 1))) as pool:
+        return dict(zip([item.path for item in inputs], pool.map(_input_sha256, inputs), strict=True))
 
 
 def probability_output(output: Path) -> Path:
     """Where ``--save-probabilities`` puts the float map beside a mask (the worker's naming)."""
-    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz"))
+    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz").replace("_seg.dcm", "_prob.nii.gz"))
 
 
-def outputs_present(output: str | Path, save_probabilities: bool) -> bool:
+def job_outputs(output: str | Path, save_probabilities: bool, output_format: str | None = "nifti") -> list[Path]:
+    """Every file a done job leaves: the mask and, as asked, its probabilities and DICOM SEG."""
     path = Path(output)
-    return path.is_file() and (not save_probabilities or probability_output(path).is_file())
+    if output_format == "dicom-seg":
+        return [path]
+    found = [path, *([probability_output(path)] if save_probabilities else [])]
+    return found + ([seg_output(path)] if output_format == "both" else [])
+
+
+def outputs_present(output: str | Path, save_probabilities: bool, output_format: str | None = "nifti") -> bool:
+    return all(p.is_file() for p in job_outputs(output, save_probabilities, output_format))
 
 
 def _same_dataset(params: dict[str, Any], other: dict[str, Any]) -> bool:
@@ -97,10 +111,11 @@ def _find_dataset(s: Session, name: str, out_dir: Path, model_sha: str, params: 
     return next((ds for ds in s.scalars(query) if _same_dataset(ds.params, params)), None)
 
 
-def _done_twin(s: Session, fp: str, save_probabilities: bool) -> Job | None:
-    """The newest done job with this fingerprint whose output files still exist."""
+def _done_twin(s: Session, fp: str, save_probabilities: bool, output_format: str) -> Job | None:
+    """The newest done job with this fingerprint whose output files (of the same format) still exist."""
     query = select(Job).where(Job.fingerprint == fp, Job.status == Status.DONE).order_by(Job.finished_at.desc())
-    return next((job for job in s.scalars(query) if outputs_present(job.output_path, save_probabilities)), None)
+    return next((job for job in s.scalars(query) if (job.output_format or "nifti") == output_format
+                 and outputs_present(job.output_path, save_probabilities, output_format)), None)
 
 
 def _copy_file(source: Path, target: Path) -> None:
@@ -114,9 +129,9 @@ def _copy_file(source: Path, target: Path) -> None:
 
 def _copy_outputs(source: Job, target: Path, save_probabilities: bool) -> bool:
     origin = Path(source.output_path)
-    pairs = [(origin, target)]
-    if save_probabilities:
-        pairs.append((probability_output(origin), probability_output(target)))
+    fmt = source.output_format or "nifti"
+    pairs = list(zip(job_outputs(origin, save_probabilities, fmt), job_outputs(target, save_probabilities, fmt),
+                     strict=True))
     try:
         for src, dst in pairs:
             if src.resolve() != dst.resolve():
@@ -141,20 +156,60 @@ def _unqueue(dataset_id: str, fresh: list[str], unsent: list[str], reused: bool,
                          "free memory in Redis or fix the connection, then submit again") from exc
 
 
+def _identity(item: Input, spec: ModelSpec) -> dict[str, object]:
+    """What besides content and model makes two volumes the same work: for a series, what its SEG says."""
+    params: dict[str, object] = dict(spec.params())
+    if item.series is not None:
+        params["output_format"] = item.output_format
+        params["segment"] = [spec.segment_label, spec.segment_category, spec.segment_type]
+    return params
+
+
+def _input_sha256(item: Input) -> str:
+    return series_sha256(item.series.files) if item.series is not None else file_sha256(item.path)
+
+
+def _check(inputs: list[Input], spec: ModelSpec, max_voxels: int) -> tuple[list[Input], list[str]]:
+    """NIfTI headers must all be good (else nothing is queued); a series the model cannot take is refused alone."""
+    kept, refused = [], []
+    for item in inputs:
+        if item.series is None:
+            read_header(item.path, max_voxels)
+        elif (problem := check_volume(item.series, spec.roi_size, max_voxels)) is not None:
+            refused.append(f"series {item.series.uid} in {item.series.directory}: {problem}")
+            continue
+        kept.append(item)
+    return kept, refused
+
+
+def _job_fields(item: Input, sha: str, fp: str) -> dict[str, Any]:
+    series = item.series
+    return {"input_sha256": sha, "fingerprint": fp, "output_path": str(item.output),
+            "output_format": item.output_format,
+            "study_uid": series.study_uid if series else None, "series_uid": series.uid if series else None,
+            "modality": series.modality if series else None,
+            "source_files": [str(f) for f in series.files] if series else None}
+
+
 def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | None = None,
            priority: str = "normal", max_windows_per_subtask: int | None = None,
-           save_probabilities: bool = False) -> Submitted:
-    """Write (or reuse) the dataset's rows, then queue what is not done. Nothing is queued if a header is bad."""
+           save_probabilities: bool = False, refused: list[str] | None = None) -> Submitted:
+    """Write (or reuse) the dataset's rows, then queue what is not done. Nothing is queued if a NIfTI header is bad.
+
+    ``refused`` (lines from the scan) is passed through to the result, with the series refused here added.
+    """
     settings = get_settings()
-    for item in inputs:
-        read_header(item.path, settings.max_voxels)
+    inputs, thin = _check(inputs, spec, settings.max_voxels)
+    refused = [*(refused or []), *thin]
+    if not inputs:
+        raise InputError("nothing to segment: every input was refused:\n" + "\n".join(refused))
     check_broker()
     check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
     ensure_schema()
     model_sha = spec.checksum()
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
               "max_windows_per_subtask": max_windows_per_subtask, "save_probabilities": save_probabilities}
-    hashes = hash_inputs([item.path for item in inputs])
+    hashes = hash_inputs(inputs)
     out_dir = out_dir.expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or out_dir.name
@@ -177,22 +232,23 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
         existing = {job.input_path: job for job in s.scalars(select(Job).where(Job.dataset_id == dataset.id))}
         job_ids = []
         for item in inputs:
-            fp = fingerprint(hashes[item.path], model_sha, spec.params())
+            fp = fingerprint(hashes[item.path], model_sha, _identity(item, spec))
+            fields = _job_fields(item, hashes[item.path], fp)
             job = existing.get(str(item.path))
             if job is None:
-                job = Job(dataset_id=dataset.id, input_path=str(item.path), input_sha256=hashes[item.path],
-                          fingerprint=fp, output_path=str(item.output), status=Status.QUEUED)
+                job = Job(dataset_id=dataset.id, input_path=str(item.path), status=Status.QUEUED, **fields)
                 s.add(job)
                 s.flush()
-                twin = _done_twin(s, fp, save_probabilities)
+                twin = _done_twin(s, fp, save_probabilities, item.output_format)
                 if twin is not None:
                     twins[job.id] = (twin, item.output)
                 fresh.append(job.id)
             elif (job.fingerprint == fp and job.status == Status.DONE
-                  and outputs_present(job.output_path, save_probabilities)):
+                  and outputs_present(job.output_path, save_probabilities, job.output_format)):
                 done.append(job.id)
             else:
-                job.input_sha256, job.fingerprint, job.output_path = hashes[item.path], fp, str(item.output)
+                for key, value in fields.items():
+                    setattr(job, key, value)
                 again.append(job.id)
             job_ids.append(job.id)
         dataset_id = dataset.id
@@ -209,7 +265,7 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     except Exception as exc:  # kombu's OperationalError, redis' ResponseError (OOM): the broker refused
         _unqueue(dataset_id, fresh, again, reused, exc)
     logger.info("dataset %s: queued %d volume(s), %d already done", dataset_id, len(queued), len(done))
-    return Submitted(dataset_id, job_ids, queued, done, reused)
+    return Submitted(dataset_id, job_ids, queued, done, reused, refused)
 
 
 __all__ = ["submit", "Submitted", "fingerprint", "check_broker", "outputs_present", "InputError"]

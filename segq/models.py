@@ -118,6 +118,12 @@ class Job(Base):
     precision: Mapped[str | None] = mapped_column(String(8), nullable=True)
     dice: Mapped[float | None] = mapped_column(Float, nullable=True)
     volume_error_ml: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A DICOM series (NULL for NIfTI): which series, never which patient; its files, in no particular order
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    source_files: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    output_format: Mapped[str | None] = mapped_column(String(16), nullable=True)  # nifti, dicom-seg, both
 
     dataset: Mapped[Dataset] = relationship(back_populates="jobs")
     parts: Mapped[list[Subtask]] = relationship(back_populates="job", order_by="Subtask.slab")

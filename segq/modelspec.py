@@ -33,6 +33,11 @@ class ModelSpec:
     overlap: float = 0.5
     sw_batch_size: int = 8
     mode: str = "gaussian"
+    # What the mask is, for a DICOM SEG: a free-text label and SNOMED CT codes (a pydicom ``codes.SCT``
+    # keyword, or "SCHEME:VALUE:Meaning"). They name the output, not the network: not in the checksum.
+    segment_label: str = "tumour"
+    segment_category: str = "MorphologicallyAbnormalStructure"
+    segment_type: str = "Neoplasm"
     path: Path | None = None
 
     @property
@@ -70,6 +75,13 @@ class ModelSpec:
             raise InputError(f"{where}: overlap must be in [0, 1), got {self.overlap}")
         if self.mode not in MODES:
             raise InputError(f"{where}: mode = {self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("segment_category", "segment_type"):
+            try:
+                parse_code(str(getattr(self, name)))
+            except ValueError as exc:
+                raise InputError(f"{where}: {name}: {exc}") from exc
+        if not str(self.segment_label).strip() or len(str(self.segment_label)) > 64:
+            raise InputError(f"{where}: segment_label must be 1 to 64 characters, got {self.segment_label!r}")
         if self.preprocess not in PREPROCESS:
             raise InputError(f"{where}: preprocess = {self.preprocess!r} is not one of {', '.join(PREPROCESS)}")
 
@@ -96,6 +108,23 @@ class ModelSpec:
         data["checkpoint"] = str(self.checkpoint)
         data["path"] = str(self.path) if self.path else None
         return data
+
+
+def parse_code(text: str) -> tuple[str, str, str]:
+    """A coded concept as (value, scheme, meaning) from a pydicom ``codes.SCT`` keyword or "SCHEME:VALUE:Meaning"."""
+    parts = text.split(":", 2)
+    if len(parts) == 3 and all(p.strip() for p in parts):
+        return parts[1].strip(), parts[0].strip(), parts[2].strip()
+    try:
+        from pydicom.sr.codedict import codes
+    except ImportError:  # the producer without the dicom extra: checked where the SEG is written
+        return text, "SCT", text
+    try:
+        code = getattr(codes.SCT, text)
+    except AttributeError:
+        raise ValueError(f"{text!r} is neither a SNOMED CT keyword known to pydicom (e.g. Neoplasm, Liver) "
+                         "nor SCHEME:VALUE:Meaning (e.g. SCT:108369006:Neoplasm)") from None
+    return str(code.value), str(code.scheme_designator), str(code.meaning)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -142,7 +171,7 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
     fields = dict(data)
     fields["checkpoint"] = Path(fields["checkpoint"])
     fields["path"] = Path(fields["path"]) if fields.get("path") else None
-    return ModelSpec(**fields)
+    return ModelSpec(**fields)  # a spec recorded before the segment keys existed gets their defaults
 
 
 def write_model_toml(path: Path, spec: ModelSpec) -> None:

@@ -35,6 +35,8 @@ class JobView:
     params: dict[str, Any]
     input_sha256: str = ""  # checked by the worker: the file must be the one submitted
     out_dir: str = ""  # the dataset's output directory: the output must still land inside it
+    source_files: tuple[str, ...] = ()  # a DICOM series' files; empty for a NIfTI input
+    output_format: str = "nifti"
 
     @property
     def active(self) -> bool:
@@ -48,7 +50,8 @@ def load_job(job_id: str) -> JobView | None:
             return None
         ds = job.dataset
         return JobView(job.id, job.dataset_id, job.attempt, job.status, job.input_path, job.output_path,
-                       ds.params.get("model", {}), ds.model_sha256, ds.params, job.input_sha256, ds.out_dir)
+                       ds.params.get("model", {}), ds.model_sha256, ds.params, job.input_sha256, ds.out_dir,
+                       tuple(job.source_files or ()), job.output_format or "nifti")
 
 
 def job_status(job_id: str) -> tuple[Status, int] | None:

@@ -117,11 +117,16 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     started = time.perf_counter()
     spec = spec_from_dict(job.model)
     faults.point("in_prepare", input=Path(job.input_path).name)
-    volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
+    ws = storage.workspace(settings.storage_root, job.id, job.attempt)
+    if job.source_files:  # a DICOM series
+        from worker.dicomseg import prepare_series
+
+        volume, header = prepare_series(job, settings, ws)
+    else:
+        volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
     volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
-    ws = storage.workspace(settings.storage_root, job.id, job.attempt)
     ws.mkdir(parents=True, exist_ok=True)
     storage.save_array(ws / INPUT, pad_volume(volume, plan))
     document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
@@ -198,7 +203,7 @@ def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
 
 
 def probability_path(output: Path) -> Path:
-    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz"))
+    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz").replace("_seg.dcm", "_prob.nii.gz"))
 
 
 def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
@@ -225,10 +230,13 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
           save_probabilities: bool = False) -> tuple[int, float]:
     """Add the partials, divide by the summed weights, threshold at 0.5 and write the mask atomically.
 
-    Returns the tumour voxel count and volume in mL (from the input's voxel spacing).
+    Returns the tumour voxel count and volume in mL (from the input's voxel spacing). For a DICOM series
+    (prepare left its description in ``ws``) the mask is written as NIfTI, DICOM SEG or both.
     """
     import nibabel as nib
 
+    from segq.dicom import seg_output
+    from worker import dicomseg
     from worker.inference import merge_partials
 
     # A merge killed between writing its temp file and renaming it left that file; this delivery is now
@@ -248,10 +256,17 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
         partials.append((slab.lo, array))
     probability = merge_partials(plan.padded_shape, partials, cached_weight_sum(plan), plan.crop)
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
-    source = nib.load(str(input_path))
+    series = dicomseg.read_meta(ws)
+    source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)
     if save_probabilities:
         _write_nifti(f_order(probability), source, probability_path(output))
-    _write_nifti(f_order(mask), source, output)
+    ordered = f_order(mask)  # NIfTI's order on disk; its transpose is the SEG's (slice, row, column), copy-free
+    if series is None or series.writes_nifti:
+        _write_nifti(ordered, source, output)
+    if series is not None and series.writes_seg:
+        seg = seg_output(output)
+        storage.remove_stale_temps(seg)
+        dicomseg.write_seg(ordered, series, seg)
     voxels = int(np.count_nonzero(mask))
     spacing = np.prod(source.header.get_zooms()[:3])
     return voxels, round(float(voxels * spacing) / 1000.0, 4)

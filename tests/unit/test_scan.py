@@ -36,7 +36,7 @@ def test_same_file_twice_is_one_input(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("make", "message"), [
     (lambda p: [p / "missing.nii.gz"], "missing.nii.gz does not exist"),
-    (lambda p: [touch(p / "scan.txt")], "is not a .nii or .nii.gz file"),
+    (lambda p: [touch(p / "scan.txt")], "is neither a .nii or .nii.gz file nor a DICOM file"),
     (lambda p: [(p / "empty").mkdir() or p / "empty"], "holds no .nii or .nii.gz files"),
     (lambda p: [], "no inputs given"),
     (lambda p: [touch(p / "x" / "a.nii.gz"), touch(p / "y" / "a.nii")], "would both write"),
