@@ -41,11 +41,13 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
               help="Split volumes into subtasks of at most this many windows (default: SEGQ_MAX_WINDOWS_PER_SUBTASK).")
 @click.option("--save-probabilities", is_flag=True,
               help="Also write <name>_prob.nii.gz: the merged target-class probability (float32).")
+@click.option("--overwrite", is_flag=True,
+              help="Take over output paths another dataset owns (its jobs for them are cancelled, saying why).")
 @click.option("--wait", is_flag=True, help="Return when every volume has finished, printing a line each.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
            sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
-           max_windows_per_subtask: int | None, save_probabilities: bool, wait: bool,
+           max_windows_per_subtask: int | None, save_probabilities: bool, overwrite: bool, wait: bool,
            timeout: float | None) -> None:
     """Queue every NIfTI volume in INPUTS (files or directories) for segmentation."""
     from producer.scan import collect_inputs
@@ -56,7 +58,7 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     items = collect_inputs(list(inputs), out_dir.expanduser().resolve())
     submitted = submit_dataset(items, out_dir, spec, name=name, priority=priority,
                                max_windows_per_subtask=max_windows_per_subtask,
-                               save_probabilities=save_probabilities)
+                               save_probabilities=save_probabilities, overwrite=overwrite)
     again = " (same dataset as before)" if submitted.reused_dataset else ""
     click.echo(f"dataset {submitted.dataset_id}: queued {len(submitted.queued)} volume(s), "
                f"{len(submitted.done)} already done{again}")

@@ -54,6 +54,10 @@ def select_jobs(target: str | None, statuses: Iterable[Status], *, job_ids: bool
             if s.execute(query.limit(1)).first() is None:
                 what = "dataset or job" if job_ids else "dataset"
                 raise InputError(f"no {what} with id or name {target!r}: see `segq status`")
+            named = list(s.scalars(select(Dataset.id).where(Dataset.name == target)))
+            if len(named) > 1 and s.get(Dataset, target) is None and s.get(Job, target) is None:
+                raise InputError(f"{len(named)} datasets are named {target!r} (ids {', '.join(named)}): "
+                                 "name one by its id")
         rows = s.execute(query.where(Job.status.in_(list(statuses))).order_by(Job.queued_at, Job.input_path))
         return [JobRef(*row) for row in rows]
 

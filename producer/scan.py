@@ -17,9 +17,10 @@ class Input:
     output: Path
 
 
-def _scan_dir(root: Path) -> list[tuple[Path, Path]]:
+def _scan_dir(root: Path, out_dir: Path) -> list[tuple[Path, Path]]:
     found = []
-    seen: set[Path] = set()
+    # The output directory is never an input: else every resubmission would take the last masks as new volumes.
+    seen: set[Path] = {out_dir}
     # Symlinked directories are followed (each real directory once, so a link loop ends), and what they hold
     # is checked against SEGQ_ALLOWED_ROOTS like any input, rather than silently skipped.
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -52,7 +53,10 @@ def collect_inputs(paths: list[Path], out_dir: Path) -> list[Input]:
         if not path.exists():
             raise InputError(f"input {given} does not exist")
         if path.is_dir():
-            found = _scan_dir(path)
+            if path.resolve() == out_dir:
+                raise InputError(f"--out {out_dir} is the input directory {given}: write the masks elsewhere "
+                                 "(a subdirectory is fine)")
+            found = _scan_dir(path, out_dir)
             if not found:
                 raise InputError(f"input directory {given} holds no .nii or .nii.gz files")
             pairs.extend(found)

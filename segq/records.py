@@ -11,6 +11,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from segq.db import session_scope
+from segq.errors import InputError
 from segq.models import FINAL_STATUSES, Dataset, Job, Status, Subtask, utcnow
 
 logger = logging.getLogger("segq.records")
@@ -84,7 +85,11 @@ def start_subtask(job_id: str, attempt: int, slab: int, worker: str) -> int:
             part = Subtask(job_id=job_id, attempt=attempt, slab=slab, windows=0, deliveries=0)
             s.add(part)
         part.deliveries = (part.deliveries or 0) + 1
-        part.status, part.worker, part.started_at = Status.RUNNING, worker, utcnow()
+        job = s.get(Job, job_id)
+        # A job that ended meanwhile (a sibling slab failed it) keeps no subtask running: the task stops next.
+        ended = job is None or job.status.final or job.attempt != attempt
+        part.status = Status.CANCELLED if ended else Status.RUNNING
+        part.worker, part.started_at = worker, utcnow()
         return part.deliveries
 
 
@@ -118,14 +123,27 @@ def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: floa
 
 
 def fail_job(job_id: str, error: str, attempt: int | None = None, status: Status = Status.FAILED) -> bool:
-    """Mark the job failed (or cancelled) unless it already ended; the first reason wins."""
+    """Mark the job failed (or cancelled) unless it already ended; the first reason wins.
+
+    Its unfinished subtasks end with it (as cancelled: they did not fail themselves), so nothing reports
+    them running once no task of the job is left.
+    """
     with session_scope() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.status.final or (attempt is not None and job.attempt != attempt):
+        if job is None or (attempt is not None and job.attempt != attempt):
+            return False
+        _close_subtasks(s, job_id, job.attempt)  # also when the job ended first: a late slab may have started
+        if job.status.final:
             return False
         job.status, job.error, job.finished_at = status, error[:MAX_ERROR_CHARS], utcnow()
         logger.warning("job %s %s: %s", job_id, status.value, error)
         return True
+
+
+def _close_subtasks(s: Session, job_id: str, attempt: int) -> None:
+    s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt,
+                                    Subtask.status.in_([Status.QUEUED, Status.RUNNING]))
+              .values(status=Status.CANCELLED, finished_at=utcnow()))
 
 
 def requeue_job(job_id: str) -> int:
@@ -214,6 +232,20 @@ def datasets(name_or_id: str | None = None) -> list[Dataset]:
         if name_or_id:
             query = query.where((Dataset.id == name_or_id) | (Dataset.name == name_or_id))
         return list(s.scalars(query))
+
+
+def one_dataset(name_or_id: str) -> Dataset:
+    """The dataset with this id, else the one with this name; InputError when none, or when a name is ambiguous."""
+    found = datasets(name_or_id)
+    by_id = [ds for ds in found if ds.id == name_or_id]
+    if by_id:
+        return by_id[0]
+    if not found:
+        raise InputError(f"no dataset with id or name {name_or_id!r}: see `segq status`")
+    if len(found) > 1:
+        raise InputError(f"{len(found)} datasets are named {name_or_id!r} (ids {', '.join(ds.id for ds in found)}): "
+                         "name one by its id")
+    return found[0]
 
 
 def final_statuses() -> tuple[Status, ...]:

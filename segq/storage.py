@@ -148,7 +148,11 @@ def require_allowed(path: Path, roots: list[Path], what: str) -> Path:
     """``path`` with symlinks resolved; InputError unless it lies inside one of ``roots`` (none: anywhere)."""
     if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
         raise InputError(f"{what} {str(path)!r} holds control characters: rename it")
-    resolved = path.expanduser().resolve()
+    try:
+        resolved = path.expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise InputError(f"{what} {path} cannot be resolved ({exc}): it is a symlink loop or a broken link; "
+                         "remove or fix it") from None
     if roots and not any(resolved.is_relative_to(root) for root in roots):
         shown = os.pathsep.join(str(r) for r in roots)
         raise InputError(f"{what} {path} resolves to {resolved}, outside the allowed roots {shown} "

@@ -53,7 +53,27 @@ def read_header(path: Path, max_voxels: int) -> VolumeHeader:
         raise InputError(f"{path}: voxel spacing {zooms} is not positive and finite")
     if not np.all(np.isfinite(image.affine)):
         raise InputError(f"{path}: the affine holds NaN or infinite values")
+    check_voxel_type(path, image.get_data_dtype())
     return VolumeHeader(shape, zooms, str(image.get_data_dtype()))  # type: ignore[arg-type]
+
+
+def check_voxel_type(path: Path, dtype: np.dtype[Any]) -> None:
+    """Refuse voxels that are not one real number each: complex (only the real part would be segmented)
+    and RGB or other records (numpy cannot even convert them to float)."""
+    if dtype.kind == "c":
+        raise InputError(f"{path}: voxels are {dtype} (complex); segq would segment only the real part. "
+                         "Save the magnitude (abs) or the part you mean as a real image")
+    if dtype.kind not in "biuf":
+        raise InputError(f"{path}: voxels are {dtype.names or dtype} (RGB or another record type), not one number "
+                         "each; convert the image to greyscale or to channels (4D) first")
+
+
+def check_channels(path: Path, header: VolumeHeader, in_channels: int) -> None:
+    """The volume's channel count (the 4th axis, else 1) must be what the model takes."""
+    channels = header.shape[3] if len(header.shape) == 4 else 1
+    if channels != in_channels:
+        raise InputError(f"{path}: the volume has {channels} channel(s) but the model takes {in_channels} "
+                         "(in_channels in the model file): pass volumes with that many channels or another model")
 
 
 def _check_stored_size(path: Path, needed: int) -> None:
@@ -121,9 +141,7 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
     import nibabel as nib
 
     header = read_header(path, max_voxels)
-    channels = header.shape[3] if len(header.shape) == 4 else 1
-    if channels != in_channels:
-        raise InputError(f"{path}: the volume has {channels} channel(s) but the model expects {in_channels}")
+    check_channels(path, header, in_channels)
     image = nib.load(str(path))
     itemsize = image.get_data_dtype().itemsize
     _check_stored_size(path, int(getattr(image.dataobj, "offset", 0)) + header.voxels_stored * itemsize)

@@ -176,7 +176,16 @@ def probability_path(output: Path) -> Path:
 
 
 def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
+    """Write ``array`` as NIfTI beside ``output`` and rename it into place.
+
+    The file handles are ours and closed by ``with`` even when a write fails: given a file name, nibabel
+    opens its own, and a full disk's OSError kept it open (through the exception's traceback, which Celery
+    keeps), so the unlinked temp file held its space until the worker restarted.
+    """
+    import gzip
+
     import nibabel as nib
+    from nibabel.fileholders import FileHolder
 
     header = source.header.copy()
     header.set_data_dtype(array.dtype)
@@ -184,7 +193,13 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
     image = nib.Nifti1Image(array, source.affine, header)
     image.header.set_slope_inter(1, 0)
     with storage.atomic_path(output) as tmp:
-        nib.save(image, str(tmp))
+        with open(tmp, "wb") as raw:
+            if output.name.endswith(".gz"):
+                # level 1 and no timestamp, as nibabel's own .nii.gz writer
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as stream:
+                    image.to_file_map({"image": FileHolder(fileobj=stream)})
+            else:
+                image.to_file_map({"image": FileHolder(fileobj=raw)})
         faults.point("before_merge_rename", output=output.name)
 
 

@@ -137,7 +137,7 @@ def test_hostile_nifti_fails_before_inference_with_bounded_memory(dep: Deploymen
 
     scans = tmp_path / "allowed" / "scans"
     expected = _hostile_files(scans)
-    monkeypatch.setattr(producer.submit, "read_header", lambda path, limit: None)
+    monkeypatch.setattr(producer.submit, "check_volume", lambda path, spec, limit: None)
     dep.submit([scans], tmp_path / "allowed" / "out", unet_model)
     monkeypatch.undo()
     w1 = dep.worker("w1")
