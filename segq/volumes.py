@@ -151,9 +151,13 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
         raise InputError(f"{path}: the file is corrupt or truncated; its header promises {header.shape} "
                          f"{header.dtype} voxels that could not be read ({type(exc).__name__}: {exc})") from exc
     # min and max propagate NaN and show infinities: two passes and no volume-sized mask
-    if data.size and not (np.isfinite(data.min()) and np.isfinite(data.max())):
+    low, high = (data.min(), data.max()) if data.size else (0.0, 1.0)
+    if not (np.isfinite(low) and np.isfinite(high)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise InputError(f"{path}: {bad:,} voxels are NaN or infinite; fix or mask them before segmenting")
+    if low == high:  # a blank export: any mask of it is the network's bias, not a finding
+        raise InputError(f"{path}: every voxel is {float(low):g} (a constant volume): nothing to segment; "
+                         "check the export that wrote it")
     # NIfTI data is stored in Fortran order; the caller decides where to pay for C order.
     volume = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     return volume.astype(np.float32, copy=False), np.asarray(image.affine), header
