@@ -192,7 +192,7 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
     header.set_data_shape(array.shape)
     image = nib.Nifti1Image(array, source.affine, header)
     image.header.set_slope_inter(1, 0)
-    with storage.atomic_path(output) as tmp:
+    with storage.disk_errors(output), storage.atomic_path(output) as tmp:
         with open(tmp, "wb") as raw:
             if output.name.endswith(".gz"):
                 # level 1 and no timestamp, as nibabel's own .nii.gz writer
