@@ -62,8 +62,28 @@ def select_jobs(target: str | None, statuses: Iterable[Status], *, job_ids: bool
         return [JobRef(*row) for row in rows]
 
 
+def _taken_over(jobs: list[JobRef]) -> set[str]:
+    """Jobs whose output path another dataset's live job now owns (it took it over with submit --overwrite)."""
+    with session_scope() as s:
+        taken = set()
+        for job in jobs:
+            owner = s.scalar(select(Job.dataset_id).where(Job.output_path == job.output_path,
+                                                          Job.dataset_id != job.dataset_id,
+                                                          Job.status != Status.CANCELLED).limit(1))
+            if owner is not None:
+                logger.warning("job %s not re-queued: its output %s now belongs to dataset %s", job.id,
+                               job.output_path, owner)
+                taken.add(job.id)
+        return taken
+
+
 def requeue(jobs: list[JobRef]) -> list[str]:
-    """Start a new attempt of each job and send its volume task at its dataset's priority."""
+    """Start a new attempt of each job and send its volume task at its dataset's priority.
+
+    A job whose output another dataset took over is left alone: running it would overwrite that mask.
+    """
+    taken = _taken_over(jobs)
+    jobs = [job for job in jobs if job.id not in taken]
     if not jobs:
         return []
     check_broker()
