@@ -272,3 +272,36 @@ def test_full_output_disk_fails_the_volume_and_retry_works_after_freeing(dep: De
     figure("22 full output disk", f"2 failures ('the disk is full'), 0 temp files held open, {used_kb} kB used "
            "on the 96 kB disk after them; done after freeing space and retry --failed")
 
+
+
+def _vm_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmSize:"))
+
+
+def test_volume_past_the_memory_limit_fails_alone(dep: Deployment, unet_model: Path, tmp_path: Path) -> None:
+    """Scenario 23: under `ulimit -v` (as on many clusters) a 512³ volume needs more than the worker has left:
+    it fails alone, before a voxel is read, with both figures; the next volume is done by the same process."""
+    probe = dep.worker("probe")
+    [child] = probe.children()
+    idle_kb = _vm_kb(child)
+    probe.stop()
+    dep.workers.remove(probe)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((512, 512, 512), np.uint8), np.eye(4)), str(scans / "big.nii.gz"))
+    write_volume(scans / "small.nii.gz", SMALL, seed=1)
+    limit_kb = idle_kb + 1536 * 1024  # 1.5 GiB above an idle pool process
+    script = f'ulimit -v {limit_kb} && exec "$@"'
+    limited = WorkerProcess(dep.env, "limited", dep.root / "limited.log", prefix=["sh", "-c", script, "sh"])
+    dep.workers.append(limited)
+    limited.start()
+    [child] = limited.children()
+    dep.submit([scans], tmp_path / "out", unet_model)
+    dep.wait(180)
+    rows = {Path(r.input_path).name: r for r in assert_nothing_lost(dep, unet_model, done={"small.nii.gz"})}
+    error = rows["big.nii.gz"].error or ""
+    assert "a 512x512x512 volume needs about 1.6 GiB to prepare; this worker has" in error, error
+    assert limited.children() == [child] and limited.proc is not None and limited.proc.poll() is None
+    figure("23 memory limit", f"ulimit -v {limit_kb // 1024} MiB: {error.split(': ', 1)[1][:120]!r}; the same pool "
+           "process then did the next volume")
