@@ -31,14 +31,21 @@ def build_network(spec: ModelSpec) -> nn.Module:
     raise InputError(f"unknown arch {spec.arch!r}")
 
 
+def _gist(exc: Exception) -> str:
+    """The line of torch's multi-paragraph load error that says what was refused (one line, bounded)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    telling = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+    return telling[:200]
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a plain state_dict. ``weights_only=True`` refuses pickled code, so a checkpoint cannot run anything."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for unsafe or broken files
         raise InputError(
-            f"checkpoint {path} is not a plain PyTorch state_dict loadable with weights_only=True ({exc}); "
-            "save it with torch.save(model.state_dict(), path)"
+            f"checkpoint {path} is not a plain PyTorch state_dict loadable with weights_only=True "
+            f"({_gist(exc)}); save it with torch.save(model.state_dict(), path)"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
