@@ -147,6 +147,8 @@ def test_output_paths_have_one_owner(dep: Deployment, unet_model: Path, tmp_path
     first = dep.segq("submit", str(scans), "--out", str(out), "--model", str(unet_model), "--name", "A",
                      "--wait", "--timeout", "120")
     assert first.returncode == 0, first.stderr[-3000:]
+    said = first.stdout + first.stderr
+    assert said.count("queued 1 volume(s)") == 1 and said.count("a.nii.gz -> ") == 1, said  # each result once
     other = write_model(tmp_path / "other", "UNet", roi=32, feature_size=4, seed=7)
     line = _refused(dep, str(scans), "--out", str(out), "--model", str(other), "--name", "B")
     assert "1 output(s) already belong to dataset(s)" in line and "--overwrite" in line

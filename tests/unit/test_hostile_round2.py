@@ -320,3 +320,16 @@ def _dice(ids: dict[str, str]) -> dict[str, float | None]:
 
     with session_scope() as s:
         return {name: s.get(Job, job_id).dice for name, job_id in ids.items()}  # type: ignore[union-attr]
+
+
+def test_train_demo_never_replaces_a_model_unasked(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from producer.democli import train_demo
+
+    missing = CliRunner().invoke(train_demo, [])
+    assert missing.exit_code == 2 and "Missing option '-o'" in missing.output
+    (tmp_path / "model.toml").write_text("kept")
+    refused = CliRunner().invoke(train_demo, ["--out", str(tmp_path), "--steps", "1"])
+    assert refused.exit_code == 1 and "exists: pass --overwrite" in refused.output
+    assert (tmp_path / "model.toml").read_text() == "kept"
