@@ -69,7 +69,8 @@ def _taken_over(jobs: list[JobRef]) -> set[str]:
         for job in jobs:
             owner = s.scalar(select(Job.dataset_id).where(Job.output_path == job.output_path,
                                                           Job.dataset_id != job.dataset_id,
-                                                          Job.status != Status.CANCELLED).limit(1))
+                                                          Job.status.not_in([Status.CANCELLED, Status.FAILED]))
+                            .limit(1))
             if owner is not None:
                 logger.warning("job %s not re-queued: its output %s now belongs to dataset %s", job.id,
                                job.output_path, owner)

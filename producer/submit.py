@@ -157,13 +157,14 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 
 def _claim_outputs(s: Session, dataset: Dataset, inputs: list[Input], overwrite: bool) -> None:
-    """Each output path has one owner: a live job of another dataset writing it refuses the submission,
+    """Each output path has one owner: a queued, running or done job of another dataset refuses the submission,
     unless ``overwrite``, which cancels that job with a reason naming this dataset (so its results say so)."""
     wanted = [str(item.output) for item in inputs]
     owners: list[Job] = []
     for i in range(0, len(wanted), 500):
+        # A failed or cancelled job wrote nothing there; `segq retry` leaves it alone while another dataset owns it.
         owners += s.scalars(select(Job).where(Job.output_path.in_(wanted[i:i + 500]), Job.dataset_id != dataset.id,
-                                              Job.status != Status.CANCELLED)).all()
+                                              Job.status.not_in([Status.CANCELLED, Status.FAILED]))).all()
     if not owners:
         return
     others = sorted({job.dataset_id for job in owners})

@@ -333,3 +333,23 @@ def test_train_demo_never_replaces_a_model_unasked(tmp_path: Path) -> None:
     refused = CliRunner().invoke(train_demo, ["--out", str(tmp_path), "--steps", "1"])
     assert refused.exit_code == 1 and "exists: pass --overwrite" in refused.output
     assert (tmp_path / "model.toml").read_text() == "kept"
+
+
+def test_only_live_jobs_of_another_dataset_own_an_output(sqlite_db: None) -> None:
+    from producer.scan import Input
+    from producer.submit import _claim_outputs
+    from segq.db import session_scope
+    from segq.models import Dataset, Job
+
+    failed, done = _job(Status.FAILED), _job(Status.DONE)
+    with session_scope() as s:
+        paths = {job_id: Path(s.get(Job, job_id).output_path) for job_id in (failed, done)}  # type: ignore[union-attr]
+        other = Dataset(name="b", out_dir="/out", model_path="/m", model_sha256="1" * 64, params={})
+        s.add(other)
+        s.flush()
+        _claim_outputs(s, other, [Input(Path("/in/x.nii.gz"), paths[failed])], overwrite=False)  # wrote nothing
+        with pytest.raises(InputError, match=r"1 output\(s\) already belong to dataset\(s\) .*--overwrite"):
+            _claim_outputs(s, other, [Input(Path("/in/y.nii.gz"), paths[done])], overwrite=False)
+        _claim_outputs(s, other, [Input(Path("/in/y.nii.gz"), paths[done])], overwrite=True)
+        taken = s.get(Job, done)
+        assert taken is not None and taken.status == Status.CANCELLED and "taken over by dataset" in (taken.error or "")
