@@ -152,13 +152,40 @@ def requeue_job(job_id: str) -> int:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise KeyError(job_id)
-        job.attempt += 1
-        job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
-        job.started_at = job.finished_at = None
-        job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
-        job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
-        job.workers = None
-        return job.attempt
+        return _new_attempt(job)
+
+
+def _new_attempt(job: Job) -> int:
+    job.attempt += 1
+    job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
+    job.started_at = job.finished_at = None
+    job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
+    job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
+    job.workers = None
+    return job.attempt
+
+
+def requeue_if(job_id: str, attempt: int) -> int | None:
+    """Start a new attempt of the job only if it is still running ``attempt``: several sweepers may find the
+    same orphan, and only the first re-queues it. Returns the new attempt, or None."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.attempt != attempt or job.status != Status.RUNNING:
+            return None
+        _close_subtasks(s, job_id, attempt)
+        return _new_attempt(job)
+
+
+def orphaned_subtasks(alive: set[str]) -> list[tuple[str, int, str, str]]:
+    """(job, attempt, worker, priority) of each running subtask of a running job whose worker is not ``alive``."""
+    with session_scope() as s:
+        rows = s.execute(select(Subtask.job_id, Subtask.attempt, Subtask.worker, Dataset.priority)
+                         .join(Job, (Job.id == Subtask.job_id) & (Job.attempt == Subtask.attempt))
+                         .join(Dataset, Dataset.id == Job.dataset_id)
+                         .where(Subtask.status == Status.RUNNING, Job.status == Status.RUNNING,
+                                Subtask.worker.is_not(None)))
+        return [(job_id, attempt, str(worker), priority) for job_id, attempt, worker, priority in rows
+                if worker is not None and worker not in alive]
 
 
 def cancel_job(job_id: str, reason: str = "cancelled") -> tuple[int, int | None] | None:

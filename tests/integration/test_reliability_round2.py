@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +308,34 @@ def test_volume_past_the_memory_limit_fails_alone(dep: Deployment, unet_model: P
     assert limited.children() == [child] and limited.proc is not None and limited.proc.poll() is None
     figure("23 memory limit", f"ulimit -v {limit_kb // 1024} MiB: {error.split(': ', 1)[1][:120]!r}; the same pool "
            "process then did the next volume")
+
+
+def test_work_of_a_worker_killed_whole_is_requeued_without_a_user(tmp_path: Path, unet_model: Path) -> None:
+    """Scenario 24: with a visibility timeout of 5 minutes, the worker running slab 1 is SIGKILLed whole;
+    the surviving worker's pings miss it twice and re-queue the job as a new attempt, which it completes,
+    long before the timeout and without `segq resume`."""
+    from worker import faults
+
+    with deployment(tmp_path, SEGQ_VISIBILITY_TIMEOUT="300", SEGQ_DEAD_WORKER_INTERVAL="3") as dep:
+        pause = "pause_in_infer_slab:slab=1:times=1:seconds=120"
+        dep.arm(pause)
+        w1 = dep.worker("w1")
+        scan = write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1)
+        dep.submit([scan], tmp_path / "out", unet_model)
+        hit = wait_for(lambda: faults.hits(dep.faults_dir, pause), 90, "slab 1 to start")
+        assert int(hit[0]["pid"]) in w1.children(), "slab 1 must be running on w1"
+        dep.worker("w2")
+        killed = time.monotonic()
+        w1.kill()
+        [row] = dep.wait(150)
+        recovered = time.monotonic() - killed
+        assert row.status == "done" and row.attempt == 1, row
+        assert_mask_matches(Path(row.output_path), scan, unet_model)
+        assert not temp_files(tmp_path / "out", dep.storage) and not list((dep.storage / "jobs").glob("*"))
+        assert "stopped answering while running it; re-queued as attempt 1" in dep.log()
+        assert recovered < 60, f"re-queued {recovered:.0f} s after the kill"
+        with session_scope() as s:
+            left = [p.status for p in s.scalars(select(Subtask).where(Subtask.attempt == 0))]
+        assert Status.RUNNING not in left, left
+    figure("24 worker killed whole", f"job re-queued and done {recovered:.1f} s after the kill (pings every 3 s, "
+           "two missed; visibility timeout 300 s)")
