@@ -38,7 +38,7 @@ from segq.modelspec import ModelSpec
 from segq.tiling import Slab, importance_map, pad_volume, plan_windows
 from worker.engines.gate import compare_masks
 from worker.engines.torch_engine import TorchEngine
-from worker.inference import infer_slab
+from worker.inference import read_slab, slab_partial
 from worker.model import TargetClassProbability, build_network
 
 logger = logging.getLogger("segq.bench")
@@ -106,7 +106,7 @@ def engine_mask(engine: Any, padded: np.ndarray, plan: Any, weights: np.ndarray,
     """segq's slab loop over every window, then division by the summed weights and threshold on the device."""
     device = engine.device
     slab = Slab(0, list(plan.starts), 0, plan.padded_shape[0])
-    total = infer_slab(padded, slab, plan.roi, weights, engine, batch)
+    total = slab_partial(read_slab(padded, slab, device), slab, padded.shape[2:], plan.roi, weights, engine, batch)
     w = torch.from_numpy(weights).to(device)
     norm = torch.zeros_like(total)
     rx, ry, rz = plan.roi

@@ -1,32 +1,43 @@
-"""Scaling over GPUs: cases per hour and subtasks per second with 1..N GPU workers, in one run.
+"""segq against the folder split over 1..N GPUs, and one CT-size volume's latency over 1..N GPUs, in one run.
 
-One command for a GPU machine: it starts a Redis server (``--redis-server``, e.g. .whl/redis/redis-server
-from /work/shared/device/redis.sh; or uses ``--broker``), then for each GPU count runs a real launcher
-(`segq worker --gpus N`: one worker process per GPU plus the coordinator process) on a deployment of its
-own (Redis database flushed, SQLite, storage), warms every worker up (torch, CUDA context, engine) with
-a volume cut into one-window subtasks, submits the volume set at once and times it to the last mask.
-Works for any N, 1 included; arms default to 1, 2, 4 … up to the GPUs present.
+One command for a GPU machine. It makes the files once (BraTS-size .nii.gz volumes, as shared/peers
+makes them, and one CT-size int16 .nii.gz), starts a Redis server (``--redis-server``, e.g.
+.whl/redis/redis-server from /work/shared/device/redis.sh; or uses ``--broker``), then for each GPU count:
 
-    python -m bench.scale_gpus --redis-server .whl/redis/redis-server --out "$OUT"
+- **peer**: the folder split over one tuned MONAI process per GPU (bench/peer_folder.py), same files;
+- **segq**: a real launcher (`segq worker --gpus N`: a device worker a GPU, threads pool, plus the
+  coordinator) on a deployment of its own (Redis flushed, SQLite, storage), warmed up with a volume cut
+  into one-window parts; then the dataset is submitted at once and timed from `segq submit` to the last
+  mask. The timeline (table ``steps``) gives each GPU's busy fraction, in the steady state (all GPUs
+  started, none finished) and overall, the first mask's delay and the largest number of workspaces;
+- **ct**: in the same warm launcher, the CT-size volume alone, ``--ct-repeats`` times: its latency from the
+  job row (written by `segq submit` after hashing) to the mask, and from the start of `segq submit`.
 
-JSON lines go to <out>/scale_gpus.jsonl; speedup and efficiency are against the first arm. This process
-never initialises CUDA (the random network is built on the CPU); only the workers do.
+    python -m bench.scale_gpus --redis-server .whl/redis/redis-server --gpus 1,4 --out "$OUT"
+
+JSON lines go to <out>/scale_gpus.jsonl; ratios are against the peer with the same GPUs and against
+segq's own first arm. This process never initialises CUDA; only the workers and the peer do.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, run_in_tempdir
-from bench.throughput import add_network_arguments, make_volumes, network_model, run_arm
+from bench import peer_folder
+from bench.common import ROOT, deployment_env, emit, run_in_tempdir
+from bench.throughput import add_network_arguments, launched, network_model, run_set
 from segq.settings import get_settings
 from worker.launcher import count_gpus, visible_devices
 
@@ -84,21 +95,130 @@ def redis_server(binary: Path | None, port: int, broker: str, workdir: Path) -> 
         log.close()
 
 
+class WorkspaceCount:
+    """The largest number of job workspaces seen under the storage, sampled every 50 ms in a thread."""
+
+    def __init__(self, storage: Path) -> None:
+        self.jobs, self.most, self._stop = storage / "jobs", 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with suppress(FileNotFoundError):  # a workspace removed while listed
+                self.most = max(self.most, sum(1 for _ in self.jobs.iterdir()) if self.jobs.is_dir() else 0)
+
+    def __enter__(self) -> WorkspaceCount:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def timeline_figures(env: dict[str, str], dataset: str, submitted: datetime) -> dict[str, Any]:
+    """Busy fractions, first mask and stage seconds of one dataset, read from the deployment's SQLite."""
+    from sqlalchemy import select
+
+    from segq.db import session_scope
+    from segq.models import Dataset, Job
+    from segq.timeline import device_use, load_steps, steady_window
+
+    url = env["SEGQ_DATABASE_URL"]
+    with session_scope(url) as s:
+        ids = list(s.scalars(select(Dataset.id).where(Dataset.name == dataset)))
+        jobs = list(s.scalars(select(Job).where(Job.dataset_id.in_(ids))))
+    steps = load_steps(ids, url)
+    window = steady_window(steps)
+    overall = device_use(steps)
+    steady = device_use(steps, *window) if window else []
+    merges = [st.finished_at for st in steps if st.step == "merge"]
+    finished = [j.finished_at for j in jobs if j.finished_at is not None]
+
+    def median(values: list[float]) -> float | None:
+        values = sorted(v for v in values if v is not None)
+        return round(values[len(values) // 2], 3) if values else None
+
+    return {
+        "busy_fraction_steady": {u.worker: round(u.busy_fraction, 3) for u in steady},
+        "steady_seconds": round((window[1] - window[0]).total_seconds(), 3) if window else None,
+        "busy_fraction_overall": {u.worker: round(u.busy_fraction, 3) for u in overall},
+        "parts_per_gpu": {u.worker: u.parts for u in overall},
+        "first_mask_seconds": round((min(merges) - submitted).total_seconds(), 3) if merges else None,
+        # submit started -> last mask written: `segq submit` itself (start-up, hashing) counts, the poll of --wait not
+        "to_last_mask_seconds": round((max(finished) - submitted).total_seconds(), 3) if finished else None,
+        # the job rows' own span: queued (rows written) -> last mask, the part that scales with GPUs
+        "queued_to_mask_seconds": round((max(finished) - min(j.queued_at for j in jobs)).total_seconds(), 3)
+        if finished else None,
+        "median_prepare_seconds": median([j.preprocess_seconds for j in jobs]),
+        "median_inference_seconds": median([j.inference_seconds for j in jobs]),
+        "median_merge_seconds": median([j.merge_seconds for j in jobs]),
+        "parts": sum(int(j.subtasks or 0) for j in jobs),
+    }
+
+
+def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: Path,
+              inputs: list[Path], ct: list[Path]) -> list[dict[str, Any]]:
+    """The dataset and the CT latency on ``n`` GPUs, in one warm launcher."""
+    import redis
+
+    arm_root = root / f"gpus{n}"
+    arm_root.mkdir()
+    redis.Redis.from_url(broker).flushdb()
+    env = {**deployment_env(arm_root, broker), "SEGQ_PRECISION": args.precision, "SEGQ_BACKEND": args.backend,
+           "SEGQ_LOOKAHEAD": str(args.lookahead)}
+    worker_args = ["--gpus", str(n), "-n", f"bench{n}"]
+    if args.coordinator_concurrency:
+        worker_args += ["--coordinator-concurrency", str(args.coordinator_concurrency)]
+    records = []
+    with launched(env, arm_root / "workers.log", worker_args, n + 1):
+        run_set(env, [warmup], arm_root / "warmup", model, "warmup", 1, args.timeout)
+        submitted = datetime.now(UTC)
+        with WorkspaceCount(arm_root / "storage") as workspaces:
+            seconds, rows = run_set(env, inputs, arm_root / "masks", model, "set", args.max_windows_per_subtask,
+                                    args.timeout, ["--overlap", str(args.overlap)])
+        figures = timeline_figures(env, "set", submitted)
+        wall = figures["to_last_mask_seconds"] or seconds
+        records.append({"arm": "segq", "gpus": n, "volumes": len(rows), "seconds": round(wall, 3),
+                        "cases_per_hour": round(len(rows) / wall * 3600, 1), "submit_wait_seconds": round(seconds, 3),
+                        "max_workspaces": workspaces.most, "lookahead_bound": n * (args.lookahead + 1), **figures})
+        if ct:
+            latencies = []
+            for repeat, scan in enumerate(ct):  # a new volume each time: the same one again would be reused
+                name = f"ct{repeat}"
+                started = datetime.now(UTC)
+                ct_seconds, ct_rows = run_set(env, [scan], arm_root / name, model, name, args.max_windows_per_subtask,
+                                              args.timeout, ["--overlap", str(args.ct_overlap)])
+                latencies.append({"submit_wait_seconds": round(ct_seconds, 3), "windows": ct_rows[0]["windows"],
+                                  **timeline_figures(env, name, started)})
+            records.append({"arm": "ct latency", "gpus": n, "shape": list(args.ct_shape), "overlap": args.ct_overlap,
+                            "runs": latencies,
+                            "seconds": min(r["queued_to_mask_seconds"] for r in latencies),
+                            "to_last_mask_seconds": min(r["to_last_mask_seconds"] for r in latencies)})
+    return records
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpus", default=None, help="GPU counts to compare, e.g. 1,2,4 (default: 1, 2, 4 … N).")
+    parser.add_argument("--gpus", default=None, help="GPU counts to compare, e.g. 1,4 (default: 1, 2, 4 … N).")
+    parser.add_argument("--arms", default="engine,peer,segq,ct", help="Which of engine, peer, segq, ct to run.")
     parser.add_argument("--redis-server", type=Path, default=None, help="Start this redis-server binary.")
     parser.add_argument("--redis-port", type=int, default=6390)
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/11",
                         help="Without --redis-server: a Redis database this run may flush.")
-    parser.add_argument("--volumes", type=int, default=16)
+    parser.add_argument("--volumes", type=int, default=48)
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
-    add_network_arguments(parser, "SwinUNETR", 48, 96, 8)
-    parser.add_argument("--max-windows-per-subtask", type=int, default=8)
+    parser.add_argument("--ct-shape", type=int, nargs=3, default=(512, 512, 300))
+    parser.add_argument("--ct-overlap", type=float, default=0.5)
+    parser.add_argument("--ct-repeats", type=int, default=2)
+    add_network_arguments(parser, "SwinUNETR", 48, 96, 16)
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--max-windows-per-subtask", type=int, default=1024)
+    parser.add_argument("--lookahead", type=int, default=3)
     parser.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--coordinator-concurrency", type=int, default=None,
-                        help="Processes of the coordinator (default: the arm's GPU count, at least 2).")
+                        help="Processes of the coordinator (default: the launcher's, which follows cores and GPUs).")
     parser.add_argument("--model", type=Path, default=None, help="A model.toml to use instead of a random network.")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--keep", action="store_true", help="Keep the work directory (volumes, worker logs).")
@@ -113,41 +233,79 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(args: argparse.Namespace, root: Path) -> None:
     # As the launcher sees them: CUDA_VISIBLE_DEVICES, when set, limits the GPUs it hands out.
     available = len(visible_devices(get_settings().cuda_visible_devices, count_gpus))
-    arms = [int(n) for n in args.gpus.split(",")] if args.gpus else default_arms(available)
-    if max(arms) > available:
-        raise SystemExit(f"--gpus {args.gpus} asks for {max(arms)} GPUs; {available} are visible")
+    gpus = [int(n) for n in args.gpus.split(",")] if args.gpus else default_arms(available)
+    if max(gpus) > available:
+        raise SystemExit(f"--gpus {args.gpus} asks for {max(gpus)} GPUs; {available} are visible")
+    arms = set(args.arms.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "scale_gpus.jsonl"
+    started = time.perf_counter()
+    inputs = peer_folder.make_volumes(root / "scans", args.volumes, tuple(args.shape))
+    warmup = peer_folder.make_volumes(root / "warmup-scan", 1, tuple(args.shape), seed=99, prefix="w")[0]
+    ct = peer_folder.make_volumes(root / "ct-scan", args.ct_repeats, tuple(args.ct_shape), seed=7, dtype="int16",
+                                  prefix="ct") if "ct" in arms else []
     model = network_model(args, root)
-    inputs = make_volumes(root / "scans", args.volumes, args.shape)
-    warmup = make_volumes(root / "warmup-scan", 1, args.shape, seed=99)[0]
-    env = {"SEGQ_PRECISION": args.precision, "SEGQ_BACKEND": args.backend}
-    names = gpu_names()
+    logger.info("made the files in %.1f s", time.perf_counter() - started)
+    setting = {"bench": "scale_gpus", "gpu_names": gpu_names(), "gpus_present": available, "shape": list(args.shape),
+               "arch": args.arch, "feature_size": args.feature_size, "roi": args.roi, "overlap": args.overlap,
+               "sw_batch_size": args.sw_batch_size, "precision": args.precision, "backend": args.backend,
+               "lookahead": args.lookahead, "cpus": os.cpu_count()}
     results: list[dict[str, Any]] = []
+    if "engine" in arms:
+        for shape, overlap in ((args.shape, args.overlap), (args.ct_shape, args.ct_overlap)):
+            argv = [sys.executable, "-m", "bench.engine_alone", str(model), *map(str, shape), str(overlap),
+                    args.precision]
+            line = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT,
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}).stdout.strip().splitlines()[-1]
+            results.append({**setting, "gpus": 1, **json.loads(line)})
+            emit(results[-1], None)
     with redis_server(args.redis_server, args.redis_port, args.broker, root) as broker:
-        for n in arms:
-            coordinator = args.coordinator_concurrency or max(2, n)
-            arm_root = root / f"gpus{n}"
-            arm_root.mkdir()
-            logger.info("%d GPU worker(s), coordinator concurrency %d", n, coordinator)
-            worker_args = ["--gpus", str(n), "-n", f"bench{n}", "--coordinator-concurrency", str(coordinator)]
-            result = run_arm(arm_root, broker, worker_args, n + 1, f"{n} gpu", model, warmup, inputs,
-                             args.max_windows_per_subtask, args.timeout, env)
-            base = results[0]["cases_per_hour"] if results else result["cases_per_hour"]
-            speedup = result["cases_per_hour"] / base
-            record = {"bench": "scale_gpus", "gpus": n, "gpu_names": names[:n], "gpus_present": available,
-                      "shape": list(args.shape), "arch": args.arch, "feature_size": args.feature_size,
-                      "roi": args.roi, "sw_batch_size": args.sw_batch_size, "precision": args.precision,
-                      "backend": args.backend, "max_windows_per_subtask": args.max_windows_per_subtask,
-                      "coordinator_concurrency": coordinator, **result,
-                      f"speedup_vs_{arms[0]}": round(speedup, 3),
-                      "efficiency": round(speedup * arms[0] / n, 3)}
-            results.append(record)
-            emit(record, out)
+        for n in gpus:
+            if "peer" in arms:
+                results.append({**setting, **peer_folder.run(root / "scans", n, root / f"peer{n}", args.feature_size,
+                                                             args.roi, args.sw_batch_size, args.overlap)})
+                emit(results[-1], None)
+            if arms & {"segq", "ct"}:
+                for record in segq_arms(args, root, broker, n, model, warmup, inputs, ct):
+                    results.append({**setting, **record})
+                    emit(results[-1], None)
+    finish(results, out)
+
+
+def finish(results: list[dict[str, Any]], out: Path) -> None:
+    """Add the ratios (against the peer on as many GPUs, and against the arm's own fewest GPUs); write; print."""
+    def find(arm: str, gpus: int) -> dict[str, Any] | None:
+        return next((r for r in results if r["arm"] == arm and r["gpus"] == gpus), None)
+
     for record in results:
-        print(f"{record['gpus']} GPU worker(s): {record['cases_per_hour']:8.1f} cases/hour  "
-              f"{record['subtasks_per_second']:7.2f} subtasks/s  speedup {record[f'speedup_vs_{arms[0]}']:.2f}  "
-              f"efficiency {record['efficiency']:.2f}")
+        if record["arm"] == "engine alone":
+            emit(record, out)
+            continue
+        first = min(r["gpus"] for r in results if r["arm"] == record["arm"])
+        base = find(record["arm"], first)
+        if record["arm"] in ("segq", "peer folder split") and base:
+            record["efficiency_vs_own_first"] = round(record["cases_per_hour"] / base["cases_per_hour"] * first
+                                                      / record["gpus"], 3)
+        peer = find("peer folder split", record["gpus"])
+        if record["arm"] == "segq" and peer:
+            record["ratio_vs_peer"] = round(record["cases_per_hour"] / peer["cases_per_hour"], 3)
+        if record["arm"] == "ct latency" and base:
+            record["speedup_vs_own_first"] = round(base["seconds"] / record["seconds"], 3)
+            record["speedup_from_submit"] = round(base["to_last_mask_seconds"] / record["to_last_mask_seconds"], 3)
+        emit(record, out)
+    for record in results:
+        if record["arm"] == "engine alone":
+            print(f"engine alone {record['shape']}: {record['seconds']:.3f} s ({record['ms_per_window']} ms a window)")
+        elif record["arm"] == "ct latency":
+            print(f"{record['gpus']} GPU(s) ct latency: {record['seconds']:7.2f} s queued to mask "
+                  f"(speedup {record.get('speedup_vs_own_first', 1.0):.2f}), {record['to_last_mask_seconds']:.2f} s "
+                  f"from submit (speedup {record.get('speedup_from_submit', 1.0):.2f})")
+        else:
+            extra = f"  x peer {record['ratio_vs_peer']:.2f}" if "ratio_vs_peer" in record else ""
+            busy = record.get("busy_fraction_steady")
+            shown = f"  busy (steady) {json.dumps(busy)}" if busy else ""
+            print(f"{record['gpus']} GPU(s) {record['arm']:>17}: {record['cases_per_hour']:8.1f} cases/hour  "
+                  f"efficiency {record.get('efficiency_vs_own_first', 1.0):.2f}{extra}{shown}")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from sqlalchemy import or_, select
 
-from producer.submit import check_broker, send_job
-from segq import records, storage
+from producer.submit import check_broker
+from segq import records, scheduler, storage
 from segq.celery_app import get_app
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
-from segq.models import FINAL_STATUSES, Dataset, Job, Status
+from segq.models import Dataset, Job, Status
+from segq.names import revocable_task_ids
 from segq.settings import get_settings
-from segq.taskids import revocable_task_ids
 
 logger = logging.getLogger("segq.manage")
 
@@ -79,7 +79,7 @@ def _taken_over(jobs: list[JobRef]) -> set[str]:
 
 
 def requeue(jobs: list[JobRef]) -> list[str]:
-    """Start a new attempt of each job and send its volume task at its dataset's priority.
+    """Start a new attempt of each job; the scheduler sends them as room opens, at their dataset's priority.
 
     A job whose output another dataset took over is left alone: running it would overwrite that mask.
     """
@@ -93,8 +93,8 @@ def requeue(jobs: list[JobRef]) -> list[str]:
         attempt = records.requeue_job(job.id)
         # Earlier attempts are dead from here on: their workspaces and temp outputs go before the new one starts.
         _remove_leftovers(job, root)
-        send_job(job.id, attempt, job.priority)
         logger.info("job %s re-queued as attempt %d (was %s)", job.id, attempt, job.status.value)
+    scheduler.admit()
     return [job.id for job in jobs]
 
 
@@ -106,7 +106,7 @@ def resume(target: str | None) -> list[str]:
     """
     requeued = requeue(select_jobs(target, UNFINISHED))
     root = get_settings().storage_root
-    for job in select_jobs(target, FINAL_STATUSES):
+    for job in select_jobs(target, [s for s in Status if s.final]):
         _remove_leftovers(job, root)
     return requeued
 
@@ -159,5 +159,7 @@ def cancel(target: str) -> list[str]:
     root = get_settings().storage_root
     for job in cancelled:
         _remove_leftovers(job, root)
+    if cancelled:
+        scheduler.admit_quietly()  # their room goes to volumes still waiting (of other datasets)
     logger.info("cancelled %d job(s), revoked %d task(s)", len(cancelled), len(task_ids))
     return [job.id for job in cancelled]

@@ -13,8 +13,8 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from segq.celery_app import REDIS_KEY_PREFIX
 from segq.errors import TransientError
+from segq.names import REDIS_KEY_PREFIX
 
 logger = logging.getLogger("segq.broker")
 

@@ -1,8 +1,4 @@
-"""The Celery app: queues, task names, routes and the reliability settings every worker shares.
-
-Queue and task names live here alone; producers send tasks by name, so they never import the
-worker's torch stack.
-"""
+"""The Celery app: routes and the reliability settings every worker shares (names live in segq.names)."""
 
 from __future__ import annotations
 
@@ -12,29 +8,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
+from segq.names import FINISH_QUEUE, GPU_QUEUE, INFER, MERGE, PREPARE, PREPARE_QUEUE
 from segq.settings import Settings, get_settings
-
-SEGMENT_VOLUME = "segq.segment_volume"
-INFER_SLAB = "segq.infer_slab"
-MERGE = "segq.merge"
-JOB_FAILED = "segq.job_failed"
-
-COORDINATOR_QUEUE = "coordinator"
-GPU_QUEUE = "gpu"
-PRIORITIES = ("high", "normal", "low")
-REDIS_KEY_PREFIX = "segq:"
-
-
-def queue_for(base: str, priority: str = "normal") -> str:
-    """``gpu`` / ``coordinator`` for normal work, ``gpu.high`` / ``gpu.low`` for the other priorities."""
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
-    return base if priority == "normal" else f"{base}.{priority}"
-
-
-def consumed_queues(*bases: str) -> list[str]:
-    """Every priority variant of ``bases``, highest first: the order a worker polls them in."""
-    return [queue_for(base, p) for p in PRIORITIES for base in bases]
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -42,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("segq", broker=settings.broker_url, backend=settings.backend_url, include=["worker.tasks"])
     transport = {
         "visibility_timeout": settings.visibility_timeout,
-        # Kombu polls the listed queues in order, so high-priority queues are drained first.
+        # Kombu polls a worker's queues in the order listed (segq.names.consumed_queues): finishing work first.
         "queue_order_strategy": "priority",
         # A message whose worker died whole waits in the unacked hash until a worker's sweep restores it.
         # Kombu sweeps every 10 s x 10 (100 s past the timeout); sweep every 1/20 of the timeout instead.
@@ -66,12 +41,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         result_expires=settings.result_expires,
         result_extended=True,
-        task_default_queue=COORDINATOR_QUEUE,
-        task_routes={
-            SEGMENT_VOLUME: {"queue": COORDINATOR_QUEUE},
-            MERGE: {"queue": COORDINATOR_QUEUE},
-            INFER_SLAB: {"queue": GPU_QUEUE},
-        },
+        task_default_queue=PREPARE_QUEUE,
+        task_routes={PREPARE: {"queue": PREPARE_QUEUE}, MERGE: {"queue": FINISH_QUEUE}, INFER: {"queue": GPU_QUEUE}},
         task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
@@ -85,9 +56,10 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         task_annotations={"*": {"max_retries": settings.max_retries}},
     )
-    from segq.watchdog import WatchdogStep
+    from segq.watchdog import SchedulerStep, WatchdogStep
 
     app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
+    app.steps["worker"].add(SchedulerStep)  # GPU heartbeat and admission of waiting volumes
     return app
 
 

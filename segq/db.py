@@ -41,20 +41,31 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
 
 
-@lru_cache(maxsize=4)
 def get_engine(url: str | None = None) -> Engine:
-    return make_engine(url or get_settings().db_url)
+    """The engine of ``url`` (default: the settings' database): one pool per database, however it is named."""
+    return _engine(url or get_settings().db_url)
 
 
 @lru_cache(maxsize=4)
-def _sessionmaker(url: str | None) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def _engine(url: str) -> Engine:
+    return make_engine(url)
+
+
+@lru_cache(maxsize=4)
+def _sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(_engine(url), expire_on_commit=False)
+
+
+def clear_caches() -> None:
+    """Forget every engine and session factory (tests that switch databases)."""
+    _engine.cache_clear()
+    _sessionmaker.cache_clear()
 
 
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
-    session = _sessionmaker(url)()
+    session = _sessionmaker(url or get_settings().db_url)()
     try:
         yield session
         session.commit()

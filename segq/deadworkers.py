@@ -4,7 +4,8 @@ A worker killed whole (kill -9, a machine lost) leaves its messages in Redis's `
 visibility timeout (2 h by default) brings them back. Each worker's main process instead pings the others
 every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds; a worker named on a running subtask that missed two pings in
 a row is taken for dead, and each of its jobs starts a new attempt (``records.requeue_if``: the first
-sweeper wins). The old attempt's messages, when they come back, find a newer attempt and do nothing.
+sweeper wins), which the scheduler sends as any queued volume. The old attempt's messages, when they
+come back, find a newer attempt and do nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from segq import records
-from segq.celery_app import COORDINATOR_QUEUE, SEGMENT_VOLUME, queue_for
+from segq import records, scheduler
 from segq.db import get_engine
-from segq.taskids import volume_task_id
 
 logger = logging.getLogger("segq.deadworkers")
 
@@ -52,15 +51,15 @@ class DeadWorkerSweep:
         missing = {worker for _job, _attempt, worker, _priority in orphans}
         dead, self.suspects = missing & self.suspects, missing
         requeued = []
-        for job_id, attempt, worker, priority in orphans:
+        for job_id, attempt, worker, _priority in orphans:
             if worker not in dead:
                 continue
             new = records.requeue_if(job_id, attempt)
             if new is None:
                 continue  # another sweeper got there first, or the job ended
-            self.app.send_task(SEGMENT_VOLUME, args=(job_id, new), queue=queue_for(COORDINATOR_QUEUE, priority),
-                               task_id=volume_task_id(job_id, new))
             logger.warning("job %s: worker %s stopped answering while running it; re-queued as attempt %d",
                            job_id, worker, new)
             requeued.append(job_id)
+        if requeued:
+            scheduler.admit()  # the new attempts wait in SQL like any queued volume; send what there is room for
         return requeued

@@ -7,8 +7,22 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
@@ -33,7 +47,15 @@ class Status(enum.StrEnum):
         return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 
-FINAL_STATUSES = (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every database: SQLite stores none and hands back naive values."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _status_column() -> Any:
@@ -42,7 +64,7 @@ def _status_column() -> Any:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: JSON}
 
 
 class Dataset(Base):
@@ -64,7 +86,8 @@ class Job(Base):
     """One input volume through one model with one set of parameters."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("dataset_id", "input_path", name="uq_jobs_dataset_input"),)
+    __table_args__ = (UniqueConstraint("dataset_id", "input_path", name="uq_jobs_dataset_input"),
+                      Index("ix_jobs_status_admitted", "status", "admitted_at"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
@@ -83,6 +106,8 @@ class Job(Base):
     windows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     subtasks: Mapped[int | None] = mapped_column(Integer, nullable=True)
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the scheduler let the job prepare (segq/scheduler.py); None while it waits in SQL for room.
+    admitted_at: Mapped[datetime | None] = mapped_column(nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     preprocess_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -120,3 +145,26 @@ class Subtask(Base):
     gpu_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="parts")
+
+
+class Step(Base):
+    """One run of one step of a job, on one worker: the timeline that `segq report` and the benchmarks read.
+
+    ``busy_*`` is the part of the run that held the worker's device (the GPU lock): a GPU's busy fraction
+    is the sum of those intervals over the span it worked.
+    """
+
+    __tablename__ = "steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    step: Mapped[str] = mapped_column(String(16))
+    part: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    worker: Mapped[str] = mapped_column(String(255), index=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime] = mapped_column(index=True)
+    busy_started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    busy_finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    windows: Mapped[int | None] = mapped_column(Integer, nullable=True)

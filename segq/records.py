@@ -12,12 +12,13 @@ from sqlalchemy.orm import Session
 
 from segq.db import session_scope
 from segq.errors import InputError
-from segq.models import FINAL_STATUSES, Dataset, Job, Status, Subtask, utcnow
+from segq.models import Dataset, Job, Status, Step, Subtask, utcnow
 
 logger = logging.getLogger("segq.records")
 
 MAX_ERROR_CHARS = 2000
-SUBMIT_LOCK_KEY = 0x5E9D0001  # pg_advisory_xact_lock key: one constant for every producer
+SUBMIT_LOCK_KEY = 0x5E9D0001  # pg_advisory_xact_lock keys: one constant for every producer
+ADMIT_LOCK_KEY = 0x5E9D0002  # ... and one for every process that admits volumes (segq/scheduler.py)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,9 @@ def fail_job(job_id: str, error: str, attempt: int | None = None, status: Status
         if job.status.final:
             return False
         job.status, job.error, job.finished_at = status, error[:MAX_ERROR_CHARS], utcnow()
+        # Its unfinished subtasks end with it: none of them will run for this attempt any more.
+        s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == job.attempt,
+                                        Subtask.status.in_([Status.QUEUED, Status.RUNNING])).values(status=status))
         logger.warning("job %s %s: %s", job_id, status.value, error)
         return True
 
@@ -158,7 +162,7 @@ def requeue_job(job_id: str) -> int:
 def _new_attempt(job: Job) -> int:
     job.attempt += 1
     job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
-    job.started_at = job.finished_at = None
+    job.started_at = job.finished_at = job.admitted_at = None
     job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
     job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
     job.workers = None
@@ -227,17 +231,22 @@ def copy_result(job_id: str, source_id: str) -> bool:
         return True
 
 
-def lock_submissions(s: Session) -> None:
-    """Serialise submissions until ``s`` commits, so two submits of one dataset at once make one set of rows.
+def lock(s: Session, key: int) -> None:
+    """Serialise the holders of ``key`` until ``s`` commits.
 
-    Without it both would look for the dataset, find none, and insert it twice. PostgreSQL takes a
-    transaction-scoped advisory lock; SQLite takes its write lock now (a write as the first statement)
-    instead of at the first insert, after the look-up.
+    PostgreSQL takes a transaction-scoped advisory lock; SQLite takes its write lock now (a write as the
+    first statement) instead of at the first insert, after the look-ups it must not race.
     """
     if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SUBMIT_LOCK_KEY})
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
     else:
         s.execute(update(Dataset).where(Dataset.id == "").values(name=Dataset.name))
+
+
+def lock_submissions(s: Session) -> None:
+    """Serialise submissions, so two submits of one dataset at once make one set of rows (without it both
+    would look for the dataset, find none, and insert it twice)."""
+    lock(s, SUBMIT_LOCK_KEY)
 
 
 def forget_submission(dataset_id: str, job_ids: list[str], drop_dataset: bool) -> None:
@@ -275,11 +284,11 @@ def one_dataset(name_or_id: str) -> Dataset:
     return found[0]
 
 
-def final_statuses() -> tuple[Status, ...]:
-    return FINAL_STATUSES
-
-
-def elapsed(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return (end - start).total_seconds()
+def record_step(job_id: str, attempt: int, step: str, worker: str, started_at: datetime, *,
+                part: int | None = None, device: str | None = None, busy: tuple[datetime, datetime] | None = None,
+                windows: int | None = None) -> None:
+    """Add one finished step to the timeline (``steps``): one insert, at the step's end."""
+    with session_scope() as s:
+        s.add(Step(job_id=job_id, attempt=attempt, step=step, part=part, worker=worker, device=device,
+                   started_at=started_at, finished_at=utcnow(), busy_started_at=busy[0] if busy else None,
+                   busy_finished_at=busy[1] if busy else None, windows=windows))

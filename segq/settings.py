@@ -33,7 +33,17 @@ class Settings(BaseSettings):
     database_url: str | None = None
     data_dir: Path = Field(default_factory=_default_data_dir)
     storage: Path | None = None
-    max_windows_per_subtask: int = Field(default=32, ge=1)
+    # Scheduling (segq/scheduler.py). A GPU part never holds more than max_windows_per_subtask windows;
+    # below that cap a volume is cut only when GPUs would otherwise wait (scheduler.split_parts).
+    max_windows_per_subtask: int = Field(default=1024, ge=1)
+    # Volumes admitted ahead of the one each GPU worker runs: at most gpu_workers x (lookahead + 1) volumes
+    # are prepared, on a GPU or merging at once; the rest wait in SQL, not as workspaces.
+    lookahead: int = Field(default=3, ge=0)
+    # Seconds between a worker's heartbeat and admission sweep (a safety net: steps admit as they end).
+    admit_interval: float = Field(default=5.0, gt=0)
+    # Tasks a launcher GPU worker holds at once: one on the device, the others reading their input or
+    # writing their partial meanwhile (threads pool; the device itself runs one at a time).
+    gpu_prefetch: int = Field(default=2, ge=1)
     backend: Backend = "torch"
     precision: Precision = "fp32"
     device: str = "auto"
@@ -67,7 +77,7 @@ class Settings(BaseSettings):
     # Every this many seconds each worker pings the others; a subtask running on a worker that missed two
     # pings in a row is re-queued (a new attempt of its job), not left to the visibility timeout. 0: off.
     dead_worker_interval: int = Field(default=30, ge=0)
-    # TEST ONLY (worker/faults.py): injected faults such as "kill_in_infer_slab:slab=1:times=1", and the
+    # TEST ONLY (segq/faults.py): injected faults such as "kill_in_infer_slab:slab=1:times=1", and the
     # directory whose files count their hits across processes. No effect unless set.
     faults: str = ""
     faults_dir: Path | None = None

@@ -80,6 +80,62 @@ def sweep_quietly() -> None:
         get_engine().dispose()
 
 
+def consumes_gpu_queue(queues: Any) -> bool:
+    """True when a worker consuming ``queues`` (names) runs GPU parts: it counts as a GPU for the scheduler."""
+    from segq.names import GPU_QUEUE
+
+    return any(q == GPU_QUEUE or q.startswith(GPU_QUEUE + ".") for q in queues)
+
+
+def beat(worker: str | None) -> None:
+    """One tick of a worker's scheduler timer: say this GPU worker is alive, then admit what there is room for.
+
+    Steps admit as they end; this is the safety net for a trigger that was lost (a process killed after
+    a job ended) and what grows the window when a GPU worker joins. Logs instead of raising.
+    """
+    from segq import scheduler
+
+    try:
+        if worker:
+            scheduler.heartbeat(worker)
+        if scheduler.release_stale_admissions():
+            logger.warning("gave back the room of volumes admitted long ago that never started")
+        scheduler.admit_quietly()
+    except Exception:  # Redis or the database away for a moment: the next tick tries again
+        logger.exception("scheduler heartbeat failed")
+    finally:
+        get_engine().dispose()
+
+
+class SchedulerStep(bootsteps.StartStopStep):
+    """A worker bootstep: heartbeat (GPU workers) and admission every ``SEGQ_ADMIT_INTERVAL`` seconds."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.worker: str | None = None
+
+    def start(self, parent: Any) -> None:
+        queues = list(parent.app.amqp.queues.consume_from or parent.app.amqp.queues)
+        self.worker = parent.hostname if consumes_gpu_queue(queues) else None
+        beat(self.worker)
+        self.tref = parent.timer.call_repeatedly(get_settings().admit_interval, beat, (self.worker,), priority=5)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        if self.worker:
+            from segq import scheduler
+
+            try:
+                scheduler.forget_worker(self.worker)
+            except Exception:
+                logger.warning("could not take %s out of the GPU worker count; it goes stale by itself", self.worker)
+
+
 class WatchdogStep(bootsteps.StartStopStep):
     """A worker bootstep: sweep for stuck jobs every ``SEGQ_WATCHDOG_INTERVAL`` seconds, and for subtasks of
     dead workers every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds (segq.deadworkers), on the worker's timer."""

@@ -56,7 +56,7 @@ def _postgres_database() -> Iterator[str]:
     yield url
     from segq import db
 
-    db.get_engine.cache_clear()
+    db.clear_caches()
     with admin.connect() as conn:
         conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))

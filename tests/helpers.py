@@ -23,8 +23,7 @@ def reset_caches() -> None:
 
     settings.get_settings.cache_clear()
     celery_app.get_app.cache_clear()
-    db.get_engine.cache_clear()
-    db._sessionmaker.cache_clear()
+    db.clear_caches()
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, consumed_queues
+from segq.names import FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues
 
 logger = logging.getLogger("segq.worker")
 
@@ -32,11 +32,15 @@ ROLE_HELP = ("With --gpus: 'all' runs the GPU (or CPU) workers and a coordinator
 @click.option("--gpus", default=None, metavar="SPEC",
               help="One worker process per GPU: all | N | 0,2 | none (CPU workers, see --concurrency).")
 @click.option("--role", type=click.Choice(["all", "gpu", "coordinator"]), default=None, help=ROLE_HELP)
-@click.option("--coordinator-concurrency", type=click.IntRange(min=1), default=2, show_default=True,
-              help="With --gpus: processes of the coordinator worker (load, preprocess, merge, write).")
+@click.option("--coordinator-concurrency", type=click.IntRange(min=1), default=None,
+              help="With --gpus: processes of the coordinator worker (load, preprocess, merge, write); "
+                   "default 4 a GPU worker, within the cores the GPU workers leave, at least 2.")
+@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True,
+              help="Pool of a plain worker, as Celery's -P. With --gpus, GPU workers use threads and the "
+                   "coordinator prefork.")
 @click.pass_context
 def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
-           gpus: str | None, role: str | None, coordinator_concurrency: int) -> None:
+           gpus: str | None, role: str | None, coordinator_concurrency: int | None, pool: str) -> None:
     """Start Celery workers; any further options are passed to every `celery worker`."""
     from segq.db import ensure_schema
 
@@ -48,12 +52,13 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     from segq.celery_app import get_app
     from segq.db import get_engine
     from segq.errors import EngineError
+    from segq.names import EXIT_CONFIG
     from segq.settings import get_settings
-    from worker.launcher import EXIT_CONFIG
     from worker.preflight import preflight
 
     ensure_schema()
-    queue_list = queues or ",".join(consumed_queues(GPU_QUEUE, COORDINATOR_QUEUE))
+    # Finish before you start: merges, then GPU parts, then new volumes.
+    queue_list = queues or ",".join(consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE))
     try:
         preflight(get_settings(), queue_list)  # a backend that cannot load fails the start, not every task
     except EngineError as exc:
@@ -62,12 +67,12 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     warn_if_unsafe(get_settings().broker_url)  # loudly, if a Redis restart or eviction would lose queued work
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
-            "-n", hostname or "segq@%h", "--pool", "prefork", *ctx.args]
+            "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
     get_app().worker_main(argv)
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
-           gpus: str | None, role: str, coordinator_concurrency: int) -> int:
+           gpus: str | None, role: str, coordinator_concurrency: int | None) -> int:
     """Run the per-GPU launcher; returns its exit code. Never imports torch or touches CUDA."""
     from segq.settings import child_environment, get_settings
     from worker.launcher import Launcher, count_gpus, parse_gpus, plan_children, visible_devices
@@ -88,7 +93,7 @@ def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
                                    "runs one task at a time")
     specs = plan_children(selected, cpu_workers=concurrency, role=role, hostname=hostname,
                           coordinator_concurrency=coordinator_concurrency, loglevel=loglevel, extra=ctx.args,
-                          base_env=child_environment())
+                          base_env=child_environment(), prefetch=get_settings().gpu_prefetch)
     for spec in specs:
         logger.info("%s consumes %s", spec.name, spec.argv[spec.argv.index("-Q") + 1])
     return Launcher(specs).run()

@@ -5,7 +5,10 @@ Free of Celery and storage, so it can be checked against MONAI directly.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,31 +22,40 @@ def _batches(starts: Sequence[Vec3], size: int) -> Iterator[Sequence[Vec3]]:
         yield starts[i : i + size]
 
 
-def load_slab(volume: np.ndarray, slab: Slab, device: torch.device) -> torch.Tensor:
-    """The slab's rows ``[lo, hi)`` of the padded volume, on ``device`` as float32, copied once.
+def read_slab(volume: np.ndarray, slab: Slab, device: torch.device) -> torch.Tensor:
+    """The slab's rows ``[lo, hi)`` of the padded volume in host memory as float32 (pinned for a GPU).
 
-    Every window of the slab is then a view of this tensor: crops are sliced on the device instead of
-    being cut, stacked and copied from host memory batch by batch.
+    This is the part of a slab that reads storage: it runs before the device is taken, so it overlaps
+    the step that holds the device.
     """
-    rows = np.ascontiguousarray(volume[:, slab.lo : slab.hi], dtype=np.float32)
-    host = torch.from_numpy(rows)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    host = read_only_tensor(np.ascontiguousarray(volume[:, slab.lo : slab.hi], dtype=np.float32))
+    return host.pin_memory() if device.type == "cuda" else host
 
 
 def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, engine: Engine,
-               batch_size: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Importance-weighted sum of the target probability over the slab's windows.
+               batch_size: int, should_stop: Callable[[], bool] | None = None,
+               device_lock: AbstractContextManager[Any] | None = None) -> np.ndarray:
+    """Importance-weighted sum of the target probability over the slab's windows, in host memory.
 
     ``volume`` is the padded, channel-first input (memory-mapped); the result has shape
-    ``(hi - lo, Y, Z)`` on the engine's device. Summing on the device means only one partial per
-    slab leaves it, not one output per window (about 8x less at overlap 0.5). The slab's rows go to
-    the device once; on a GPU the loop below only queues kernels, so batches run back to back.
+    ``(hi - lo, Y, Z)``. Summing on the device means only one partial per slab leaves it, not one
+    output per window (about 8x less at overlap 0.5). The slab's rows go to the device once, as one
+    tensor every window is a view of; on a GPU the loop only queues kernels, so batches run back to
+    back. ``device_lock`` is held from the copy to the device to the copy back, and only then: reading
+    the input and writing the partial of one part overlap another part's inference.
     """
+    host = read_slab(volume, slab, engine.device)
+    with device_lock or nullcontext():
+        return slab_partial(host, slab, volume.shape[2:], roi, weights, engine, batch_size, should_stop).cpu().numpy()
+
+
+def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec3, weights: np.ndarray,
+                 engine: Engine, batch_size: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """:func:`infer_slab` on the device: ``rows`` (the slab's rows, as :func:`read_slab` gives them) in,
+    the partial sum of shape ``(hi - lo, *rest)`` out, left on the engine's device."""
     device = engine.device
-    rows = load_slab(volume, slab, device)
-    partial = torch.zeros((slab.hi - slab.lo, *volume.shape[2:]), dtype=torch.float32, device=device)
+    rows = rows.to(device, non_blocking=True)
+    partial = torch.zeros((slab.hi - slab.lo, *rest), dtype=torch.float32, device=device)
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
     rx, ry, rz = roi
     for starts in _batches(slab.starts, batch_size):
@@ -58,12 +70,22 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
 
 def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]], weight_sum: np.ndarray,
                    crop: tuple[slice, ...]) -> np.ndarray:
-    """Add slab partials at their offsets, divide by the summed importance map, crop the padding."""
+    """Add slab partials at their offsets, divide by the summed importance map, crop the padding.
+
+    torch's threaded kernels do the adds and the division: on a CT they are passes over hundreds of MB.
+    """
     if len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == padded_shape:
-        total = partials[0][1]  # one slab over the whole volume: divide it in place
+        total = torch.from_numpy(partials[0][1])  # one slab over the whole volume: divide it in place
     else:
-        total = np.zeros(padded_shape, dtype=np.float32)
+        total = torch.zeros(padded_shape, dtype=torch.float32)
         for lo, part in partials:
-            total[lo : lo + part.shape[0]] += part
-    np.divide(total, weight_sum, out=total)
-    return total[crop]
+            total[lo : lo + part.shape[0]].add_(torch.from_numpy(part))
+    total.div_(read_only_tensor(weight_sum))
+    return total.numpy()[crop]
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only array (a memory map, a cached map) without torch's warning: it is only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)

@@ -28,16 +28,13 @@ from typing import BinaryIO
 
 from celery.utils.nodenames import host_format
 
-from segq.celery_app import COORDINATOR_QUEUE, GPU_QUEUE, consumed_queues
+from segq.names import EXIT_CONFIG, FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues
 
 logger = logging.getLogger("segq.launcher")
 
 ROLES = ("all", "gpu", "coordinator")
 GPUS_HELP = "all | N (the first N) | 0,2 (these indexes; '3,' for GPU 3 alone) | none (CPU workers)"
 POLL_SECONDS = 0.5
-# A worker whose engine cannot load as configured (preflight) exits with sysexits' EX_CONFIG: restarting
-# it cannot help, so the launcher gives it up at once instead of after repeated crashes.
-EXIT_CONFIG = 78
 
 
 @dataclass(frozen=True)
@@ -132,17 +129,34 @@ class ChildSpec:
     env: dict[str, str]
 
 
-def worker_argv(name: str, queues: list[str], concurrency: int, loglevel: str, extra: Sequence[str]) -> list[str]:
-    """A plain ``segq worker`` (no --gpus) with a fixed name and queues: what each child runs."""
-    return [sys.executable, "-m", "segq.cli", "worker", "-n", name, "-c", str(concurrency),
+def worker_argv(name: str, queues: list[str], concurrency: int, loglevel: str, extra: Sequence[str],
+                pool: str = "prefork") -> list[str]:
+    """A plain ``segq worker`` (no --gpus) with a fixed name, queues and pool: what each child runs."""
+    return [sys.executable, "-m", "segq.cli", "worker", "-n", name, "-c", str(concurrency), "--pool", pool,
             "-Q", ",".join(queues), "-l", loglevel, *extra]
 
 
+def coordinator_processes(device_workers: int, cpu_count: int | None = None) -> int:
+    """Processes of the coordinator (load, preprocess, merge, write) when not given: it must keep
+    ``device_workers`` busy, so 4 a device worker, but never more than the cores the workers leave (at least 2).
+
+    One process prepares or merges about two BraTS-size volumes a second; a GPU infers about two.
+    """
+    cores = cpu_count or os.cpu_count() or 1
+    return max(2, min(4 * max(device_workers, 1), cores - device_workers))
+
+
 def plan_children(gpus: list[Gpu] | None, *, cpu_workers: int = 1, role: str = "all", hostname: str | None = None,
-                  coordinator_concurrency: int = 2, loglevel: str = "INFO", extra: Sequence[str] = (),
-                  base_env: dict[str, str] | None = None, cpu_count: int | None = None) -> list[ChildSpec]:
+                  coordinator_concurrency: int | None = None, loglevel: str = "INFO", extra: Sequence[str] = (),
+                  base_env: dict[str, str] | None = None, cpu_count: int | None = None,
+                  prefetch: int = 2) -> list[ChildSpec]:
     """The processes to run: a worker per GPU (``gpus``) or ``cpu_workers`` CPU workers (``gpus`` None),
-    each consuming only the gpu queues, plus one coordinator process unless ``role`` is ``gpu``."""
+    each consuming only the gpu queues, plus one coordinator process unless ``role`` is ``gpu``.
+
+    A device worker runs ``prefetch`` tasks in threads (one process, one engine, one CUDA context): one
+    holds the device while the others read their input and write their partial (worker/runtime.py).
+    The coordinator polls the finish queues before the prepare queues: merges before new volumes.
+    """
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     env = dict(base_env or {})
@@ -157,13 +171,18 @@ def plan_children(gpus: list[Gpu] | None, *, cpu_workers: int = 1, role: str = "
             child_env = {**env, "CUDA_VISIBLE_DEVICES": device}
             # N workers on one machine each using every core would fight over them.
             child_env.setdefault("OMP_NUM_THREADS", threads)
-            children.append(ChildSpec(name, worker_argv(name, consumed_queues(GPU_QUEUE), 1, loglevel, extra),
-                                      child_env))
+            children.append(ChildSpec(name, worker_argv(name, consumed_queues(GPU_QUEUE), prefetch, loglevel, extra,
+                                                        pool="threads"), child_env))
     if role != "gpu":
         name = node_name("coord", hostname)
-        children.append(ChildSpec(name, worker_argv(name, consumed_queues(COORDINATOR_QUEUE),
-                                                    coordinator_concurrency, loglevel, extra),
-                                  {**env, "CUDA_VISIBLE_DEVICES": ""}))
+        devices = len(gpus) if gpus is not None else cpu_workers
+        processes = coordinator_concurrency or coordinator_processes(devices, cpu_count)
+        # Each process's torch and OpenMP would otherwise start a thread a core: 16 processes x 64 threads on a
+        # 64-core host starve the GPU workers' kernel launches. The cores are shared among them instead.
+        cores = str(max(1, (cpu_count or os.cpu_count() or 1) // processes))
+        children.append(ChildSpec(name, worker_argv(name, consumed_queues(FINISH_QUEUE, PREPARE_QUEUE),
+                                                    processes, loglevel, extra),
+                                  {"OMP_NUM_THREADS": cores, **env, "CUDA_VISIBLE_DEVICES": ""}))
     return children
 
 

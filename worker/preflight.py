@@ -17,8 +17,8 @@ import subprocess
 import sys
 from typing import Any
 
-from segq.celery_app import GPU_QUEUE
 from segq.errors import EngineError
+from segq.names import GPU_QUEUE
 from segq.settings import Settings
 
 logger = logging.getLogger("segq.preflight")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime
 from typing import Any
 
 import torch
 
 from segq.errors import InputError
+from segq.models import utcnow
 from segq.modelspec import ModelSpec, spec_from_dict
-from segq.settings import Settings
+from segq.settings import Settings, get_settings
 from worker.engines import Engine, create_engine, pick_device
 
 logger = logging.getLogger("segq.runtime")
@@ -65,22 +67,47 @@ class OomAbove:
         return self.inner(batch)
 
 
-def reset_gpu_peak(engine: Engine) -> None:
-    """Start measuring the engine's peak GPU memory afresh (before a slab); nothing on a CPU engine."""
-    device = getattr(engine, "device", None)
-    if device is not None and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+class DeviceLease:
+    """The engine's device, held by one step at a time in this process (``with lease:``).
 
-
-def gpu_peak_bytes(engine: Engine) -> int | None:
-    """The most GPU memory torch held on the engine's device since the last reset; None on a CPU engine.
-
-    Recorded per subtask, it shows how close each worker runs to out-of-memory (``segq metrics``).
+    A GPU worker runs ``SEGQ_GPU_PREFETCH`` tasks in threads: while one holds the device, the others read
+    their input or write their partial. The lease records when it was held (the timeline's busy
+    interval) and the peak device memory while it was (None on a CPU).
     """
-    device = getattr(engine, "device", None)
-    if device is None or device.type != "cuda":
-        return None
-    return int(torch.cuda.max_memory_allocated(device))
+
+    _locks: dict[str, threading.Lock] = {}
+
+    def __init__(self, engine: Engine) -> None:
+        self.device: torch.device = getattr(engine, "device", torch.device("cpu"))
+        with _lock:
+            self._device_lock = self._locks.setdefault(str(self.device), threading.Lock())
+        self.interval: tuple[datetime, datetime] | None = None
+        self.peak_bytes: int | None = None
+        self._started: datetime | None = None
+
+    @property
+    def label(self) -> str:
+        """The device as the machine names it: the GPU this worker is pinned to, else ``cpu``."""
+        if self.device.type != "cuda":
+            return "cpu"
+        visible = get_settings().cuda_visible_devices
+        return f"gpu{visible}" if visible else str(self.device)
+
+    def __enter__(self) -> DeviceLease:
+        self._device_lock.acquire()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._started = utcnow()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            assert self._started is not None
+            self.interval = (self._started, utcnow())
+            if self.device.type == "cuda":
+                self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        finally:
+            self._device_lock.release()
 
 
 def clear() -> None:

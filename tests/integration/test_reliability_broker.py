@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from segq import faults
 from segq.db import session_scope
 from segq.errors import TransientError
 from segq.models import Dataset, Job, Status, utcnow
 from tests.helpers import ROOT, write_volume
 from tests.redis_server import RedisServer
 from tests.reliability import Deployment, assert_nothing_lost, deployment, figure, wait_for
-from worker import faults
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""Round two of hostile input and faults (issue 13, scenarios 16-22) with real workers on a throwaway Redis.
+"""Round two of hostile input and faults (issue 13, scenarios 16-24) with real workers on a throwaway Redis.
 
 What submit can know, submit refuses with one line and nothing queued; what only a worker can meet (a
 full output disk, a constant volume, a failing slab) fails that volume alone, and the worker survives.
@@ -314,7 +314,7 @@ def test_work_of_a_worker_killed_whole_is_requeued_without_a_user(tmp_path: Path
     """Scenario 24: with a visibility timeout of 5 minutes, the worker running slab 1 is SIGKILLed whole;
     the surviving worker's pings miss it twice and re-queue the job as a new attempt, which it completes,
     long before the timeout and without `segq resume`."""
-    from worker import faults
+    from segq import faults
 
     with deployment(tmp_path, SEGQ_VISIBILITY_TIMEOUT="300", SEGQ_DEAD_WORKER_INTERVAL="3") as dep:
         pause = "pause_in_infer_slab:slab=1:times=1:seconds=120"

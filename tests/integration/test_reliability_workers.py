@@ -1,7 +1,7 @@
 """Workers that die, raise or break mid-job (issue 6, scenarios 2-7 and 15).
 
 Each test runs real `segq worker` processes on a throwaway Redis (AOF on), injects one fault with
-worker/faults.py or a signal, and ends with the nothing-lost check of tests/reliability.py.
+segq/faults.py or a signal, and ends with the nothing-lost check of tests/reliability.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from segq import faults
 from tests.helpers import write_volume
 from tests.reliability import Deployment, assert_nothing_lost, deployment, figure, wait_for
-from worker import faults
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -117,7 +117,8 @@ def test_launcher_restarts_a_killed_worker_and_lets_a_task_finish_on_sigterm(fre
 
         marker = str(tmp_path / "slow")
         with environment(fresh_stack.env):
-            from segq.celery_app import GPU_QUEUE, get_app
+            from segq.celery_app import get_app
+            from segq.names import GPU_QUEUE
 
             result = get_app().send_task(SLEEP, args=(4.0, marker), queue=GPU_QUEUE)
             deadline = time.monotonic() + 60
@@ -146,7 +147,8 @@ def test_a_second_sigterm_is_a_cold_shutdown_that_hands_the_task_back(fresh_stac
     try:
         launcher.start(ready=2)
         with environment(fresh_stack.env):
-            from segq.celery_app import GPU_QUEUE, get_app
+            from segq.celery_app import get_app
+            from segq.names import GPU_QUEUE
 
             get_app().send_task(SLEEP, args=(120.0, marker), queue=GPU_QUEUE)
         deadline = time.monotonic() + 60

@@ -67,7 +67,7 @@ def test_a_plan_whose_bytes_changed_is_refused(tmp_path: Path) -> None:
 
 
 def test_fault_specs_parse_strictly() -> None:
-    from worker.faults import parse
+    from segq.faults import parse
 
     [fault] = parse("kill_in_infer_slab:slab=1:times=2")
     assert (fault.action, fault.point, fault.match, fault.times) == ("kill", "in_infer_slab", {"slab": "1"}, 2)
@@ -80,8 +80,8 @@ def test_fault_specs_parse_strictly() -> None:
 
 
 def test_fault_points_are_silent_unless_configured(tmp_path: Path) -> None:
+    from segq import faults
     from tests.helpers import environment
-    from worker import faults
 
     with environment({"SEGQ_FAULTS": "", "SEGQ_FAULTS_DIR": ""}):
         faults.point("in_infer_slab", slab=1)  # no faults configured: nothing happens

@@ -20,6 +20,7 @@ from worker.launcher import (
     Gpu,
     Launcher,
     RestartPolicy,
+    coordinator_processes,
     node_name,
     parse_gpus,
     plan_children,
@@ -104,14 +105,24 @@ def test_plan_pins_one_worker_per_gpu_and_a_coordinator_without_gpu() -> None:
     for spec, device in zip(plan[:2], ["0", "2"], strict=True):
         assert spec.env["CUDA_VISIBLE_DEVICES"] == device and spec.env["SEGQ_BROKER_URL"] == "redis://x"
         assert _argv_value(spec, "-Q") == "gpu.high,gpu,gpu.low"
-        assert _argv_value(spec, "-c") == "1" and _argv_value(spec, "-n") == spec.name
+        assert _argv_value(spec, "-c") == "2" and _argv_value(spec, "-n") == spec.name
+        assert _argv_value(spec, "--pool") == "threads", "one process, one engine; the threads overlap I/O"
         assert spec.env["OMP_NUM_THREADS"] == "8"
         assert spec.argv[-1] == "--without-gossip" and _argv_value(spec, "-l") == "DEBUG"
         assert "--gpus" not in spec.argv, "a child is a plain worker, never another launcher"
     coordinator = plan[2]
     assert coordinator.env["CUDA_VISIBLE_DEVICES"] == ""
-    assert _argv_value(coordinator, "-Q") == "coordinator.high,coordinator,coordinator.low"
-    assert _argv_value(coordinator, "-c") == "2"
+    assert _argv_value(coordinator, "-Q") == ("finish.high,finish,finish.low,"
+                                              "coordinator.high,coordinator,coordinator.low")
+    assert _argv_value(coordinator, "-c") == "8", "4 processes a GPU worker"
+    assert _argv_value(coordinator, "--pool") == "prefork"
+
+
+def test_coordinator_scales_with_cores_and_gpus() -> None:
+    assert coordinator_processes(4, cpu_count=64) == 16
+    assert coordinator_processes(4, cpu_count=8) == 4, "never more than the cores the GPU workers leave"
+    assert coordinator_processes(1, cpu_count=2) == 2, "at least 2"
+    assert coordinator_processes(8, cpu_count=128) == 32
 
 
 def test_plan_for_cpu_workers_and_roles() -> None:

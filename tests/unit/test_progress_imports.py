@@ -8,7 +8,7 @@ import sys
 from tests.helpers import ROOT
 
 MODULES = ["producer.watch", "producer.wait", "producer.manage", "producer.report", "producer.results",
-           "segq.metrics_http", "segq.taskids"]
+           "segq.metrics_http", "segq.names"]
 COMMANDS = ["watch", "resume", "retry", "cancel", "report", "metrics"]
 
 

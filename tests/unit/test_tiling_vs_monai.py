@@ -40,7 +40,7 @@ def split_merge(volume: np.ndarray, roi: int, overlap: float, mode: str, max_win
     plan = plan_windows(volume.shape[1:], (roi,) * 3, overlap, mode)
     padded = pad_volume(volume, plan)
     weights = importance_map(plan)
-    partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch).numpy())
+    partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch))
                 for s in plan.slabs(max_windows)]
     return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights), plan.crop)
 

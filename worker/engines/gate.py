@@ -64,13 +64,14 @@ def reference_volume(spec: ModelSpec, scale: float = 1.5, seed: int = 0) -> np.n
 
 def volume_probability(engine: Engine, volume: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Target probability over a whole (C, X, Y, Z) volume through the slab loop, as one slab."""
-    from worker.inference import infer_slab
+    from worker.inference import read_slab, slab_partial
 
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     padded = pad_volume(volume, plan)
     weights = importance_map(plan)
     slab = Slab(0, list(plan.starts), 0, plan.padded_shape[0])
-    total = infer_slab(padded, slab, plan.roi, weights, engine, spec.sw_batch_size)
+    rows = read_slab(padded, slab, engine.device)
+    total = slab_partial(rows, slab, padded.shape[2:], plan.roi, weights, engine, spec.sw_batch_size)
     total = total / torch.from_numpy(weight_sum(plan, weights)).to(total.device)
     return total.cpu().numpy()[plan.crop]
 

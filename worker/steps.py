@@ -1,0 +1,210 @@
+"""The step runner: the one place that decides what a failure means, for every task.
+
+Every task is a step of a job (prepare, infer a part, merge) and calls :func:`run_step` with a body.
+The runner drops stale messages (an earlier attempt, a job that ended), counts deliveries in one store
+(Redis, per message and retry) so a step that kills its process every time cannot loop for ever, and
+maps whatever the body raised to one outcome through :data:`POLICY`:
+
+==============================  ==========  ===========================================================
+error                           outcome     what happens
+==============================  ==========  ===========================================================
+CancelledError                  DISCARD     the job ended meanwhile: delete the workspace, record nothing
+TransientError                  RETRY       run again with backoff, at most SEGQ_MAX_RETRIES times, then FAIL
+torch.OutOfMemoryError          SHRINK      retry the part with half the ROI batch (at 1 ROI: RETRY)
+EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
+InputError, MemoryError, other  FAIL        fail the job with the reason, delete its workspace; the worker
+                                            lives on (a volume too large for the host fails alone)
+==============================  ==========  ===========================================================
+
+A new error class gets its outcome with one line in :data:`POLICY`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from celery import Task
+from celery.exceptions import Reject
+
+from segq import records, scheduler, storage
+from segq.errors import CancelledError, EngineError, InputError, TransientError
+from segq.names import DELIVERIES_KEY, EXIT_ENGINE_BROKEN
+from segq.settings import get_settings
+
+logger = logging.getLogger("segq.steps")
+
+T = TypeVar("T")
+
+
+class Outcome(enum.Enum):
+    DISCARD = "discard"
+    RETRY = "retry"
+    SHRINK = "shrink"
+    EXIT = "exit"
+    FAIL = "fail"
+
+
+# First match wins; anything not listed is FAIL, unless it leaves the device unusable (EXIT).
+POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
+    (CancelledError, Outcome.DISCARD),
+    (TransientError, Outcome.RETRY),
+    (EngineError, Outcome.EXIT),
+    (InputError, Outcome.FAIL),
+    (MemoryError, Outcome.FAIL),
+)
+
+# What a CUDA context that can no longer run anything raises (an illegal access, a device-side assert, a
+# failed library handle): every later call fails too, so the process must go, not the job.
+DEVICE_BROKEN = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert")
+EXIT_DELAY_SECONDS = 0.5  # time for the worker to hand the message back before the process ends
+
+
+@dataclass
+class Step:
+    """One delivery of one step of a job. ``what`` names it in errors ("slab 2", "merge")."""
+
+    what: str
+    job_id: str
+    attempt: int | None
+    part: int | None = None
+    batch_size: int | None = None  # infer: the ROI batch this delivery runs (SHRINK halves it)
+    writes_output: bool = False  # merge: the job's output's stale temp files go when the step is given up
+    output: str = ""
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")  # only a process that imported torch can have raised its errors
+
+
+def device_oom(exc: BaseException) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+def device_broken(exc: BaseException) -> bool:
+    """True for an error that leaves this process's device unusable (out of memory is not one)."""
+    torch = _torch()
+    if torch is None:
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and not device_oom(exc) and any(m in str(exc) for m in DEVICE_BROKEN)
+
+
+def outcome(exc: BaseException) -> Outcome:
+    """What the runner does about ``exc``."""
+    for cls, result in POLICY:
+        if isinstance(exc, cls):
+            return result
+    if device_oom(exc):
+        return Outcome.SHRINK
+    return Outcome.EXIT if device_broken(exc) else Outcome.FAIL
+
+
+def describe(exc: BaseException) -> str:
+    """The reason stored on the job: our own errors speak for themselves, others carry their class."""
+    if isinstance(exc, InputError | TransientError | EngineError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return (f"out of host memory ({exc or 'MemoryError'}): this volume needs more memory than this worker "
+                "may use; give the worker more memory (ulimit -v, container limit) or split the volume")
+    return f"{type(exc).__name__}: {exc}"
+
+
+_broken = threading.Event()  # set once this process's device is unusable: no further step may run here
+
+
+def discard(job_id: str, attempt: int) -> None:
+    """Delete the workspace of an attempt that ended (cancelled, failed, superseded): nothing is left behind."""
+    storage.remove_workspace(get_settings().storage_root, job_id, attempt)
+
+
+def _deliveries(task: Task) -> int:
+    """Count this delivery of the message in Redis; 1 on a backend without a Redis client.
+
+    A process killed mid-task gets its message redelivered with the same id and retry count, so
+    (id, retries) counts deliveries, not the step's own bounded retries.
+    """
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return 1
+    key = DELIVERIES_KEY.format(task_id=task.request.id, retries=task.request.retries or 0)
+    count = int(client.incr(key))
+    client.expire(key, get_settings().result_expires)
+    return count
+
+
+def run_step(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T | None:
+    """Run ``body(job)`` for ``step`` under the one policy; returns its result, or None when it did not run."""
+    if _broken.is_set():
+        raise Reject("this process's device is broken; another worker takes the message", requeue=True)
+    job = records.load_job(step.job_id)
+    if job is None or not job.active or (step.attempt is not None and step.attempt != job.attempt):
+        if step.attempt is not None:
+            discard(step.job_id, step.attempt)
+        return None
+    step.attempt = job.attempt
+    step.output = job.output_path if step.writes_output else ""
+    deliveries = _deliveries(task)
+    if step.part is not None:  # the subtask row shows every delivery (``segq metrics``), retries included
+        records.start_subtask(job.id, job.attempt, step.part, task.request.hostname or "unknown")
+    if deliveries > get_settings().max_deliveries:
+        _fail(step, f"{step.what}: worker lost {deliveries - 1} times running it; giving up")
+        return None
+    try:
+        return body(job)
+    except Exception as exc:  # the one except chain of the task layer: POLICY decides
+        _handle(task, step, exc)
+        return None
+
+
+def _handle(task: Task, step: Step, exc: Exception) -> None:
+    """Carry out what POLICY says about ``exc``: returns (the message is done) or raises Retry or Reject."""
+    result = outcome(exc)
+    assert step.attempt is not None
+    if result is Outcome.DISCARD:
+        discard(step.job_id, step.attempt)
+        return
+    if result is Outcome.SHRINK:
+        size = step.batch_size or 1
+        if size > 1:
+            _torch().cuda.empty_cache()
+            logger.warning("%s of job %s: out of memory at batch %d, retrying at %d", step.what, step.job_id,
+                           size, size // 2)
+            raise task.retry(kwargs={**(task.request.kwargs or {}), "batch_size": size // 2}, countdown=1, exc=exc)
+        result = Outcome.RETRY
+    if result is Outcome.RETRY:
+        retries = int(task.request.retries or 0)
+        if retries < int(task.max_retries or 0):
+            countdown = min(2 ** retries, 60)
+            logger.warning("%s of job %s: %s; retry %d in %d s", step.what, step.job_id, describe(exc), retries + 1,
+                           countdown)
+            raise task.retry(exc=exc, countdown=countdown)
+        _fail(step, f"{step.what}: {describe(exc)} (still failing after {retries} retries)")
+        return
+    if result is Outcome.EXIT:
+        _broken.set()
+        logger.critical("engine broken, ending this worker process so a fresh one takes over: %s: %s",
+                        step.what, describe(exc))
+        threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(EXIT_ENGINE_BROKEN,)).start()
+        raise Reject(describe(exc), requeue=True) from exc
+    _fail(step, f"{step.what}: {describe(exc)}")
+
+
+def _fail(step: Step, reason: str) -> None:
+    """Fail the job (the first reason wins), delete what it left, and let a waiting volume take its room."""
+    assert step.attempt is not None
+    records.fail_job(step.job_id, reason, step.attempt)
+    discard(step.job_id, step.attempt)
+    if step.output:  # the killed merges' temp files: no merge of this attempt will run again
+        storage.remove_stale_temps(Path(step.output))
+    scheduler.admit_quietly()
