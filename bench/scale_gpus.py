@@ -6,8 +6,8 @@ makes them, and one CT-size int16 .nii.gz), starts a Redis server (``--redis-ser
 
 - **peer**: the folder split over one tuned MONAI process per GPU (bench/peer_folder.py), same files;
 - **segq**: a real launcher (`segq worker --gpus N`: a device worker a GPU, threads pool, plus the
-  coordinator) on a deployment of its own (Redis flushed, SQLite, storage), warmed up with a volume cut
-  into one-window parts; then the dataset is submitted at once and timed from `segq submit` to the last
+  coordinator) on a deployment of its own (Redis flushed, SQLite, storage), warmed up with three volumes
+  a GPU; then the dataset is submitted at once and timed from `segq submit` to the last
   mask. The timeline (table ``steps``) gives each GPU's busy fraction, in the steady state (all GPUs
   started, none finished) and overall, the first mask's delay and the largest number of workspaces;
 - **ct**: in the same warm launcher, the CT-size volume alone, ``--ct-repeats`` times: its latency from the
@@ -157,7 +157,7 @@ def timeline_figures(env: dict[str, str], dataset: str, submitted: datetime) -> 
     }
 
 
-def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: Path,
+def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: list[Path],
               inputs: list[Path], ct: list[Path]) -> list[dict[str, Any]]:
     """The dataset and the CT latency on ``n`` GPUs, in one warm launcher."""
     import redis
@@ -172,7 +172,10 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
         worker_args += ["--coordinator-concurrency", str(args.coordinator_concurrency)]
     records = []
     with launched(env, arm_root / "workers.log", worker_args, n + 1):
-        run_set(env, [warmup], arm_root / "warmup", model, "warmup", 1, args.timeout)
+        # Three full volumes a GPU: each worker thread loads the engine and autotunes cuDNN for the dataset's
+        # batch shape (cuDNN's plans are per thread) before the clock starts, as the peer warms up on a volume.
+        run_set(env, warmup[: 3 * n], arm_root / "warmup", model, "warmup", args.max_windows_per_subtask,
+                args.timeout, ["--overlap", str(args.overlap)])
         submitted = datetime.now(UTC)
         with WorkspaceCount(arm_root / "storage") as workspaces:
             seconds, rows = run_set(env, inputs, arm_root / "masks", model, "set", args.max_windows_per_subtask,
@@ -241,7 +244,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     out = args.out / "scale_gpus.jsonl"
     started = time.perf_counter()
     inputs = peer_folder.make_volumes(root / "scans", args.volumes, tuple(args.shape))
-    warmup = peer_folder.make_volumes(root / "warmup-scan", 1, tuple(args.shape), seed=99, prefix="w")[0]
+    warmup = peer_folder.make_volumes(root / "warmup-scan", 3 * max(gpus), tuple(args.shape), seed=99, prefix="w")
     ct = peer_folder.make_volumes(root / "ct-scan", args.ct_repeats, tuple(args.ct_shape), seed=7, dtype="int16",
                                   prefix="ct") if "ct" in arms else []
     model = network_model(args, root)

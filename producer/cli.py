@@ -234,5 +234,7 @@ def report(dataset: str, output: Path, max_images: int | None) -> None:
     """Write a self-contained HTML report of DATASET: table, summary, plots and a mid-slice per volume."""
     from producer.report import write_report
 
-    path = write_report(dataset, output, max_images=max_images)
+    path, busy = write_report(dataset, output, max_images=max_images)
+    for line in busy:
+        click.echo(line)
     click.echo(f"wrote {path}")

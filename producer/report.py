@@ -1,8 +1,9 @@
 """``segq report``: one self-contained HTML page per dataset (inline CSS, images as base64 PNG).
 
 The page holds the summary, the results table, three plots (per-volume time, tumour volume
-histogram, per-worker throughput) and, for each done volume, the middle slice through its mask
-overlaid on the input. matplotlib draws off-screen (Agg); nothing here imports torch.
+histogram, per-worker throughput), the timeline of every step with each GPU's busy fraction
+(segq/timeline.py) and, for each done volume, the middle slice through its mask overlaid on the
+input. matplotlib draws off-screen (Agg); nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from producer.results import job_elapsed, rows, summarize, summary_line
 from segq import records
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
-from segq.models import Dataset, Job, Status, Subtask
+from segq.models import Dataset, Job, Status, Step, Subtask
 from segq.storage import atomic_path
 
 logger = logging.getLogger("segq.report")
@@ -122,6 +123,53 @@ def worker_plot(stats: list[WorkerStats]) -> str | None:
     return _png(fig)
 
 
+def timeline_plot(steps: list[Step]) -> str | None:
+    """Each worker's steps over time: GPU parts as the intervals they held the device (busy), the coordinator's
+    prepares and merges beneath; white between bars is a device waiting for work."""
+    from segq.timeline import busy_interval
+
+    if not steps:
+        return None
+    plt = _pyplot()
+    origin = min(st.started_at for st in steps)
+    workers = sorted({st.worker for st in steps}, key=lambda w: (not any(
+        st.step == "infer" and st.worker == w for st in steps), w))
+    colours = {"infer": "#2e86de", "prepare": "#f39c12", "merge": "#10ac84"}
+    fig, ax = plt.subplots(figsize=(9.6, 0.45 * len(workers) + 1.2), dpi=90)
+    for row, worker in enumerate(workers):
+        for kind, colour in colours.items():
+            spans = [busy_interval(st) if kind == "infer" else (st.started_at, st.finished_at)
+                     for st in steps if st.worker == worker and st.step == kind]
+            bars = [((a - origin).total_seconds(), max((b - a).total_seconds(), 1e-3)) for a, b in spans]
+            if bars:
+                ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=colour, edgecolors="white", linewidth=0.4, label=kind)
+    ax.set_yticks(range(len(workers)), workers)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first step")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="upper right", fontsize=7, ncol=3)
+    ax.set_title("Timeline: GPU parts (device held), prepares and merges")
+    return _png(fig)
+
+
+def busy_table(steps: list[Step]) -> str:
+    """Each device worker's busy fraction: over its whole span and in the steady state (all devices working)."""
+    from segq.timeline import device_use, steady_window
+
+    overall = device_use(steps)
+    if not overall:
+        return '<p class="note">no GPU part has run yet</p>'
+    window = steady_window(steps)
+    steady = {u.worker: u for u in device_use(steps, *window)} if window else {}
+    rows_html = "".join(
+        f"<tr><td>{html.escape(u.worker)}</td><td>{html.escape(u.device)}</td><td>{u.parts}</td>"
+        f"<td>{u.busy_seconds:.1f}</td><td>{u.span_seconds:.1f}</td><td>{u.busy_fraction:.1%}</td>"
+        f"<td>{f'{steady[u.worker].busy_fraction:.1%}' if u.worker in steady else ''}</td></tr>" for u in overall)
+    return ('<table id="busy"><thead><tr><th>worker</th><th>device</th><th>parts</th><th>busy s</th><th>span s</th>'
+            f"<th>busy</th><th>busy, steady state</th></tr></thead><tbody>{rows_html}</tbody></table>")
+
+
 def _slice_index(mask: np.ndarray) -> int:
     """The middle slice (last axis) through the mask, or through the volume when the mask is empty."""
     hits = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
@@ -176,8 +224,11 @@ def _figure(uri: str | None, alt: str) -> str:
     return f'<figure><img src="{uri}" alt="{html.escape(alt)}"></figure>'
 
 
-def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict[str, str | None]) -> str:
-    """The page. ``overlays`` maps a job id to its mid-slice data: URI (None: the files were unreadable)."""
+def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict[str, str | None],
+               steps: list[Step] | None = None) -> str:
+    """The page. ``overlays`` maps a job id to its mid-slice data: URI (None: the files were unreadable);
+    ``steps`` is the datasets' timeline (segq.timeline)."""
+    steps = steps or []
     jobs = [job for ds in datasets for job in ds.jobs]
     data = rows(datasets)
     names = ", ".join(f"{ds.name} ({ds.id})" for ds in datasets)
@@ -206,6 +257,9 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
 {_figure(tumour_plot(jobs), "tumour volume histogram")}
 {_figure(worker_plot(stats), "per-worker throughput")}
 </div>
+<h2>Where the time went</h2>
+{_figure(timeline_plot(steps), "timeline")}
+{busy_table(steps)}
 <h2>Volumes</h2>
 <table id="results"><thead><tr>{head}</tr></thead>
 <tbody>
@@ -231,16 +285,31 @@ def _overlays(jobs: list[Job], limit: int | None) -> dict[str, str | None]:
     return found
 
 
-def write_report(dataset: str, output: Path, *, max_images: int | None = None) -> Path:
-    """Write the report of the dataset(s) with this id or name to ``output`` (atomically); returns its path."""
+def busy_lines(steps: list[Step]) -> list[str]:
+    """Each device worker's busy fraction as a line for the terminal (what the page's table shows)."""
+    from segq.timeline import device_use, steady_window
+
+    window = steady_window(steps)
+    steady = {u.worker: u.busy_fraction for u in device_use(steps, *window)} if window else {}
+    return [f"{u.worker}: busy {u.busy_fraction:.1%} of {u.span_seconds:.1f} s, {u.parts} part(s)"
+            + (f"; {steady[u.worker]:.1%} in the steady state" if u.worker in steady else "")
+            for u in device_use(steps)]
+
+
+def write_report(dataset: str, output: Path, *, max_images: int | None = None) -> tuple[Path, list[str]]:
+    """Write the report of the dataset(s) with this id or name to ``output`` (atomically); returns its path and
+    each GPU worker's busy fraction as a line to print."""
     ensure_schema()
     datasets = records.datasets(dataset)
     if not datasets:
         raise InputError(f"no dataset with id or name {dataset!r}: see `segq status`")
     jobs = [job for ds in datasets for job in ds.jobs]
-    page = build_html(datasets, worker_stats([j.id for j in jobs]), _overlays(jobs, max_images))
+    from segq.timeline import load_steps
+
+    steps = load_steps([ds.id for ds in datasets])
+    page = build_html(datasets, worker_stats([j.id for j in jobs]), _overlays(jobs, max_images), steps)
     output = output.expanduser().resolve()
     with atomic_path(output) as tmp:
         tmp.write_text(page, encoding="utf-8")
     logger.debug("report of %d volume(s) written to %s (%.1f MB)", len(jobs), output, output.stat().st_size / 1e6)
-    return output
+    return output, busy_lines(steps)

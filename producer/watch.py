@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -78,6 +78,7 @@ class WorkerRate:
     windows: int
     busy_windows_per_second: float | None  # windows per second of the worker's own busy time
     recent_windows_per_second: float  # its share of the recent throughput
+    busy_fraction: float | None = None  # share of the recent horizon its device was held (segq.timeline)
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,11 @@ def _merges_left_seconds(jobs: Sequence[JobSample]) -> float:
 
 
 def summarize(jobs: Sequence[JobSample], parts: Sequence[PartSample], workers: Sequence[WorkerTotal],
-              recent: Sequence[RecentPart], now: datetime, horizon: float = HORIZON_SECONDS) -> Snapshot:
-    """The figures of one progress line from samples of the database."""
+              recent: Sequence[RecentPart], now: datetime, horizon: float = HORIZON_SECONDS,
+              busy: Mapping[str, float] | None = None) -> Snapshot:
+    """The figures of one progress line from samples of the database; ``busy``: each device worker's busy
+    fraction over the horizon."""
+    busy = busy or {}
     counts: dict[str, int] = {}
     for job in jobs:
         counts[job.status.value] = counts.get(job.status.value, 0) + 1
@@ -173,7 +177,8 @@ def summarize(jobs: Sequence[JobSample], parts: Sequence[PartSample], workers: S
     for r in fresh:
         by_worker[r.worker] = by_worker.get(r.worker, 0) + r.windows
     rates = [WorkerRate(w.worker, w.subtasks, w.windows,
-                        w.windows / w.busy_seconds if w.busy_seconds > 0 else None, by_worker.get(w.worker, 0) / span)
+                        w.windows / w.busy_seconds if w.busy_seconds > 0 else None, by_worker.get(w.worker, 0) / span,
+                        busy.get(w.worker))
              for w in sorted(workers, key=lambda w: w.worker)]
     return Snapshot(
         total=len(jobs), counts=counts,
@@ -210,9 +215,21 @@ def load(dataset_ids: Sequence[str], now: datetime | None = None,
     return jobs, parts, workers, recent
 
 
+def recent_busy(now: datetime, horizon: float) -> dict[str, float]:
+    """Each device worker's busy fraction over the last ``horizon`` seconds, from the timeline of every dataset
+    (a GPU busy with another dataset is busy): parts that ended in the horizon, clipped to it."""
+    from segq.models import Step
+    from segq.timeline import device_use
+
+    start = now - timedelta(seconds=horizon)
+    with session_scope() as s:
+        steps = list(s.scalars(select(Step).where(Step.step == "infer", Step.finished_at >= start)))
+    return {u.worker: u.busy_fraction for u in device_use(steps, start, now)}
+
+
 def snapshot(dataset_ids: Sequence[str], horizon: float = HORIZON_SECONDS) -> Snapshot:
     now = datetime.now(UTC)
-    return summarize(*load(dataset_ids, now, horizon), now=now, horizon=horizon)
+    return summarize(*load(dataset_ids, now, horizon), now=now, horizon=horizon, busy=recent_busy(now, horizon))
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -250,9 +267,11 @@ def render(snap: Snapshot, title: str) -> RenderableType:
                 f"ETA {format_seconds(snap.eta_seconds)}")
     if not snap.workers:
         return Group(head, bar)
-    table = Table("worker", "subtasks", "windows", "windows/s busy", "windows/s now", box=None, header_style="bold")
+    table = Table("worker", "subtasks", "windows", "windows/s busy", "windows/s now", "busy %", box=None,
+                  header_style="bold")
     for w in snap.workers:
         table.add_row(w.worker, str(w.subtasks), str(w.windows),
                       "" if w.busy_windows_per_second is None else f"{w.busy_windows_per_second:.1f}",
-                      f"{w.recent_windows_per_second:.1f}")
+                      f"{w.recent_windows_per_second:.1f}",
+                      "" if w.busy_fraction is None else f"{w.busy_fraction:.0%}")
     return Group(head, bar, table)

@@ -61,9 +61,13 @@ def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec
     for starts in _batches(slab.starts, batch_size):
         if should_stop is not None and should_stop():
             break
-        batch = torch.stack([rows[:, x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz] for x, y, z in starts])
-        probs = engine(batch)
-        for p, (x, y, z) in zip(probs[:, 0], starts, strict=True):
+        crops = [rows[:, x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz] for x, y, z in starts]
+        if device.type == "cuda" and len(crops) < batch_size:
+            # A short last batch is padded to the full one: cuDNN's autotuner (cudnn.benchmark) tunes every new
+            # batch shape, per thread, for seconds; padding 8 windows of a 600-window CT costs 75 ms.
+            crops += crops[-1:] * (batch_size - len(crops))
+        probs = engine(torch.stack(crops))
+        for p, (x, y, z) in zip(probs[: len(starts), 0], starts, strict=True):
             partial[x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz].addcmul_(p, w)
     return partial
 

@@ -56,6 +56,9 @@ def test_report_loads_in_chromium_with_table_plots_and_images(fresh_stack: Stack
     report = tmp_path / "report.html"
     written = segq("report", "reported", "-o", str(report), env=stack.env)
     assert str(report) in written.stdout
+    busy = re.search(r"w1@\S+: busy (\d+\.\d)% of (\d+\.\d) s, (\d+) part\(s\)", written.stdout)
+    assert busy is not None, written.stdout
+    assert 0 < float(busy.group(1)) <= 100 and int(busy.group(3)) >= 2, "each done volume's part ran on w1"
 
     page = report.read_text()
     assert not re.search(r'(href|src)="(https?:)?//', page), "the page must be self-contained"
@@ -64,13 +67,13 @@ def test_report_loads_in_chromium_with_table_plots_and_images(fresh_stack: Stack
     dumped = browse(probe, tmp_path, "--dump-dom")
     assert dumped.returncode == 0, dumped.stderr[-3000:]
     dom = dumped.stdout
-    assert '<table id="results">' in dom and "segq report: reported" in dom
+    assert '<table id="results">' in dom and "segq report: reported" in dom and '<table id="busy">' in dom
     assert "NaN or infinite" in dom and "case0.nii.gz" in dom and "case1.nii.gz" in dom
     body = re.search(r"<body([^>]*)>", dom)
     assert body is not None, dom[:2000]
     attributes = dict(re.findall(r'data-(\w+)="(\d+)"', body.group(1)))
-    # three plots plus one mid-slice per done volume; every one decoded by the browser
-    assert attributes == {"images": "5", "decoded": "5", "rows": "3"}, body.group(0)
+    # three plots, the timeline, and one mid-slice per done volume; every one decoded by the browser
+    assert attributes == {"images": "6", "decoded": "6", "rows": "3"}, body.group(0)
 
     shot = tmp_path / "report.png"
     shotted = browse(report, tmp_path, f"--screenshot={shot}", "--window-size=1280,1800", "--hide-scrollbars")
