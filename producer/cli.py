@@ -44,11 +44,14 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
 @click.option("--output-format", type=click.Choice(["auto", "nifti", "dicom-seg", "both"]), default="auto",
               show_default=True, help="Masks as NIfTI, DICOM SEG or both; auto: NIfTI for NIfTI inputs, both for "
                                       "DICOM series (a SEG needs a DICOM series to reference).")
+@click.option("--overwrite", is_flag=True,
+              help="Take over output paths another dataset owns (its jobs for them are cancelled, saying why).")
 @click.option("--wait", is_flag=True, help="Return when every volume has finished, printing a line each.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
            sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
-           max_windows_per_subtask: int | None, save_probabilities: bool, output_format: str, wait: bool,
+           max_windows_per_subtask: int | None, save_probabilities: bool, output_format: str, overwrite: bool,
+           wait: bool,
            timeout: float | None) -> None:
     """Queue every NIfTI volume and DICOM series in INPUTS (files or directories) for segmentation.
 
@@ -65,7 +68,8 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     # every input refused: the error names each one
     submitted = submit_dataset(collected.inputs, out_dir, spec, name=name, priority=priority,
                                max_windows_per_subtask=max_windows_per_subtask,
-                               save_probabilities=save_probabilities, refused=[r.line() for r in collected.refused])
+                               save_probabilities=save_probabilities, refused=[r.line() for r in collected.refused],
+                               overwrite=overwrite)
     for line in submitted.refused:
         click.echo(f"refused {line}", err=True)
     again = " (same dataset as before)" if submitted.reused_dataset else ""

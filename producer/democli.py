@@ -21,15 +21,19 @@ def demo_data(out_dir: Path, count: int, seed: int) -> None:
 
 
 @click.command("train-demo")
-@click.option("-o", "--out", "out_dir", default=Path("models/demo"), show_default=True,
-              type=click.Path(path_type=Path, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory for model.toml and the checkpoint (the shipped models/demo is replaced only if "
+                   "named here).")
 @click.option("--arch", default="UNet", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=900, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
-def train_demo(out_dir: Path, arch: str, steps: int, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a model.toml already in OUT.")
+def train_demo(out_dir: Path, arch: str, steps: int, seed: int, overwrite: bool) -> None:
     """Train the small demo model on synthetic volumes (CPU, minutes) and write model.toml + checkpoint."""
     from worker.train import train_demo as train
 
+    if (out_dir / "model.toml").exists() and not overwrite:
+        raise click.ClickException(f"{out_dir / 'model.toml'} exists: pass --overwrite to replace it, or another --out")
     toml = train(out_dir, arch=arch, steps=steps, seed=seed, progress=True)
     click.echo(f"wrote {toml}")
 
@@ -38,7 +42,8 @@ def train_demo(out_dir: Path, arch: str, steps: int, seed: int) -> None:
 @click.argument("dataset")
 @click.option("--truth", "truth_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Directory of ground-truth masks named like the inputs.")
-def evaluate(dataset: str, truth_dir: Path) -> None:
+@click.option("--replace", is_flag=True, help="Replace Dice scores stored by an earlier evaluation.")
+def evaluate(dataset: str, truth_dir: Path, replace: bool) -> None:
     """Dice and volume error of each volume against ground truth; stored and shown by `segq results`."""
     from rich.table import Table
 
@@ -48,11 +53,9 @@ def evaluate(dataset: str, truth_dir: Path) -> None:
     from segq.db import ensure_schema
 
     ensure_schema()
-    found = records.datasets(dataset)
-    if not found:
-        raise click.ClickException(f"no dataset with id or name {dataset!r}")
-    scores = run(found[0].id, truth_dir)
-    table = Table(title=f"dataset {found[0].id} against {truth_dir}", title_justify="left")
+    found = records.one_dataset(dataset)
+    scores = run(found.id, truth_dir, replace=replace)
+    table = Table(title=f"dataset {found.id} against {truth_dir}", title_justify="left")
     for column in ("input", "Dice", "volume error mL", "note"):
         table.add_column(column)
     for s in scores:

@@ -52,17 +52,36 @@ def score_job(job: Job, truth_dir: Path) -> Score:
     return Score(job.id, job.input_path, round(dice(pred, truth), 4), round(volume_error_ml(pred, truth, spacing), 4))
 
 
-def evaluate(dataset_id: str, truth_dir: Path) -> list[Score]:
-    """Score every done job of the dataset and store Dice and volume error on its row."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def evaluate(dataset_id: str, truth_dir: Path, replace: bool = False) -> list[Score]:
+    """Score every done job of the dataset that has a ground truth, and store Dice and volume error on its row.
+
+    Volumes without a ground truth keep what was stored. Nothing is stored when no volume has one (a
+    wrong ``--truth`` folder), or when stored Dice would change and ``replace`` is not given: a second
+    evaluation against other masks must not silently overwrite the first.
+    """
     if not truth_dir.is_dir():
         raise InputError(f"--truth {truth_dir} is not a directory")
-    scores = []
     with session_scope() as s:
         jobs = list(s.query(Job).filter(Job.dataset_id == dataset_id).order_by(Job.input_path))
         if not jobs:
             raise InputError(f"dataset {dataset_id} has no jobs")
-        for job in jobs:
-            score = score_job(job, truth_dir)
+        scores = [score_job(job, truth_dir) for job in jobs]
+        done = [job for job in jobs if job.status == Status.DONE]
+        scored = [(job, score) for job, score in zip(jobs, scores, strict=True) if score.dice is not None]
+        if done and not scored:
+            raise InputError(f"--truth {truth_dir} holds no ground truth for any of the {len(done)} done volume(s) "
+                             f"(looked for e.g. {Path(done[0].input_path).name} there): check the folder")
+        changed = [(job, score) for job, score in scored if job.dice is not None and job.dice != score.dice]
+        if changed and not replace:
+            before = _mean([job.dice for job, _ in changed if job.dice is not None])
+            after = _mean([score.dice for _, score in changed if score.dice is not None])
+            raise InputError(f"{len(changed)} volume(s) already have Dice scores (mean {before:.4f}); --truth "
+                             f"{truth_dir} gives mean {after:.4f}. Nothing stored: pass --replace to store the "
+                             "new scores")
+        for job, score in scored:
             job.dice, job.volume_error_ml = score.dice, score.volume_error_ml
-            scores.append(score)
     return scores

@@ -54,12 +54,37 @@ def select_jobs(target: str | None, statuses: Iterable[Status], *, job_ids: bool
             if s.execute(query.limit(1)).first() is None:
                 what = "dataset or job" if job_ids else "dataset"
                 raise InputError(f"no {what} with id or name {target!r}: see `segq status`")
+            named = list(s.scalars(select(Dataset.id).where(Dataset.name == target)))
+            if len(named) > 1 and s.get(Dataset, target) is None and s.get(Job, target) is None:
+                raise InputError(f"{len(named)} datasets are named {target!r} (ids {', '.join(named)}): "
+                                 "name one by its id")
         rows = s.execute(query.where(Job.status.in_(list(statuses))).order_by(Job.queued_at, Job.input_path))
         return [JobRef(*row) for row in rows]
 
 
+def _taken_over(jobs: list[JobRef]) -> set[str]:
+    """Jobs whose output path another dataset's live job now owns (it took it over with submit --overwrite)."""
+    with session_scope() as s:
+        taken = set()
+        for job in jobs:
+            owner = s.scalar(select(Job.dataset_id).where(Job.output_path == job.output_path,
+                                                          Job.dataset_id != job.dataset_id,
+                                                          Job.status.not_in([Status.CANCELLED, Status.FAILED]))
+                            .limit(1))
+            if owner is not None:
+                logger.warning("job %s not re-queued: its output %s now belongs to dataset %s", job.id,
+                               job.output_path, owner)
+                taken.add(job.id)
+        return taken
+
+
 def requeue(jobs: list[JobRef]) -> list[str]:
-    """Start a new attempt of each job; the scheduler sends them as room opens, at their dataset's priority."""
+    """Start a new attempt of each job; the scheduler sends them as room opens, at their dataset's priority.
+
+    A job whose output another dataset took over is left alone: running it would overwrite that mask.
+    """
+    taken = _taken_over(jobs)
+    jobs = [job for job in jobs if job.id not in taken]
     if not jobs:
         return []
     check_broker()

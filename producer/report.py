@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import and_, func, select
 
-from producer.results import job_seconds, rows, summarize, summary_line
+from producer.results import job_elapsed, rows, summarize, summary_line
 from segq import records
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
@@ -78,14 +78,14 @@ def _pyplot() -> Any:
 
 def time_plot(jobs: list[Job]) -> str | None:
     """Per-volume seconds of the done volumes, split into preprocess, inference (summed subtasks) and merge."""
-    done = [j for j in jobs if j.status == Status.DONE and job_seconds(j) is not None]
+    done = [j for j in jobs if j.status == Status.DONE and job_elapsed(j) is not None]
     if not done:
         return None
     plt = _pyplot()
     done.sort(key=lambda j: j.finished_at or datetime.min.replace(tzinfo=UTC))
     x = np.arange(len(done))
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=90)
-    ax.bar(x, [job_seconds(j) or 0.0 for j in done], color="#c8d6e5", label="wall (start to result)")
+    ax.bar(x, [job_elapsed(j) or 0.0 for j in done], color="#c8d6e5", label="elapsed, with queue waits")
     pre = np.array([j.preprocess_seconds or 0.0 for j in done])
     inf = np.array([j.inference_seconds or 0.0 for j in done])
     ax.bar(x, pre, width=0.5, color="#576574", label="preprocess")
@@ -318,5 +318,5 @@ def write_report(dataset: str, output: Path, *, max_images: int | None = None) -
     output = output.expanduser().resolve()
     with atomic_path(output) as tmp:
         tmp.write_text(page, encoding="utf-8")
-    logger.info("report of %d volume(s) written to %s (%.1f MB)", len(jobs), output, output.stat().st_size / 1e6)
+    logger.debug("report of %d volume(s) written to %s (%.1f MB)", len(jobs), output, output.stat().st_size / 1e6)
     return output, busy_lines(steps)

@@ -18,7 +18,7 @@ from segq.models import Dataset, Job
 COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
     "queued_at", "started_at", "finished_at", "inference_seconds", "workers", "backend", "precision",
-    "model_sha256", "dice", "volume_error_ml", "seconds", "preprocess_seconds", "merge_seconds",
+    "model_sha256", "dice", "volume_error_ml", "seconds", "preprocess_seconds", "merge_seconds", "elapsed_seconds",
     "modality", "study_uid", "series_uid", "output_format",
 ]
 
@@ -41,6 +41,7 @@ def job_row(dataset: Dataset, job: Job) -> dict[str, Any]:
         # a DICOM series is named by its UIDs, never by its patient
         "modality": job.modality, "study_uid": job.study_uid, "series_uid": job.series_uid,
         "output_format": job.output_format or "nifti",
+        "elapsed_seconds": job_elapsed(job),
     }
 
 
@@ -55,10 +56,22 @@ def job_span(job: Job) -> tuple[datetime, datetime] | None:
     return job.started_at - timedelta(seconds=job.preprocess_seconds or 0.0), job.finished_at
 
 
-def job_seconds(job: Job) -> float | None:
-    """A volume's own time: from its first task starting to its result being recorded."""
+def job_elapsed(job: Job) -> float | None:
+    """From the volume's first task starting to its result: includes its slabs' wait in the GPU queue."""
     span = job_span(job)
     return None if span is None else round((span[1] - span[0]).total_seconds(), 3)
+
+
+def job_seconds(job: Job) -> float | None:
+    """A volume's own work: preprocessing, its subtasks' inference (summed) and the merge, without queue waits.
+
+    The span from start to result would count the time its slabs waited behind other volumes' slabs, so
+    the busy time of a dataset would exceed its wall time many times over.
+    """
+    parts = (job.preprocess_seconds, job.inference_seconds, job.merge_seconds)
+    if all(part is None for part in parts):
+        return None
+    return round(sum(part or 0.0 for part in parts), 3)
 
 
 def rows(datasets: list[Dataset]) -> list[dict[str, Any]]:
@@ -82,7 +95,7 @@ def summarize(jobs: list[Job]) -> dict[str, Any]:
     """Counts, wall and median times and throughput of a set of volumes.
 
     ``wall_seconds`` runs from the first volume starting to the last one ending (what a night took);
-    ``busy_seconds`` adds up each done volume's own time; throughput is over the wall time.
+    ``busy_seconds`` adds up each done volume's own work (no queue waits); throughput is over the wall time.
     """
     counts = {status: 0 for status in ("done", "failed", "cancelled", "running", "queued")}
     for job in jobs:

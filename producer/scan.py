@@ -42,10 +42,12 @@ def _dicom_candidate(path: Path) -> bool:
     return path.suffix.lower() == ".dcm" or is_dicom(path)
 
 
-def _scan_dir(root: Path, dicom: list[tuple[Path, Path]] | None = None) -> list[tuple[Path, Path]]:
-    """NIfTI files under ``root`` (with their relative paths); DICOM candidates go to ``dicom`` with their root."""
+def _scan_dir(root: Path, out_dir: Path, dicom: list[tuple[Path, Path]] | None = None) -> list[tuple[Path, Path]]:
+    """NIfTI files under ``root`` (with their relative paths), never under ``out_dir``; DICOM candidates go to
+    ``dicom`` with their root."""
     found = []
-    seen: set[Path] = set()
+    # The output directory is never an input: else every resubmission would take the last masks as new volumes.
+    seen: set[Path] = {out_dir}
     # Symlinked directories are followed (each real directory once, so a link loop ends), and what they hold
     # is checked against SEGQ_ALLOWED_ROOTS like any input, rather than silently skipped.
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -107,7 +109,10 @@ def collect(paths: list[Path], out_dir: Path, output_format: str = "auto") -> Co
         if not path.exists():
             raise InputError(f"input {given} does not exist")
         if path.is_dir():
-            found = _scan_dir(path, dicom)
+            if path.resolve() == out_dir:
+                raise InputError(f"--out {out_dir} is the input directory {given}: write the masks elsewhere "
+                                 "(a subdirectory is fine)")
+            found = _scan_dir(path, out_dir, dicom)
             if not found and not any(root == path for _, root in dicom):
                 raise InputError(f"input directory {given} holds no .nii or .nii.gz files and no DICOM files")
             pairs.extend(found)

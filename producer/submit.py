@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from producer.scan import Input
@@ -31,13 +31,14 @@ from segq import faults, records, scheduler
 from segq.broker import check_writable
 from segq.celery_app import get_app
 from segq.db import ensure_schema, session_scope
-from segq.dicom import check_volume, seg_output, series_sha256
+from segq.dicom import check_volume as check_series
+from segq.dicom import seg_output, series_sha256
 from segq.errors import InputError, TransientError
-from segq.models import Dataset, Job, Status
+from segq.models import Dataset, Job, Status, Subtask, utcnow
 from segq.modelspec import ModelSpec, file_sha256
 from segq.settings import get_settings
-from segq.storage import atomic_path
-from segq.volumes import read_header
+from segq.storage import atomic_path, temp_name
+from segq.volumes import check_channels, read_header
 
 logger = logging.getLogger("segq.submit")
 
@@ -142,6 +143,61 @@ def _copy_outputs(source: Job, target: Path, save_probabilities: bool) -> bool:
     return True
 
 
+def check_volume(path: Path, spec: ModelSpec, max_voxels: int) -> None:
+    """What the header tells: a readable 3D volume of real numbers, small enough, with the model's channel count."""
+    check_channels(path, read_header(path, max_voxels), spec.in_channels)
+
+
+def check_checkpoint(spec: ModelSpec) -> None:
+    """Load the checkpoint once on the CPU and check that it fits the network the model file describes.
+
+    Skipped, with a note, where torch is not installed (a producer-only machine): the workers check it then.
+    """
+    try:
+        from worker.model import build_checked
+    except ImportError as exc:
+        logger.info("checkpoint %s not checked at submit (%s): the workers will check it", spec.checkpoint, exc)
+        return
+    build_checked(spec)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the output directory and prove it writable now, not after every volume's inference has run."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(out_dir / "probe.nii.gz")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"output directory {out_dir} is not writable ({exc.strerror or exc}): choose another "
+                         "--out, or fix its permissions or mount") from None
+
+
+def _claim_outputs(s: Session, dataset: Dataset, inputs: list[Input], overwrite: bool) -> None:
+    """Each output path has one owner: a queued, running or done job of another dataset refuses the submission,
+    unless ``overwrite``, which cancels that job with a reason naming this dataset (so its results say so)."""
+    wanted = [str(item.output) for item in inputs]
+    owners: list[Job] = []
+    for i in range(0, len(wanted), 500):
+        # A failed or cancelled job wrote nothing there; `segq retry` leaves it alone while another dataset owns it.
+        owners += s.scalars(select(Job).where(Job.output_path.in_(wanted[i:i + 500]), Job.dataset_id != dataset.id,
+                                              Job.status.not_in([Status.CANCELLED, Status.FAILED]))).all()
+    if not owners:
+        return
+    others = sorted({job.dataset_id for job in owners})
+    if not overwrite:
+        raise InputError(f"{len(owners)} output(s) already belong to dataset(s) {', '.join(others)}, e.g. "
+                         f"{owners[0].output_path}: choose another --out, or pass --overwrite to take them over")
+    for job in owners:
+        job.status, job.finished_at = Status.CANCELLED, job.finished_at or utcnow()
+        job.error = f"output {job.output_path} taken over by dataset {dataset.id} '{dataset.name}' (submit --overwrite)"
+        s.execute(update(Subtask).where(Subtask.job_id == job.id, Subtask.attempt == job.attempt,
+                                        Subtask.status.in_([Status.QUEUED, Status.RUNNING]))
+                  .values(status=Status.CANCELLED))
+    logger.warning("dataset %s takes over %d output(s) from dataset(s) %s (--overwrite): their jobs are cancelled",
+                   dataset.id, len(owners), ", ".join(others))
+
+
 def _unqueue(dataset_id: str, fresh: list[str], unsent: list[str], reused: bool, exc: Exception) -> None:
     """Undo a submission the broker refused half-way, so nothing stays queued without a message.
 
@@ -174,8 +230,8 @@ def _check(inputs: list[Input], spec: ModelSpec, max_voxels: int) -> tuple[list[
     kept, refused = [], []
     for item in inputs:
         if item.series is None:
-            read_header(item.path, max_voxels)
-        elif (problem := check_volume(item.series, spec.roi_size, max_voxels)) is not None:
+            check_volume(item.path, spec, max_voxels)
+        elif (problem := check_series(item.series, spec.roi_size, max_voxels)) is not None:
             refused.append(f"series {item.series.uid} in {item.series.directory}: {problem}")
             continue
         kept.append(item)
@@ -193,16 +249,21 @@ def _job_fields(item: Input, sha: str, fp: str) -> dict[str, Any]:
 
 def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | None = None,
            priority: str = "normal", max_windows_per_subtask: int | None = None,
-           save_probabilities: bool = False, refused: list[str] | None = None) -> Submitted:
-    """Write (or reuse) the dataset's rows, then queue what is not done. Nothing is queued if a NIfTI header is bad.
+           save_probabilities: bool = False, refused: list[str] | None = None, overwrite: bool = False) -> Submitted:
+    """Write (or reuse) the dataset's rows, then queue what is not done.
 
-    ``refused`` (lines from the scan) is passed through to the result, with the series refused here added.
+    Nothing is queued if a NIfTI header, the checkpoint or the output directory is bad, or if another dataset
+    owns an output path (unless ``overwrite``). ``refused`` (lines from the scan) is passed through to the
+    result, with the series refused here added.
     """
     settings = get_settings()
     inputs, thin = _check(inputs, spec, settings.max_voxels)
     refused = [*(refused or []), *thin]
     if not inputs:
         raise InputError("nothing to segment: every input was refused:\n" + "\n".join(refused))
+    check_checkpoint(spec)
+    out_dir = out_dir.expanduser().resolve()
+    prepare_out_dir(out_dir)
     check_broker()
     check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
     ensure_schema()
@@ -210,8 +271,6 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
               "max_windows_per_subtask": max_windows_per_subtask, "save_probabilities": save_probabilities}
     hashes = hash_inputs(inputs)
-    out_dir = out_dir.expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = name or out_dir.name
     fresh: list[str] = []
     again: list[str] = []
@@ -229,6 +288,7 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
             s.flush()
         elif dataset.priority != priority:
             dataset.priority, dataset.params = priority, {**dataset.params, "priority": priority}
+        _claim_outputs(s, dataset, inputs, overwrite)
         existing = {job.input_path: job for job in s.scalars(select(Job).where(Job.dataset_id == dataset.id))}
         job_ids = []
         for item in inputs:
@@ -264,8 +324,9 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
         scheduler.admit()
     except Exception as exc:  # kombu's OperationalError, redis' ResponseError (OOM): the broker refused
         _unqueue(dataset_id, fresh, again, reused, exc)
-    logger.info("dataset %s: queued %d volume(s), %d already done", dataset_id, len(queued), len(done))
+    logger.debug("dataset %s: queued %d volume(s), %d already done", dataset_id, len(queued), len(done))
     return Submitted(dataset_id, job_ids, queued, done, reused, refused)
 
 
-__all__ = ["submit", "Submitted", "fingerprint", "check_broker", "outputs_present", "InputError"]
+__all__ = ["submit", "Submitted", "fingerprint", "check_broker", "outputs_present", "InputError",
+           "check_volume", "check_checkpoint", "prepare_out_dir"]

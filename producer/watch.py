@@ -42,6 +42,7 @@ class JobSample:
     subtasks: int | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    merge_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,16 @@ def _remaining_windows(jobs: Sequence[JobSample], parts: Sequence[PartSample]) -
     return remaining
 
 
+def _merges_left_seconds(jobs: Sequence[JobSample]) -> float:
+    """Each unfinished volume still needs its merge (after its last slab): the mean merge of the done ones each.
+
+    Without it the ETA read 0 s once the last window ran, while the merges of large volumes took minutes.
+    """
+    merges = [j.merge_seconds for j in jobs if j.status == Status.DONE and j.merge_seconds is not None]
+    unfinished = sum(1 for j in jobs if not j.status.final)
+    return unfinished * statistics.fmean(merges) if merges else 0.0
+
+
 def summarize(jobs: Sequence[JobSample], parts: Sequence[PartSample], workers: Sequence[WorkerTotal],
               recent: Sequence[RecentPart], now: datetime, horizon: float = HORIZON_SECONDS,
               busy: Mapping[str, float] | None = None) -> Snapshot:
@@ -157,7 +168,7 @@ def summarize(jobs: Sequence[JobSample], parts: Sequence[PartSample], workers: S
     if unfinished == 0:
         eta: float | None = 0.0
     elif remaining is not None and rate > 0:
-        eta = remaining / rate
+        eta = remaining / rate + _merges_left_seconds(jobs)
     elif volumes_per_hour > 0:
         eta = unfinished / volumes_per_hour * 3600
     else:
@@ -188,7 +199,8 @@ def load(dataset_ids: Sequence[str], now: datetime | None = None,
     in_sets = Job.dataset_id.in_(list(dataset_ids))
     with session_scope() as s:
         jobs = [JobSample(*row) for row in s.execute(
-            select(Job.id, Job.status, Job.windows, Job.subtasks, Job.started_at, Job.finished_at).where(in_sets))]
+            select(Job.id, Job.status, Job.windows, Job.subtasks, Job.started_at, Job.finished_at, Job.merge_seconds)
+            .where(in_sets))]
         parts = [PartSample(*row) for row in s.execute(
             select(Subtask.job_id, Subtask.status, Subtask.windows).join(Job, current)
             .where(in_sets, Job.status == Status.RUNNING))]

@@ -11,6 +11,9 @@ scripts/setup.sh
 scripts/services.sh
 export SEGQ_DATA_DIR=${SEGQ_DATA_DIR:-$PWD/.segq}
 mkdir -p "$SEGQ_DATA_DIR"
+# The demo's database lives here, not in segq's default data directory: say so, first and last.
+see_again="export SEGQ_DATA_DIR=$SEGQ_DATA_DIR   # then: segq status, segq results, segq report"
+echo "the demo keeps its database in $SEGQ_DATA_DIR; to look at it afterwards: $see_again"
 name="demo-$(date +%Y%m%d-%H%M%S)"
 
 segq demo-data -o "$work" --count "$count"
@@ -23,3 +26,4 @@ segq submit "$work/images" --out "$work/masks" --model models/demo/model.toml --
 segq evaluate "$name" --truth "$work/truth"
 segq results "$name"
 echo "masks in $work/masks; the worker's log is $SEGQ_DATA_DIR/demo-worker.log"
+echo "to see this dataset again from another shell: $see_again"

@@ -23,5 +23,9 @@ class StorageNotSharedError(InputError):
     """A worker cannot see a job's workspace: its SEGQ_STORAGE is not the shared one."""
 
 
+class DiskFullError(InputError):
+    """The output or storage disk is full or read-only: fail the job saying so; `segq retry --failed` after."""
+
+
 class CancelledError(SegqError):
     """The job was cancelled while this task ran."""

@@ -17,6 +17,33 @@ PREPROCESS = ("none", "zscore")
 
 BlendMode = Literal["gaussian", "constant"]
 
+# The one schema of a model file: every key's type. bool is refused where a number is wanted (TOML's
+# `true` is a Python int subclass); an integer overlap is taken as a float.
+FIELD_TYPES: dict[str, type] = {
+    "arch": str, "in_channels": int, "out_channels": int, "roi_size": int, "target_class": int, "checkpoint": str,
+    "feature_size": int, "preprocess": str, "overlap": float, "sw_batch_size": int, "mode": str,
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def check_types(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` with each value checked against FIELD_TYPES; InputError naming the first key of the wrong type."""
+    checked = dict(data)
+    for key, wanted in FIELD_TYPES.items():
+        if key not in data:
+            continue
+        value = data[key]
+        ok = isinstance(value, wanted) and not isinstance(value, bool)
+        if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, checked[key] = True, float(value)
+        if key == "checkpoint" and isinstance(value, Path):
+            ok = True
+        if not ok:
+            example = {str: '"text"', int: "2", float: "0.5"}[wanted]
+            raise InputError(f"{where}: {key} = {value!r} must be {_TYPE_NAMES[wanted]} (for example "
+                             f"{key} = {example}, without quotes around numbers)")
+    return checked
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -60,6 +87,7 @@ class ModelSpec:
 
     def validate(self) -> None:
         where = f"model file {self.path}" if self.path else "model spec"
+        check_types({k: getattr(self, k) for k in FIELD_TYPES}, where)
         if self.arch not in ARCHS:
             raise InputError(f"{where}: arch = {self.arch!r} is not one of {', '.join(ARCHS)}")
         for name in ("in_channels", "out_channels", "roi_size", "feature_size", "sw_batch_size"):
@@ -155,6 +183,7 @@ def load_model_spec(path: str | Path) -> ModelSpec:
         raise InputError(
             f"model file {path}: unknown keys {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
         )
+    data = check_types(data, f"model file {path}")
     checkpoint = (path.parent / str(data["checkpoint"])).resolve()
     if not checkpoint.is_file():
         raise InputError(f"model file {path}: checkpoint {checkpoint} does not exist")

@@ -11,6 +11,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from segq.db import session_scope
+from segq.errors import InputError
 from segq.models import Dataset, Job, Status, Step, Subtask, utcnow
 
 logger = logging.getLogger("segq.records")
@@ -88,7 +89,11 @@ def start_subtask(job_id: str, attempt: int, slab: int, worker: str) -> int:
             part = Subtask(job_id=job_id, attempt=attempt, slab=slab, windows=0, deliveries=0)
             s.add(part)
         part.deliveries = (part.deliveries or 0) + 1
-        part.status, part.worker, part.started_at = Status.RUNNING, worker, utcnow()
+        job = s.get(Job, job_id)
+        # A job that ended meanwhile (a sibling slab failed it) keeps no subtask running: the task stops next.
+        ended = job is None or job.status.final or job.attempt != attempt
+        part.status = Status.CANCELLED if ended else Status.RUNNING
+        part.worker, part.started_at = worker, utcnow()
         return part.deliveries
 
 
@@ -122,17 +127,27 @@ def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: floa
 
 
 def fail_job(job_id: str, error: str, attempt: int | None = None, status: Status = Status.FAILED) -> bool:
-    """Mark the job failed (or cancelled) unless it already ended; the first reason wins."""
+    """Mark the job failed (or cancelled) unless it already ended; the first reason wins.
+
+    Its unfinished subtasks end with it (as cancelled: they did not fail themselves), so nothing reports
+    them running once no task of the job is left.
+    """
     with session_scope() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.status.final or (attempt is not None and job.attempt != attempt):
+        if job is None or (attempt is not None and job.attempt != attempt):
+            return False
+        _close_subtasks(s, job_id, job.attempt)  # also when the job ended first: a late slab may have started
+        if job.status.final:
             return False
         job.status, job.error, job.finished_at = status, error[:MAX_ERROR_CHARS], utcnow()
-        # Its unfinished subtasks end with it: none of them will run for this attempt any more.
-        s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == job.attempt,
-                                        Subtask.status.in_([Status.QUEUED, Status.RUNNING])).values(status=status))
         logger.warning("job %s %s: %s", job_id, status.value, error)
         return True
+
+
+def _close_subtasks(s: Session, job_id: str, attempt: int) -> None:
+    s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt,
+                                    Subtask.status.in_([Status.QUEUED, Status.RUNNING]))
+              .values(status=Status.CANCELLED, finished_at=utcnow()))
 
 
 def requeue_job(job_id: str) -> int:
@@ -141,13 +156,40 @@ def requeue_job(job_id: str) -> int:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise KeyError(job_id)
-        job.attempt += 1
-        job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
-        job.started_at = job.finished_at = job.admitted_at = None
-        job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
-        job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
-        job.workers = None
-        return job.attempt
+        return _new_attempt(job)
+
+
+def _new_attempt(job: Job) -> int:
+    job.attempt += 1
+    job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
+    job.started_at = job.finished_at = job.admitted_at = None
+    job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
+    job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
+    job.workers = None
+    return job.attempt
+
+
+def requeue_if(job_id: str, attempt: int) -> int | None:
+    """Start a new attempt of the job only if it is still running ``attempt``: several sweepers may find the
+    same orphan, and only the first re-queues it. Returns the new attempt, or None."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.attempt != attempt or job.status != Status.RUNNING:
+            return None
+        _close_subtasks(s, job_id, attempt)
+        return _new_attempt(job)
+
+
+def orphaned_subtasks(alive: set[str]) -> list[tuple[str, int, str, str]]:
+    """(job, attempt, worker, priority) of each running subtask of a running job whose worker is not ``alive``."""
+    with session_scope() as s:
+        rows = s.execute(select(Subtask.job_id, Subtask.attempt, Subtask.worker, Dataset.priority)
+                         .join(Job, (Job.id == Subtask.job_id) & (Job.attempt == Subtask.attempt))
+                         .join(Dataset, Dataset.id == Job.dataset_id)
+                         .where(Subtask.status == Status.RUNNING, Job.status == Status.RUNNING,
+                                Subtask.worker.is_not(None)))
+        return [(job_id, attempt, str(worker), priority) for job_id, attempt, worker, priority in rows
+                if worker is not None and worker not in alive]
 
 
 def cancel_job(job_id: str, reason: str = "cancelled") -> tuple[int, int | None] | None:
@@ -226,6 +268,20 @@ def datasets(name_or_id: str | None = None) -> list[Dataset]:
         if name_or_id:
             query = query.where((Dataset.id == name_or_id) | (Dataset.name == name_or_id))
         return list(s.scalars(query))
+
+
+def one_dataset(name_or_id: str) -> Dataset:
+    """The dataset with this id, else the one with this name; InputError when none, or when a name is ambiguous."""
+    found = datasets(name_or_id)
+    by_id = [ds for ds in found if ds.id == name_or_id]
+    if by_id:
+        return by_id[0]
+    if not found:
+        raise InputError(f"no dataset with id or name {name_or_id!r}: see `segq status`")
+    if len(found) > 1:
+        raise InputError(f"{len(found)} datasets are named {name_or_id!r} (ids {', '.join(ds.id for ds in found)}): "
+                         "name one by its id")
+    return found[0]
 
 
 def record_step(job_id: str, attempt: int, step: str, worker: str, started_at: datetime, *,

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # job_deadline; each worker sweeps every watchdog_interval seconds (0: only `segq watchdog`).
     allowed_roots: str = ""
     watchdog_interval: int = Field(default=300, ge=0)
+    # Every this many seconds each worker pings the others; a subtask running on a worker that missed two
+    # pings in a row is re-queued (a new attempt of its job), not left to the visibility timeout. 0: off.
+    dead_worker_interval: int = Field(default=30, ge=0)
     # TEST ONLY (segq/faults.py): injected faults such as "kill_in_infer_slab:slab=1:times=1", and the
     # directory whose files count their hits across processes. No effect unless set.
     faults: str = ""

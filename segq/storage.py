@@ -8,6 +8,7 @@ sees half a file and a killed writer leaves only a temp file that the next attem
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segq.errors import InputError, StorageNotSharedError
+from segq.errors import DiskFullError, InputError, StorageNotSharedError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -80,6 +81,26 @@ def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+_DISK_ERRNOS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EFBIG: "refuses a file this large",
+                errno.EROFS: "is read-only"}
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full, over-quota or read-only disk under ``path`` into DiskFullError, which says what to do.
+
+    Such a write fails the job (retrying at once would fail again); the temp file is gone by then, so after
+    freeing space `segq retry --failed` works.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        raise DiskFullError(f"cannot write {path}: the disk {_DISK_ERRNOS[exc.errno]} ({exc.strerror}); free space "
+                            "there (or make it writable), then `segq retry --failed`") from None
+
+
 def remove_stale_temps(final: Path) -> list[Path]:
     """Delete temp files of ``final`` left by a writer that was killed before its rename.
 
@@ -94,7 +115,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
 
 def save_array(final: Path, array: np.ndarray) -> None:
     """Write a workspace array as .npy atomically (no fsync: see atomic_path)."""
-    with atomic_path(final, durable=False) as tmp, open(tmp, "wb") as handle:
+    with disk_errors(final), atomic_path(final, durable=False) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
@@ -108,7 +129,7 @@ def save_array_once(final: Path, array: np.ndarray) -> bool:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
-        with open(tmp, "wb") as handle:
+        with disk_errors(final), open(tmp, "wb") as handle:
             np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         try:
             os.link(tmp, final)
@@ -148,7 +169,11 @@ def require_allowed(path: Path, roots: list[Path], what: str) -> Path:
     """``path`` with symlinks resolved; InputError unless it lies inside one of ``roots`` (none: anywhere)."""
     if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
         raise InputError(f"{what} {str(path)!r} holds control characters: rename it")
-    resolved = path.expanduser().resolve()
+    try:
+        resolved = path.expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise InputError(f"{what} {path} cannot be resolved ({exc}): it is a symlink loop or a broken link; "
+                         "remove or fix it") from None
     if roots and not any(resolved.is_relative_to(root) for root in roots):
         shown = os.pathsep.join(str(r) for r in roots)
         raise InputError(f"{what} {path} resolves to {resolved}, outside the allowed roots {shown} "

@@ -57,7 +57,27 @@ def read_header(path: Path, max_voxels: int) -> VolumeHeader:
         raise InputError(f"{path}: voxel spacing {zooms} is not positive and finite")
     if not np.all(np.isfinite(image.affine)):
         raise InputError(f"{path}: the affine holds NaN or infinite values")
+    check_voxel_type(path, image.get_data_dtype())
     return VolumeHeader(shape, zooms, str(image.get_data_dtype()))  # type: ignore[arg-type]
+
+
+def check_voxel_type(path: Path, dtype: np.dtype[Any]) -> None:
+    """Refuse voxels that are not one real number each: complex (only the real part would be segmented)
+    and RGB or other records (numpy cannot even convert them to float)."""
+    if dtype.kind == "c":
+        raise InputError(f"{path}: voxels are {dtype} (complex); segq would segment only the real part. "
+                         "Save the magnitude (abs) or the part you mean as a real image")
+    if dtype.kind not in "biuf":
+        raise InputError(f"{path}: voxels are {dtype.names or dtype} (RGB or another record type), not one number "
+                         "each; convert the image to greyscale or to channels (4D) first")
+
+
+def check_channels(path: Path, header: VolumeHeader, in_channels: int) -> None:
+    """The volume's channel count (the 4th axis, else 1) must be what the model takes."""
+    channels = header.shape[3] if len(header.shape) == 4 else 1
+    if channels != in_channels:
+        raise InputError(f"{path}: the volume has {channels} channel(s) but the model takes {in_channels} "
+                         "(in_channels in the model file): pass volumes with that many channels or another model")
 
 
 def _check_stored_size(path: Path, needed: int) -> None:
@@ -125,9 +145,7 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
     import nibabel as nib
 
     header = read_header(path, max_voxels)
-    channels = header.shape[3] if len(header.shape) == 4 else 1
-    if channels != in_channels:
-        raise InputError(f"{path}: the volume has {channels} channel(s) but the model expects {in_channels}")
+    check_channels(path, header, in_channels)
     image = nib.load(str(path))
     itemsize = image.get_data_dtype().itemsize
     _check_stored_size(path, int(getattr(image.dataobj, "offset", 0)) + header.voxels_stored * itemsize)
@@ -137,9 +155,13 @@ def load_volume(path: Path, in_channels: int, max_voxels: int) -> tuple[np.ndarr
         raise InputError(f"{path}: the file is corrupt or truncated; its header promises {header.shape} "
                          f"{header.dtype} voxels that could not be read ({type(exc).__name__}: {exc})") from exc
     # min and max propagate NaN and show infinities: two passes and no volume-sized mask
-    if data.size and not (np.isfinite(data.min()) and np.isfinite(data.max())):
+    low, high = (data.min(), data.max()) if data.size else (0.0, 1.0)
+    if not (np.isfinite(low) and np.isfinite(high)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise InputError(f"{path}: {bad:,} voxels are NaN or infinite; fix or mask them before segmenting")
+    if low == high:  # a blank export: any mask of it is the network's bias, not a finding
+        raise InputError(f"{path}: every voxel is {float(low):g} (a constant volume): nothing to segment; "
+                         "check the export that wrote it")
     # NIfTI data is stored in Fortran order; the caller decides where to pay for C order.
     volume = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     return volume.astype(np.float32, copy=False), np.asarray(image.affine), header

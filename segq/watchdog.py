@@ -137,23 +137,29 @@ class SchedulerStep(bootsteps.StartStopStep):
 
 
 class WatchdogStep(bootsteps.StartStopStep):
-    """A worker bootstep: sweep every ``SEGQ_WATCHDOG_INTERVAL`` seconds on the worker's timer."""
+    """A worker bootstep: sweep for stuck jobs every ``SEGQ_WATCHDOG_INTERVAL`` seconds, and for subtasks of
+    dead workers every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds (segq.deadworkers), on the worker's timer."""
 
     requires = {"celery.worker.components:Timer"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.tref: Any = None
+        self.trefs: list[Any] = []
 
     def start(self, parent: Any) -> None:
-        interval = get_settings().watchdog_interval
-        if interval:
-            self.tref = parent.timer.call_repeatedly(interval, sweep_quietly, priority=10)
+        from segq.deadworkers import DeadWorkerSweep
+
+        settings = get_settings()
+        if settings.watchdog_interval:
+            self.trefs.append(parent.timer.call_repeatedly(settings.watchdog_interval, sweep_quietly, priority=10))
+        if settings.dead_worker_interval:  # subtasks of workers killed whole: re-queued in about two intervals
+            dead = DeadWorkerSweep(parent.app, parent.hostname)
+            self.trefs.append(parent.timer.call_repeatedly(settings.dead_worker_interval, dead, priority=10))
 
     def stop(self, parent: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+        for tref in self.trefs:
+            tref.cancel()
+        self.trefs.clear()
 
 
 @click.command()

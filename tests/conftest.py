@@ -106,6 +106,7 @@ def _stack(root: Path, redis_url: str, db_url: str) -> Iterator[Stack]:
         "SEGQ_DATA_DIR": str(root / "data"),
         "SEGQ_STORAGE": str(root / "storage"),
         "SEGQ_MAX_WINDOWS_PER_SUBTASK": "4",
+        "SEGQ_DEAD_WORKER_INTERVAL": "0",  # tests that kill workers decide when their work comes back
     }
     with environment(env):
         from segq.db import upgrade

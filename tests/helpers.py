@@ -46,17 +46,18 @@ class WorkerProcess:
     """A real ``segq worker`` subprocess (a Celery worker with prefork children)."""
 
     def __init__(self, env: dict[str, str], name: str, log: Path, extra: list[str] | None = None,
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, prefix: list[str] | None = None) -> None:
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.name = name
         self.log = log
         self.extra = extra or []
         self.concurrency = concurrency
+        self.prefix = prefix or []  # e.g. `unshare -m sh -c ...` that execs the worker in a mount namespace
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "segq.cli", "worker", "-n", f"{self.name}@%h", "-c", str(self.concurrency),
-               "-l", "INFO", *self.extra]
+        cmd = [*self.prefix, sys.executable, "-m", "segq.cli", "worker", "-n", f"{self.name}@%h",
+               "-c", str(self.concurrency), "-l", "INFO", *self.extra]
         with open(self.log, "ab") as handle:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                                          start_new_session=True)

@@ -138,6 +138,7 @@ def deployment(root: Path, **settings: str) -> Iterator[Deployment]:
         "SEGQ_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
         "SEGQ_TASK_TIME_LIMIT": str(TASK_TIME_LIMIT),
         "SEGQ_WATCHDOG_INTERVAL": "0",
+        "SEGQ_DEAD_WORKER_INTERVAL": "0",  # on only where a test looks at it (scenario 24)
         **settings,
     }
     dep = Deployment(root, redis, env)

@@ -21,7 +21,7 @@ from segq.preprocess import STD_FLOOR
 from segq.records import JobView
 from segq.settings import Settings
 from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
-from segq.volumes import load_volume
+from segq.volumes import load_volume, read_header
 
 logger = logging.getLogger("segq.jobs")
 
@@ -109,6 +109,46 @@ def f_order(array: np.ndarray) -> np.ndarray:
     return torch.from_numpy(array).permute(*reverse).contiguous().numpy().transpose(reverse)
 
 
+# Bytes per voxel and channel that preparing (or merging) a volume holds at its peak: the float32 volume,
+# its C-ordered copy and the padded copy, plus the file's own voxels while they are converted.
+PEAK_FLOAT_COPIES = 3
+
+
+def memory_headroom() -> int | None:
+    """Bytes this process may still allocate under its address-space limit (ulimit -v) and its cgroup's
+    memory.max, whichever is smaller; None when neither limits it."""
+    import resource
+
+    limits = []
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        status = Path("/proc/self/status").read_text()
+        size_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmSize:")), 0)
+        limits.append(soft - size_kb * 1024)
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        high = (cgroup / "memory.max").read_text().strip()
+        if high != "max":
+            limits.append(int(high) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 here
+    return min(limits) if limits else None
+
+
+def check_memory(path: Path, shape: tuple[int, ...], itemsize: int, headroom: int | None) -> None:
+    """Refuse, before reading a voxel, a volume whose preparation cannot fit in this worker's memory limit.
+
+    An allocation past the limit raises MemoryError deep inside numpy; refused here it fails this volume
+    alone, with the figures, and the worker goes on with the next one.
+    """
+    voxels = int(np.prod(shape, dtype=np.int64))
+    need = voxels * (4 * PEAK_FLOAT_COPIES + itemsize)
+    if headroom is not None and need > headroom:
+        raise InputError(f"{path}: a {'x'.join(map(str, shape))} volume needs about {need / 2**30:.1f} GiB to "
+                         f"prepare; this worker has {max(headroom, 0) / 2**30:.1f} GiB left under its memory limit "
+                         "(ulimit -v or cgroup): run it on a worker with more memory, or crop or split the volume")
+
+
 def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Prepared:
     """Load, check and preprocess the volume; write the padded array and the window plan to the workspace.
 
@@ -123,7 +163,10 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
 
         volume, header = prepare_series(job, settings, ws)
     else:
-        volume, _affine, header = load_volume(check_input(job, settings), spec.in_channels, settings.max_voxels)
+        path = check_input(job, settings)
+        header = read_header(path, settings.max_voxels)
+        check_memory(path, header.shape, np.dtype(header.dtype).itemsize, memory_headroom())
+        volume, _affine, header = load_volume(path, spec.in_channels, settings.max_voxels)
     volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
@@ -207,22 +250,30 @@ def probability_path(output: Path) -> Path:
 
 
 def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
+    """Write ``array`` as NIfTI beside ``output`` and rename it into place.
+
+    The file handles are ours and closed by ``with`` even when a write fails: given a file name, nibabel
+    opens its own, and a full disk's OSError kept it open (through the exception's traceback, which Celery
+    keeps), so the unlinked temp file held its space until the worker restarted.
+    """
     import nibabel as nib
+    from nibabel.fileholders import FileHolder
 
     header = source.header.copy()
     header.set_data_dtype(array.dtype)
     header.set_data_shape(array.shape)
     image = nib.Nifti1Image(array, source.affine, header)
     image.header.set_slope_inter(1, 0)
-    with storage.atomic_path(output) as tmp:
-        if output.name.endswith(".gz"):
-            # ISA-L's deflate, in threads: a CT's mask is written several times faster than through zlib.
-            from isal import igzip_threaded
+    with storage.disk_errors(output), storage.atomic_path(output) as tmp:
+        with open(tmp, "wb") as raw:
+            if output.name.endswith(".gz"):
+                # ISA-L's deflate, in threads: a CT's mask is written several times faster than through zlib.
+                from isal import igzip_threaded
 
-            with igzip_threaded.open(tmp, "wb", compresslevel=1, threads=GZIP_THREADS) as stream:
-                stream.write(image.to_bytes())
-        else:
-            nib.save(image, str(tmp))
+                with igzip_threaded.open(raw, "wb", compresslevel=1, threads=GZIP_THREADS) as stream:
+                    stream.write(image.to_bytes())
+            else:
+                image.to_file_map({"image": FileHolder(fileobj=raw)})
         faults.point("before_merge_rename", output=output.name)
 
 

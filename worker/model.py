@@ -31,14 +31,21 @@ def build_network(spec: ModelSpec) -> nn.Module:
     raise InputError(f"unknown arch {spec.arch!r}")
 
 
+def _gist(exc: Exception) -> str:
+    """The line of torch's multi-paragraph load error that says what was refused (one line, bounded)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    telling = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+    return telling[:200]
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a plain state_dict. ``weights_only=True`` refuses pickled code, so a checkpoint cannot run anything."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for unsafe or broken files
         raise InputError(
-            f"checkpoint {path} is not a plain PyTorch state_dict loadable with weights_only=True ({exc}); "
-            "save it with torch.save(model.state_dict(), path)"
+            f"checkpoint {path} is not a plain PyTorch state_dict loadable with weights_only=True "
+            f"({_gist(exc)}); save it with torch.save(model.state_dict(), path)"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -69,14 +76,46 @@ class TargetClassProbability(nn.Module):
         return torch.softmax(logits, dim=1)[:, t : t + 1]
 
 
+def _mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """One line naming how the checkpoint differs from the network, or None when it fits.
+
+    PyTorch's own message lists every key (thousands of characters for a SwinUNETR); a user needs the
+    counts and the first example of each kind.
+    """
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {list(state[k].shape)}, network {list(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    found = [(len(missing), "missing", missing), (len(unexpected), "unexpected", unexpected),
+             (len(shapes), "of another shape", shapes)]
+    parts = [f"{n} weight(s) {what} (e.g. {items[0]})" for n, what, items in found if n]
+    return "; ".join(parts) or None
+
+
+def build_checked(spec: ModelSpec) -> nn.Module:
+    """The bare network with the spec's checkpoint loaded; InputError in one line when either does not fit.
+
+    Submit calls this once on the CPU, so a checkpoint that does not fit its model file is refused before
+    anything is queued, not by every volume on the workers.
+    """
+    where = f"model file {spec.path}" if spec.path else f"{spec.arch} spec"
+    try:
+        network = build_network(spec)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as exc:  # MONAI's checks, e.g. GroupNorm groups
+        reason = " ".join(str(exc).split())[:300]
+        raise InputError(f"{where}: {spec.arch} cannot be built with these settings ({reason}); "
+                         "fix the model file") from None
+    state = load_state_dict(spec.checkpoint)
+    problem = _mismatch(network, state)
+    if problem:
+        raise InputError(f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {where}: "
+                         f"{problem}; fix the model file or use the matching checkpoint")
+    network.load_state_dict(state, strict=True)
+    return network
+
+
 def load_model(spec: ModelSpec) -> TargetClassProbability:
     """The wrapped network with the spec's checkpoint loaded, in eval mode, on the CPU."""
-    network = build_network(spec)
-    state = load_state_dict(spec.checkpoint)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise InputError(
-            f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {spec.path}: {exc}"
-        ) from exc
+    network = build_checked(spec)
     return TargetClassProbability(network, spec.target_class, spec.out_channels).eval()

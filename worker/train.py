@@ -179,8 +179,8 @@ def validate(network: nn.Module, spec: ModelSpec, rng: np.random.Generator, coun
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the segq demo model on synthetic volumes (CPU).")
-    parser.add_argument("-o", "--out-dir", type=Path, default=Path("models/demo"),
-                        help="folder for demo.pt and model.toml (default: models/demo)")
+    parser.add_argument("-o", "--out-dir", type=Path, required=True,
+                        help="folder for demo.pt and model.toml (models/demo, the shipped one, only if named)")
     parser.add_argument("--arch", choices=ARCHS, default="UNet", help="network (default: UNet)")
     parser.add_argument("--steps", type=int, default=900, help="optimiser steps (default: 900)")
     parser.add_argument("--seed", type=int, default=1, help="training seed; evaluate with other seeds (default: 1)")

@@ -137,7 +137,7 @@ def test_hostile_nifti_fails_before_inference_with_bounded_memory(dep: Deploymen
 
     scans = tmp_path / "allowed" / "scans"
     expected = _hostile_files(scans)
-    monkeypatch.setattr(producer.submit, "read_header", lambda path, limit: None)
+    monkeypatch.setattr(producer.submit, "check_volume", lambda path, spec, limit: None)
     dep.submit([scans], tmp_path / "allowed" / "out", unet_model)
     monkeypatch.undo()
     w1 = dep.worker("w1")
@@ -186,9 +186,14 @@ def _pickled_message(queue: str, marker: Path) -> bytes:
     }).encode()
 
 
-def test_pickled_message_and_pickled_checkpoint_are_never_executed(dep: Deployment, tmp_path: Path) -> None:
+def test_pickled_message_and_pickled_checkpoint_are_never_executed(dep: Deployment, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Scenario 14: pickled messages pushed straight into both queues are discarded, never executed; a
-    checkpoint that is not a plain state_dict is refused by weights_only loading and fails its job once."""
+    checkpoint that is not a plain state_dict is refused by submit (issue 13) and, queued by a producer that
+    skipped that check, by the worker's weights_only loading, which fails its job once."""
+    import producer.submit
+    from segq.errors import InputError
+
     marker = tmp_path / "PWNED"
     client = dep.redis.client()
     for queue in ("coordinator", "gpu"):
@@ -197,7 +202,12 @@ def test_pickled_message_and_pickled_checkpoint_are_never_executed(dep: Deployme
     evil = write_model(tmp_path / "allowed" / "evil", "UNet", roi=32, feature_size=4)
     torch.save({"state_dict": _Payload(marker)}, evil.parent / "model.pt")
     write_volume(tmp_path / "allowed" / "scans" / "a.nii.gz", SMALL, seed=1)
+    with pytest.raises(InputError, match="Trying to load unsupported GLOBAL posix.system") as refused:
+        dep.submit([tmp_path / "allowed" / "scans"], tmp_path / "allowed" / "out", evil)
+    assert "\n" not in str(refused.value) and not marker.exists()
+    monkeypatch.setattr(producer.submit, "check_checkpoint", lambda spec: None)
     dep.submit([tmp_path / "allowed" / "scans"], tmp_path / "allowed" / "out", evil)
+    monkeypatch.undo()
     w1 = dep.worker("w1")
     dep.wait(120)
     wait_for(lambda: not dep.redis.pending(), 30, "the queues to drain")

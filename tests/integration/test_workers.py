@@ -68,7 +68,8 @@ def test_two_machines_share_a_volume_and_match_one(fresh_stack: Stack, unet_mode
 
 def test_worker_without_the_shared_storage_fails_the_job_saying_so(fresh_stack: Stack, unet_model: Path,
                                                                    tmp_path: Path) -> None:
-    volume = write_copy(tmp_path / "scans" / "ct.nii.gz", np.ones((40, 40, 40), np.float32), "not shared")
+    data = np.random.default_rng(0).random((40, 40, 40)).astype(np.float32)  # not constant: that fails on its own
+    volume = write_copy(tmp_path / "scans" / "ct.nii.gz", data, "not shared")
     elsewhere = {**fresh_stack.env, "SEGQ_STORAGE": str(tmp_path / "another-machine-storage")}
     coordinator = Launched(fresh_stack.env, tmp_path / "coord.log", "--role", "coordinator", "-n", "machine-a")
     gpu = Launched(elsewhere, tmp_path / "gpu.log", "--gpus", "none", "--role", "gpu", "-n", "machine-b")

@@ -28,8 +28,9 @@ def night() -> list[Job]:
     return [
         job("a", Status.DONE, 0, 10, windows=8, tumour_ml=1.5, preprocess_seconds=1, inference_seconds=7,
             merge_seconds=1),
-        job("b", Status.DONE, 5, 35, windows=16, tumour_ml=3.0),
-        job("c", Status.DONE, 30, 50, windows=8, tumour_ml=0.0),
+        job("b", Status.DONE, 5, 35, windows=16, tumour_ml=3.0, preprocess_seconds=2, inference_seconds=10,
+            merge_seconds=3),
+        job("c", Status.DONE, 30, 50, windows=8, tumour_ml=0.0, inference_seconds=5),
         job("d", Status.FAILED, 40, 41, error="NaN or infinite values"),
         job("e", Status.QUEUED),
     ]
@@ -39,12 +40,13 @@ def test_summary_counts_times_and_throughput() -> None:
     summary = summarize(night())
     assert summary["volumes"] == 5 and summary["done"] == 3 and summary["failed"] == 1 and summary["queued"] == 1
     assert summary["wall_seconds"] == 51  # first start (a's 1 s of preprocessing before it) to last end
-    assert summary["busy_seconds"] == 11 + 30 + 20 and summary["median_seconds"] == 20
+    # each volume's own work, not its span (b's 30 s span holds 15 s of work and 15 s of waiting in the queue)
+    assert summary["busy_seconds"] == 9 + 15 + 5 and summary["median_seconds"] == 9
     assert summary["windows"] == 32 and summary["windows_per_second"] == pytest.approx(32 / 51, abs=0.01)
     assert summary["volumes_per_hour"] == pytest.approx(3 / 51 * 3600, abs=0.01)
     line = summary_line(summary)
     assert line.startswith("summary: 5 volumes (3 done, 1 failed, 0 cancelled, 1 unfinished)")
-    assert "median 20 s/volume" in line and "0.63 windows/s" in line
+    assert "median 9 s/volume" in line and "0.63 windows/s" in line
 
 
 def test_summary_of_nothing_done() -> None:
