@@ -101,11 +101,13 @@ def _redis(settings: Settings) -> Any:
 
 
 def heartbeat(worker: str, settings: Settings | None = None) -> None:
-    """Say that GPU worker ``worker`` is alive (its score is the time)."""
+    """Say that GPU worker ``worker`` is alive (its score is the time); a simulated worker counts as several."""
     settings = settings or get_settings()
+    devices = settings.simulate_devices if settings.backend == "simulate" else 1
+    members = [worker] if devices == 1 else [f"{worker}/{k}" for k in range(devices)]
     client = _redis(settings)
     try:
-        client.zadd(GPU_WORKERS_KEY, {worker: time.time()})
+        client.zadd(GPU_WORKERS_KEY, dict.fromkeys(members, time.time()))
     finally:
         client.close()
 
@@ -115,7 +117,7 @@ def forget_worker(worker: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     client = _redis(settings)
     try:
-        client.zrem(GPU_WORKERS_KEY, worker)
+        client.zrem(GPU_WORKERS_KEY, worker, *(f"{worker}/{k}" for k in range(settings.simulate_devices)))
     finally:
         client.close()
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-Backend = Literal["torch", "onnxruntime", "tensorrt"]
+Backend = Literal["torch", "onnxruntime", "tensorrt", "simulate"]
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # writing their partial meanwhile (threads pool; the device itself runs one at a time).
     gpu_prefetch: int = Field(default=2, ge=1)
     backend: Backend = "torch"
+    # TEST ONLY (SEGQ_BACKEND=simulate, worker/simulate.py): a GPU part sleeps this long a window instead of
+    # running a network (9.4 ms: SwinUNETR fs48 fp16 on an H200), and a worker process stands for
+    # simulate_devices GPUs; bench/simulate.py loads the orchestration with dozens of them on one CPU machine.
+    simulate_seconds_per_window: float = Field(default=0.0094, ge=0)
+    simulate_devices: int = Field(default=1, ge=1)
     precision: Precision = "fp32"
     device: str = "auto"
     torch_compile: bool = False

@@ -73,7 +73,7 @@ def needs_gpu(settings: Settings) -> bool:
 
 def preflight(settings: Settings, queues: str | None = None) -> None:
     """Raise EngineError (one line: what is missing and how to get it) if the engine cannot load."""
-    if not serves_gpu_queue(queues):
+    if not serves_gpu_queue(queues) or settings.backend == "simulate":  # simulated parts need no engine
         return
     backend, precision = settings.backend, settings.precision
     _require("torch", "the worker needs PyTorch: pip install 'segq[worker]' (a CPU or CUDA build of torch)")

@@ -73,8 +73,11 @@ def preload_heavy_modules(**_: Any) -> None:
 
     Each pool process then starts with them loaded (copy-on-write) instead of paying several seconds
     of imports on its first task, which a dataset's first volumes would otherwise wait for. Importing
-    torch does not initialise CUDA, so the parent still never holds a CUDA context.
+    torch does not initialise CUDA, so the parent still never holds a CUDA context. A simulated worker
+    (SEGQ_BACKEND=simulate, test only) imports none of them.
     """
+    if get_settings().backend == "simulate":
+        return
     import monai.data.utils  # noqa: F401
     import monai.inferers.utils  # noqa: F401
     import monai.networks.nets  # noqa: F401
@@ -143,14 +146,22 @@ def infer_slab(self: Task, job_id: str, attempt: int, slab: int,
 
 
 def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
-    from worker.runtime import DeviceLease, engine_for
-
     settings = get_settings()
     worker, slab = _worker(task), int(step.part or 0)
     ws = storage.require_workspace(storage.workspace(settings.storage_root, job.id, job.attempt), worker)
     done = records.subtask_done(job.id, job.attempt, slab) and jobs.existing_reference(ws, slab, worker)
     if done:
         return done
+    if settings.backend == "simulate":  # TEST ONLY: sleep for the GPU time (bench/simulate.py)
+        from worker.simulate import run_part
+
+        started = utcnow()
+        ref, held = run_part(ws, slab, worker, settings.simulate_seconds_per_window)
+        records.finish_subtask(job.id, job.attempt, slab, (held[1] - held[0]).total_seconds(), 0)
+        records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device="simulated",
+                            busy=held, windows=ref["windows"])
+        return ref
+    from worker.runtime import DeviceLease, engine_for
     spec, engine = engine_for(job.model, job.model_sha256, settings)
     step.batch_size = step.batch_size or spec.sw_batch_size
     started, clock = utcnow(), time.perf_counter()

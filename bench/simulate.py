@@ -1,0 +1,236 @@
+"""Where the orchestration saturates: dozens of simulated GPUs on one CPU machine (SEGQ_BACKEND=simulate).
+
+Each simulated GPU part sleeps for the GPU time a window takes (``--seconds-per-volume`` spread over a
+small volume's windows) and writes a zero partial (worker/simulate.py), so everything else is real:
+admission, prepare, the chord, merges, Redis, Celery and the SQL database. A worker process stands for
+``--devices`` GPUs (threads pool); ``--workers 1,2,4`` with 16 devices each gives 16, 32 and 64 GPUs.
+For each database (SQLite, PostgreSQL) and each GPU count it submits ``--volumes`` volumes at once and
+measures volumes a minute, parts a second, the simulated GPUs' busy share in the steady state, and what
+Redis and the database did meanwhile (commands a second, commits a second).
+
+    python -m bench.simulate --workers 1,2,4 --devices 16 --volumes 400 --out bench/results
+
+A GPU's share below 1 means the orchestration (or this machine's cores) could not keep it fed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, emit, run_in_tempdir, segq
+from bench.throughput import make_model, make_volumes
+
+logger = logging.getLogger("segq.bench.simulate")
+
+
+@contextmanager
+def database(kind: str, root: Path, postgres: str) -> Iterator[str]:
+    """A fresh database of ``kind`` for one arm (a PostgreSQL database is dropped afterwards)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{root / 'segq.db'}"
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(postgres, isolation_level="AUTOCOMMIT")
+    name = f"segq_sim_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@contextmanager
+def worker(env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "segq.cli", "worker", *args], env={**os.environ, **env},
+                                stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while " ready." not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def redis_commands(url: str) -> int:
+    import redis
+
+    return int(redis.Redis.from_url(url).info("stats")["total_commands_processed"])
+
+
+def db_commits(url: str) -> int | None:
+    if not url.startswith("postgresql"):
+        return None
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            name = make_url(url).database
+            return int(conn.execute(text("SELECT xact_commit FROM pg_stat_database WHERE datname = :n"),
+                                    {"n": name}).scalar() or 0)
+    finally:
+        engine.dispose()
+
+
+def progress(url: str) -> tuple[int, int]:
+    """(volumes finished, volumes in all) of the arm's database."""
+    from sqlalchemy import create_engine, func, select
+
+    from segq.models import Job, Status
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            done = conn.execute(select(func.count()).select_from(Job).where(
+                Job.status.in_([Status.DONE, Status.FAILED, Status.CANCELLED]))).scalar() or 0
+            total = conn.execute(select(func.count()).select_from(Job)).scalar() or 0
+            return int(done), int(total)
+    finally:
+        engine.dispose()
+
+
+def steady_rate(url: str) -> float | None:
+    """Volumes a minute between the 10th and the 90th percentile of the finish times: the sustained rate,
+    without the start (workers idle while the first volumes prepare) and the tail."""
+    from sqlalchemy import create_engine, select
+
+    from segq.models import Job
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            times = sorted(t for t in conn.execute(select(Job.finished_at)).scalars() if t is not None)
+    finally:
+        engine.dispose()
+    lo, hi = int(len(times) * 0.1), int(len(times) * 0.9)
+    if hi - lo < 2:
+        return None
+    span = (times[hi] - times[lo]).total_seconds()
+    return round((hi - lo) / span * 60, 1) if span > 0 else None
+
+
+def utilisation(url: str, devices: int) -> dict[str, Any]:
+    """Busy share of the simulated GPUs in the steady state (every worker process started, none finished)."""
+    from segq.timeline import load_steps, steady_window
+
+    steps = [s for s in load_steps(None, url) if s.step == "infer"]
+    window = steady_window(steps)
+    if window is None:
+        return {"steady_seconds": None, "gpu_busy_share": None}
+    lo, hi = window
+    busy = sum(max(0.0, (min(b, hi) - max(a, lo)).total_seconds())
+               for a, b in ((s.busy_started_at or s.started_at, s.busy_finished_at or s.finished_at) for s in steps))
+    span = (hi - lo).total_seconds()
+    return {"steady_seconds": round(span, 2), "gpu_busy_share": round(busy / (span * devices), 3) if span else None}
+
+
+def run_arm(args: argparse.Namespace, root: Path, kind: str, workers: int, model: Path,
+            inputs: list[Path]) -> dict[str, Any]:
+    import redis
+
+    devices = workers * args.devices
+    arm = root / f"{kind}-{devices}"
+    arm.mkdir()
+    redis.Redis.from_url(args.broker).flushdb()
+    windows = 1  # the volumes are one ROI: the GPU time of a whole volume is one window's
+    with database(kind, arm, args.postgres) as url, ExitStack() as stack:
+        env = {"SEGQ_BROKER_URL": args.broker, "SEGQ_DATABASE_URL": url, "SEGQ_DATA_DIR": str(arm / "data"),
+               "SEGQ_STORAGE": str(arm / "storage"), "SEGQ_BACKEND": "simulate", "SEGQ_PRECISION": "fp32",
+               "SEGQ_SIMULATE_DEVICES": str(args.devices), "SEGQ_DEAD_WORKER_INTERVAL": "0",
+               "SEGQ_SIMULATE_SECONDS_PER_WINDOW": str(args.seconds_per_volume / windows)}
+        segq(env, "db", "upgrade")
+        stack.enter_context(worker(env, arm / "coord.log", "-n", "coord@%h", "-Q", "finish,coordinator",
+                                   "-c", str(args.coordinator_concurrency)))
+        for k in range(workers):
+            stack.enter_context(worker(env, arm / f"sim{k}.log", "-n", f"sim{k}@%h", "-Q", "gpu", "-P", "threads",
+                                       "-c", str(args.devices)))
+        commands, commits = redis_commands(args.broker), db_commits(url)
+        started = time.perf_counter()
+        segq(env, "submit", *map(str, inputs), "--out", str(arm / "masks"), "--model", str(model), "--name", "sim")
+        deadline = started + args.timeout
+        while (state := progress(url))[0] < len(inputs):
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{kind}, {devices} simulated GPUs: {state[0]} of {len(inputs)} done after "
+                                   f"{args.timeout} s")
+            time.sleep(0.5)
+        seconds = time.perf_counter() - started
+        redis_rate = (redis_commands(args.broker) - commands) / seconds
+        after = db_commits(url)
+        record = {"bench": "simulate", "database": kind, "simulated_gpus": devices, "worker_processes": workers,
+                  "coordinator_concurrency": args.coordinator_concurrency, "volumes": len(inputs),
+                  "gpu_seconds_per_volume": args.seconds_per_volume, "seconds": round(seconds, 2),
+                  "volumes_per_minute": round(len(inputs) / seconds * 60, 1),
+                  "steady_volumes_per_minute": steady_rate(url),
+                  "ideal_volumes_per_minute": round(devices / args.seconds_per_volume * 60, 1),
+                  "redis_commands_per_second": round(redis_rate, 1),
+                  "db_commits_per_second": round((after - commits) / seconds, 1) if after is not None and commits
+                  is not None else None, "cpus": os.cpu_count(), **utilisation(url, devices)}
+    return record
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="1,2,4", help="Simulated GPU worker processes per arm.")
+    parser.add_argument("--devices", type=int, default=16, help="Simulated GPUs per worker process.")
+    parser.add_argument("--databases", default="sqlite,postgres")
+    parser.add_argument("--volumes", type=int, default=400)
+    parser.add_argument("--seconds-per-volume", type=float, default=0.46,
+                        help="GPU seconds a volume takes (0.46: BraTS-size, SwinUNETR fp16 on an H200).")
+    parser.add_argument("--coordinator-concurrency", type=int, default=2)
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/10", help="A Redis database this run may flush.")
+    parser.add_argument("--postgres", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+                        help="A PostgreSQL server where the run may create and drop databases.")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="Directory for simulate.jsonl.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_in_tempdir("segq-simulate-", run, parse_args(argv), logger)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    model = make_model(root / "model", "UNet", 4, 32, 1)
+    inputs = make_volumes(root / "scans", args.volumes, (32, 32, 32))
+    out = args.out / "simulate.jsonl" if args.out else None
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for kind in args.databases.split(","):
+        for workers in (int(w) for w in args.workers.split(",")):
+            results.append(run_arm(args, root, kind, workers, model, inputs))
+            emit(results[-1], out)
+    for r in results:
+        print(f"{r['database']:>8} {r['simulated_gpus']:3d} simulated GPUs: {r['steady_volumes_per_minute']} "
+              f"volumes/min sustained (ideal {r['ideal_volumes_per_minute']:.0f}), GPU busy {r['gpu_busy_share']}, "
+              f"Redis {r['redis_commands_per_second']:.0f} cmd/s, DB {r['db_commits_per_second']} commits/s")
+
+
+if __name__ == "__main__":
+    main()

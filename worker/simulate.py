@@ -1,0 +1,36 @@
+"""TEST ONLY (SEGQ_BACKEND=simulate): GPU parts that sleep for the measured GPU time instead of running a network.
+
+It lets the scheduler, Celery, Redis and the SQL database carry dozens of simulated GPUs on one CPU
+machine (bench/simulate.py), to find where the orchestration itself saturates. A part sleeps
+``SEGQ_SIMULATE_SECONDS_PER_WINDOW`` a window and writes a partial of zeros (a fixed probability of 0:
+the masks are empty), through the same workspace, references, timeline and chord as a real part. No
+torch is imported, so a worker process stays small; one process stands for ``SEGQ_SIMULATE_DEVICES``
+GPUs, each of its threads one device. Never set it in production: the masks mean nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segq import storage
+from segq.models import utcnow
+
+
+def run_part(ws: Path, index: int, worker: str,
+             seconds_per_window: float) -> tuple[dict[str, Any], tuple[datetime, datetime]]:
+    """Sleep for the part's windows and write its (zero) partial; its reference and when it held the 'device'."""
+    from worker.jobs import load_plan, slab_file, slab_reference
+
+    plan, slabs = load_plan(ws)
+    slab = slabs[index]
+    started = utcnow()
+    time.sleep(len(slab.starts) * seconds_per_window)
+    held = (started, utcnow())
+    array = np.zeros((slab.hi - slab.lo, *plan.padded_shape[1:]), dtype=np.float32)
+    storage.save_array_once(ws / slab_file(index), array)
+    return slab_reference(slab, array.shape, storage.array_checksum(array), worker), held
