@@ -127,8 +127,8 @@ def onnxruntime_roi(spec: ModelSpec, network: torch.nn.Module) -> dict[str, Any]
     """Export the wrapped network (traced where it lives), then time one ROI in ONNX Runtime's best provider here."""
     import onnxruntime as ort
 
+    from worker.engines.onnx_export import OPSET
     from worker.engines.plans import INPUT_NAME, OUTPUT_NAME
-    from worker.onnx_export import OPSET
 
     device = next(network.parameters()).device
     wrapped = TargetClassProbability(network, spec.target_class, spec.out_channels).eval()

@@ -20,7 +20,9 @@ def console() -> Any:
 
 def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
     """Print the closing count; exit 1 when any volume did not end done (scripts and cron see it)."""
-    failed = sum(1 for j in jobs if j.status.value != "done")
+    from segq.models import Status
+
+    failed = sum(1 for j in jobs if j.status != Status.DONE)
     click.echo(f"{title}: {len(jobs) - failed} done, {failed} {label}")
     if failed:
         sys.exit(1)

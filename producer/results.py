@@ -13,7 +13,7 @@ import statistics
 from datetime import datetime, timedelta
 from typing import Any
 
-from segq.models import Dataset, Job
+from segq.models import Dataset, Job, Status
 
 COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
@@ -30,7 +30,7 @@ def _iso(value: datetime | None) -> str | None:
 def job_row(dataset: Dataset, job: Job) -> dict[str, Any]:
     return {
         "dataset": dataset.id, "job": job.id, "input": job.input_path,
-        "output": job.output_path if job.status.value == "done" else None,
+        "output": job.output_path if job.status == Status.DONE else None,
         "status": job.status.value, "error": job.error, "tumour_voxels": job.tumour_voxels,
         "tumour_ml": job.tumour_ml, "windows": job.windows, "subtasks": job.subtasks,
         "queued_at": _iso(job.queued_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
@@ -100,7 +100,7 @@ def summarize(jobs: list[Job]) -> dict[str, Any]:
     counts = {status: 0 for status in ("done", "failed", "cancelled", "running", "queued")}
     for job in jobs:
         counts[job.status.value] = counts.get(job.status.value, 0) + 1
-    done = [job for job in jobs if job.status.value == "done"]
+    done = [job for job in jobs if job.status == Status.DONE]
     seconds = [s for job in done if (s := job_seconds(job)) is not None]
     spans = [span for job in jobs if (span := job_span(job)) is not None]
     wall = (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds() if spans else None

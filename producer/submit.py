@@ -37,7 +37,7 @@ from segq.errors import InputError, TransientError
 from segq.models import Dataset, Job, Status, Subtask, utcnow
 from segq.modelspec import ModelSpec, file_sha256
 from segq.settings import get_settings
-from segq.storage import atomic_path, temp_name
+from segq.storage import atomic_path, probability_path, temp_name
 from segq.volumes import check_channels, read_header
 
 logger = logging.getLogger("segq.submit")
@@ -83,17 +83,12 @@ def hash_inputs(inputs: list[Input]) -> dict[Path, str]:
         return dict(zip([item.path for item in inputs], pool.map(_input_sha256, inputs), strict=True))
 
 
-def probability_output(output: Path) -> Path:
-    """Where ``--save-probabilities`` puts the float map beside a mask (the worker's naming)."""
-    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz").replace("_seg.dcm", "_prob.nii.gz"))
-
-
 def job_outputs(output: str | Path, save_probabilities: bool, output_format: str | None = "nifti") -> list[Path]:
     """Every file a done job leaves: the mask and, as asked, its probabilities and DICOM SEG."""
     path = Path(output)
     if output_format == "dicom-seg":
         return [path]
-    found = [path, *([probability_output(path)] if save_probabilities else [])]
+    found = [path, *([probability_path(path)] if save_probabilities else [])]
     return found + ([seg_output(path)] if output_format == "both" else [])
 
 

@@ -27,13 +27,6 @@ logger = logging.getLogger("segq.watch")
 HORIZON_SECONDS = 60.0  # rates are measured over the subtasks finished this recently
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones. Make both aware."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
 @dataclass(frozen=True)
 class JobSample:
     id: str
@@ -108,7 +101,7 @@ class Snapshot:
 
 def _span(jobs: Sequence[JobSample], now: datetime, horizon: float) -> float:
     """Seconds the recent rates are averaged over: the horizon, or less when the work began more recently."""
-    starts = [s for j in jobs if (s := as_utc(j.started_at)) is not None]
+    starts = [s for j in jobs if (s := j.started_at) is not None]
     if not starts:
         return horizon
     return min(horizon, max(1.0, (now - min(starts)).total_seconds()))
@@ -159,9 +152,9 @@ def summarize(jobs: Sequence[JobSample], parts: Sequence[PartSample], workers: S
     live_done = [p for p in parts if p.status == Status.DONE and p.job_id in running_ids]
     span = _span(jobs, now, horizon)
     cutoff = now - timedelta(seconds=horizon)
-    fresh = [r for r in recent if (t := as_utc(r.finished_at)) is not None and t >= cutoff]
+    fresh = [r for r in recent if (t := r.finished_at) is not None and t >= cutoff]
     rate = sum(r.windows for r in fresh) / span
-    recent_volumes = sum(1 for j in done_jobs if (t := as_utc(j.finished_at)) is not None and t >= cutoff)
+    recent_volumes = sum(1 for j in done_jobs if (t := j.finished_at) is not None and t >= cutoff)
     volumes_per_hour = recent_volumes / span * 3600
     remaining = _remaining_windows(jobs, parts)
     unfinished = len(running_ids)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -51,7 +51,7 @@ def family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> s
 def _timestamp(value: datetime | None) -> float:
     if value is None:
         return 0.0
-    return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).timestamp()
+    return value.timestamp()  # aware: segq.models.UtcDateTime
 
 
 def database_metrics() -> str:

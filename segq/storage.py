@@ -198,6 +198,11 @@ def require_output_inside(output: Path, out_dir: Path, roots: list[Path]) -> Non
                          f"on the way is a symlink out of the output directory")
 
 
+def probability_path(output: Path) -> Path:
+    """Where ``--save-probabilities`` puts the float map beside a mask (NIfTI or DICOM SEG): ``<name>_prob.nii.gz``."""
+    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz").replace("_seg.dcm", "_prob.nii.gz"))
+
+
 def output_path(out_dir: Path, relative_input: Path) -> Path:
     """``<out>/<relative dirs>/<name without .nii/.nii.gz>_seg.nii.gz``, refusing names that could escape."""
     parts = list(relative_input.parts)

@@ -94,11 +94,17 @@ class WindowPlan:
         )
 
 
+def scan_interval(padded: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> tuple[int, ...]:
+    """The step between windows along each axis, as MONAI's private ``_get_scan_interval`` computes it
+    (vendored: a private helper may change without notice; tests/unit/test_tiling_vs_monai.py compares them):
+    ``int(roi * (1 - overlap))``, at least 1, and the ROI itself where it spans the whole axis."""
+    return tuple(r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(padded, roi, strict=True))
+
+
 def plan_windows(image_shape: tuple[int, ...], roi: tuple[int, ...], overlap: float, mode: str,
                  sigma_scale: float = 0.125) -> WindowPlan:
     """The window grid ``sliding_window_inference`` uses for a volume of ``image_shape``."""
     from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
 
     if len(image_shape) != 3 or len(roi) != 3:
         raise ValueError(f"plan_windows takes 3 spatial dims, got image {image_shape} and roi {roi}")
@@ -107,7 +113,7 @@ def plan_windows(image_shape: tuple[int, ...], roi: tuple[int, ...], overlap: fl
     # MONAI pads each dimension smaller than the ROI symmetrically (extra voxel after) with zeros.
     pad = tuple((max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(image_shape, roi, strict=True))
     padded = tuple(max(s, r) for s, r in zip(image_shape, roi, strict=True))
-    interval = _get_scan_interval(padded, roi, 3, (overlap,) * 3)
+    interval = scan_interval(padded, roi, overlap)
     slices = dense_patch_slices(padded, roi, interval, return_slice=False)
     # return_slice=False gives (start, stop) pairs per dimension
     starts = [_vec3(bounds[0] for bounds in window) for window in slices]  # type: ignore[index]

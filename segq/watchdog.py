@@ -36,11 +36,6 @@ class Stuck:
     output_path: str
 
 
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
-    return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
-
-
 def stuck_jobs(deadline_seconds: int, now: datetime | None = None) -> list[Stuck]:
     """Running jobs whose attempt started more than ``deadline_seconds`` ago."""
     now = now or utcnow()
@@ -48,8 +43,8 @@ def stuck_jobs(deadline_seconds: int, now: datetime | None = None) -> list[Stuck
     with session_scope() as s:
         rows = s.execute(select(Job.id, Job.attempt, Job.started_at, Job.output_path)
                          .where(Job.status == Status.RUNNING, Job.started_at.is_not(None)))
-        return [Stuck(job_id, attempt, (now - _aware(started)).total_seconds(), output)
-                for job_id, attempt, started, output in rows if started is not None and _aware(started) < cutoff]
+        return [Stuck(job_id, attempt, (now - started).total_seconds(), output)
+                for job_id, attempt, started, output in rows if started is not None and started < cutoff]
 
 
 def sweep(settings: Settings | None = None, now: datetime | None = None) -> list[str]:

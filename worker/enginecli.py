@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 def export_onnx(model_path: Path, output: Path, precision: str, check_batch: int) -> None:
     """Export the model (target-class softmax inside the graph, dynamic batch) and check it in ONNX Runtime."""
     from segq.modelspec import load_model_spec
-    from worker.onnx_export import TOLERANCE
-    from worker.onnx_export import export_onnx as run_export
+    from worker.engines.onnx_export import TOLERANCE
+    from worker.engines.onnx_export import export_onnx as run_export
 
     spec = load_model_spec(model_path)
     meta = run_export(spec, output.expanduser().resolve(), precision, check_batch)
@@ -55,7 +55,7 @@ def _reference(path: Path | None, spec: ModelSpec) -> np.ndarray | None:
 def _model_for(onnx: Path, model_path: Path | None) -> ModelSpec:
     """The model.toml to gate against: --model, else the one recorded when the ONNX was exported."""
     from segq.modelspec import load_model_spec
-    from worker.onnx_export import OnnxMeta
+    from worker.engines.onnx_export import OnnxMeta
 
     meta = OnnxMeta.read(onnx)
     recorded = Path(meta.model_path) if meta and meta.model_path else None
@@ -96,9 +96,9 @@ def build_engine(onnx_path: Path, fp16: bool, min_batch: int, opt_batch: int, ma
     --optShapes --maxShapes does), gate its accuracy against fp32 PyTorch, and store it with a sidecar."""
     from segq.settings import get_settings
     from worker.engines.cache import build_and_gate, model_dir
+    from worker.engines.onnx_export import OnnxMeta
     from worker.engines.plans import Profile, plan_name
     from worker.engines.trt_build import current_target, tensorrt_module
-    from worker.onnx_export import OnnxMeta
 
     tensorrt_module("segq build-engine needs TensorRT")
     import torch

@@ -8,9 +8,10 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from segq.records import JobView
 from segq.settings import Settings
 from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
 from segq.volumes import load_volume, read_header
+
+if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only when it needs it
+    from worker.engines.base import Engine
 
 logger = logging.getLogger("segq.jobs")
 
@@ -189,8 +193,9 @@ def slab_reference(slab: Slab, shape: tuple[int, ...], checksum: str, worker: st
             "windows": len(slab.starts)}
 
 
-def run_slab(ws: Path, index: int, engine: Any, spec: ModelSpec, batch_size: int, worker: str,
-             should_stop: Any = None, lease: Any = None) -> dict[str, Any]:
+def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: int, worker: str,
+             should_stop: Callable[[], bool] | None = None,
+             lease: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
     """Run one slab's windows and write its partial sum; returns the slab's reference."""
     from worker.inference import infer_slab
 
@@ -245,10 +250,6 @@ def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
     return weights
 
 
-def probability_path(output: Path) -> Path:
-    return output.with_name(output.name.replace("_seg.nii.gz", "_prob.nii.gz").replace("_seg.dcm", "_prob.nii.gz"))
-
-
 def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
     """Write ``array`` as NIfTI beside ``output`` and rename it into place.
 
@@ -292,7 +293,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
 
     # A merge killed between writing its temp file and renaming it left that file; this delivery is now
     # the output's only writer, so whatever temp file is there is stale.
-    for stale in storage.remove_stale_temps(output) + storage.remove_stale_temps(probability_path(output)):
+    for stale in storage.remove_stale_temps(output) + storage.remove_stale_temps(storage.probability_path(output)):
         logger.warning("removed %s, left by a merge that was killed before its rename", stale)
     plan, slabs = load_plan(ws)
     by_slab = {int(r["slab"]): r for r in refs if r}
@@ -310,7 +311,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     series = dicomseg.read_meta(ws)
     source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)
     if save_probabilities:
-        _write_nifti(f_order(probability), source, probability_path(output))
+        _write_nifti(f_order(probability), source, storage.probability_path(output))
     ordered = f_order(mask)  # NIfTI's order on disk; its transpose is the SEG's (slice, row, column), copy-free
     if series is None or series.writes_nifti:
         _write_nifti(ordered, source, output)

@@ -19,9 +19,9 @@ from segq.settings import Settings
 from tests.helpers import ROOT, write_model
 from worker.engines import create_engine
 from worker.engines.cache import ensure_onnx, onnx_file
+from worker.engines.onnx_export import OnnxMeta, export_onnx, run_onnx_cpu, sidecar_path
 from worker.engines.ort_engine import OnnxRuntimeEngine
 from worker.engines.torch_engine import TorchEngine
-from worker.onnx_export import OnnxMeta, export_onnx, run_onnx_cpu, sidecar_path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_export_has_a_dynamic_batch_and_matches_pytorch(unet_toml: Path, unet_on
 
 def test_export_refuses_when_onnxruntime_disagrees(unet_toml: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.onnx_export as onnx_export
+    import worker.engines.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "_compare", lambda *args: 0.02)
     out = tmp_path / "bad.onnx"
@@ -89,7 +89,7 @@ def test_onnxruntime_engine_matches_the_torch_engine(unet_toml: Path, unet_onnx:
 
 def test_cache_exports_once_even_when_two_workers_ask_together(unet_toml: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.onnx_export as onnx_export
+    import worker.engines.onnx_export as onnx_export
 
     spec = load_model_spec(unet_toml)
     calls: list[Path] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -12,8 +13,6 @@ from producer.watch import (
     PartSample,
     RecentPart,
     WorkerTotal,
-    as_utc,
-    format_seconds,
     headline,
     render,
     summarize,
@@ -75,18 +74,19 @@ def test_eta_falls_back_to_volumes_per_hour_without_window_counts() -> None:
     assert snap.eta_seconds == pytest.approx(50)  # one volume in the 50 s since work began
 
 
-def test_naive_datetimes_from_sqlite_are_utc() -> None:
-    naive = datetime(2026, 1, 1, 2, 59, 30)
-    assert as_utc(naive) == ago(30) and as_utc(None) is None
-    snap = summarize([JobSample("a", Status.RUNNING, 8, 2, naive.replace(second=0))], [], [],
-                     [RecentPart("w", 4, naive)], NOW, horizon=60)
-    assert snap.windows_per_second == pytest.approx(4 / 60)
+def test_sqlite_hands_back_aware_utc_timestamps(tmp_path: Path) -> None:
+    """One column type (segq.models.UtcDateTime) makes SQLite's naive values aware: no reader fixes them."""
+    from segq.db import session_scope, upgrade
+    from segq.models import Dataset
 
-
-@pytest.mark.parametrize(("seconds", "text"),
-                         [(None, "unknown"), (5.4, "5s"), (65, "1m05s"), (3 * 3600 + 120, "3h02m")])
-def test_format_seconds(seconds: float | None, text: str) -> None:
-    assert format_seconds(seconds) == text
+    url = f"sqlite:///{tmp_path / 'segq.db'}"
+    upgrade(url)
+    with session_scope(url) as s:
+        s.add(Dataset(id="d", name="n", out_dir="/o", model_path="/m", model_sha256="0" * 64, params={},
+                      created_at=ago(30)))
+    with session_scope(url) as s:
+        created = s.get(Dataset, "d").created_at  # type: ignore[union-attr]
+    assert created.tzinfo is not None and created == ago(30)
 
 
 def test_render_shows_counts_workers_and_eta() -> None:

@@ -8,7 +8,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from segq.modelspec import ModelSpec
-from segq.tiling import importance_map, pad_volume, plan_windows, weight_sum
+from segq.tiling import importance_map, pad_volume, plan_windows, scan_interval, weight_sum
 from worker.engines.base import Engine
 from worker.inference import infer_slab, merge_partials
 from worker.model import TargetClassProbability, build_network
@@ -91,3 +91,13 @@ def test_plan_round_trips_through_json() -> None:
 def test_slabs_refuse_zero() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         plan_windows((20, 20, 20), (16, 16, 16), 0.5, "gaussian").slabs(0)
+
+
+@pytest.mark.parametrize(("padded", "roi", "overlap"), [
+    ((240, 240, 155), (96, 96, 96), 0.5), ((96, 100, 97), (96, 96, 96), 0.25), ((40, 37, 23), (16, 16, 16), 0.99),
+    ((32, 32, 32), (32, 32, 32), 0.5), ((64, 48, 33), (32, 16, 8), 0.0),
+])
+def test_vendored_scan_interval_is_monais(padded: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> None:
+    from monai.inferers.utils import _get_scan_interval
+
+    assert scan_interval(padded, roi, overlap) == _get_scan_interval(padded, roi, 3, (overlap,) * 3)

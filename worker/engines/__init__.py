@@ -14,7 +14,7 @@ from segq.modelspec import ModelSpec
 from segq.settings import Settings, get_settings
 from worker.engines.base import Engine
 
-__all__ = ["Engine", "create_engine", "pick_device", "preflight"]
+__all__ = ["Engine", "create_engine", "pick_device"]
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -52,10 +52,3 @@ def create_engine(spec: ModelSpec, backend: str, precision: str, device: torch.d
         plan, meta = ensure_plan(spec, precision, settings, device, model_sha256)
         return TensorRTEngine(plan, meta, device)
     raise EngineError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}; set SEGQ_BACKEND to one of them")
-
-
-def preflight(settings: Settings, queues: str | None = None) -> None:
-    """Fail a GPU worker's start, with one line saying what is missing, when its backend cannot load."""
-    from worker.preflight import preflight as check
-
-    check(settings, queues)

@@ -50,7 +50,7 @@ def _lock(path: Path) -> FileLock:
 
 
 def _onnx_fits(path: Path, model_sha256: str, precision: str) -> bool:
-    from worker.onnx_export import OnnxMeta
+    from worker.engines.onnx_export import OnnxMeta
 
     meta = OnnxMeta.read(path)
     return path.is_file() and meta is not None and meta.model_sha256 == model_sha256 and meta.precision == precision
@@ -66,7 +66,7 @@ def ensure_onnx(spec: ModelSpec, precision: str, root: Path, model_sha256: str |
     if not build:
         raise EngineError(f"no {precision} ONNX export of this model at {path}: run `segq export-onnx --model "
                           f"{spec.path} --precision {precision} -o {path}`, or set SEGQ_ENGINE_BUILD=true")
-    from worker.onnx_export import export_onnx
+    from worker.engines.onnx_export import export_onnx
 
     try:
         with _lock(path):
@@ -89,10 +89,10 @@ def build_and_gate(onnx: Path, plan: Path, precision: str, profile: Profile, wor
                    min_dice: float = 0.99, report: Callable[[str], None] | None = None) -> PlanMeta:
     """Build a plan, check its mask against fp32 PyTorch, and only then move it (and its sidecar) into place."""
     from worker.engines.gate import check_accuracy, reference_volume
+    from worker.engines.onnx_export import onnx_precision
     from worker.engines.torch_engine import TorchEngine
     from worker.engines.trt_build import build_plan, current_target, new_meta
     from worker.engines.trt_engine import TensorRTEngine
-    from worker.onnx_export import onnx_precision
 
     target = current_target(device.index or 0)
     started = time.monotonic()
