@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from segq import faults
 from segq.db import session_scope
 from segq.models import Dataset, Job, Status, Subtask
 from tests.conftest import Stack
@@ -171,11 +172,12 @@ def test_resume_after_workers_killed_and_redis_restarted(fresh_stack: Stack, own
     worker = stack.worker("w1", concurrency=2)
     submit(stack, scans, out, unet_model, "crash", "--max-windows-per-subtask", "2")
 
-    def some_done() -> bool:
+    def some_done_and_one_stalled() -> bool:
         states = [j.status for j in jobs_of("crash")]
-        return Status.DONE in states
+        return Status.DONE in states and bool(faults.hits(tmp_path / "faults", stack.env["SEGQ_FAULTS"]))
 
-    until(some_done, 240, "a first volume done", poll=0.05)
+    # Merges come before new preparations, so the stall may begin after the first volume is done: wait for both.
+    until(some_done_and_one_stalled, 240, "a first volume done and the last one's preparation stalled", poll=0.05)
     worker.kill()  # SIGKILL to the whole process group: no warm shutdown, no message given back
     own_redis.restart()
     before = {j.id: j for j in jobs_of("crash")}
