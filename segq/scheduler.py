@@ -1,6 +1,6 @@
 """Which volume prepares next, and into how many GPU parts a prepared volume is cut.
 
-Two rules keep every GPU busy without letting the dataset pile up in storage (DESIGN.md, "Scheduling"):
+Two rules keep every GPU busy without letting the dataset pile up in storage (docs/DESIGN.md):
 
 **Bounded look-ahead.** A job waits in SQL (``queued``, ``admitted_at`` empty) until there is room:
 at most ``gpu_workers x (SEGQ_LOOKAHEAD + 1)`` volumes are admitted and unfinished at once

@@ -5,7 +5,7 @@ that into one clear line at start. The model itself is only known when a job arr
 checked is the stack (packages, GPU, precision) and, where building is off, that plans exist.
 
 The Celery parent forks its pool after this runs, and CUDA must not be initialised before a fork
-(DESIGN.md), so whatever needs the GPU is asked of a short child process instead.
+(docs/DESIGN.md), so whatever needs the GPU is asked of a short child process instead.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TensorRT runtime adapter: one execution context per worker process, torch CUDA tensors bound by pointer.
 
-Buffers and the stream come from PyTorch (DESIGN.md: no PyCUDA, no second CUDA context): the input
+Buffers and the stream come from PyTorch (docs/DESIGN.md: no PyCUDA, no second CUDA context): the input
 and output are torch tensors whose ``data_ptr()`` TensorRT reads and writes, and the plan runs with
 ``execute_async_v3`` on torch's current stream, so the slab loop's accumulation that follows is
 ordered after it without a host synchronisation.
