@@ -83,7 +83,7 @@ def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]
     else:
         total = torch.zeros(padded_shape, dtype=torch.float32)
         for lo, part in partials:
-            total[lo : lo + part.shape[0]].add_(torch.from_numpy(part))
+            total[lo : lo + part.shape[0]].add_(read_only_tensor(part))
     total.div_(read_only_tensor(weight_sum))
     return total.numpy()[crop]
 

@@ -302,7 +302,8 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
         raise InputError(f"merge is missing slab(s) {missing} of {len(slabs)}")
     partials = []
     for slab in slabs:
-        array = storage.load_array(ws / slab_file(slab.index))
+        # Several parts are only read (added into one sum): map them instead of copying hundreds of MB first.
+        array = storage.load_array(ws / slab_file(slab.index), mmap=len(slabs) > 1)
         if storage.array_checksum(array) != by_slab[slab.index]["checksum"]:
             raise InputError(f"slab {slab.index}'s partial in {ws} does not match the checksum its subtask reported")
         partials.append((slab.lo, array))
