@@ -9,15 +9,17 @@ Nothing happens unless ``SEGQ_FAULTS`` or ``SEGQ_FAULTS_DIR`` is set. A fault is
 actions
     ``kill`` (SIGKILL this process), ``raise`` (a RuntimeError), ``cuda_error`` (on a GPU a real
     device-side assert, which leaves the CUDA context unusable; without one the RuntimeError such a
-    context raises), ``pause`` (sleep ``seconds``, default 30).
+    context raises), ``pause`` (sleep ``seconds``, default 30), ``oom`` (torch.OutOfMemoryError, as a
+    GPU raises it from inside the network).
 points
     ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_infer_slab``
     (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``in_submit`` (a producer looked
     for the dataset and holds the submission lock).
 keys
-    ``times=N`` fires at most N times across every process; any other key must equal the point's context
-    (``slab=1``).
+    ``times=N`` fires at most N times across every process; ``above=N`` only where the context's ``batch`` is
+    larger than N (``oom_in_engine_batch:above=1``: every batch of two or more ROIs runs out of memory); any
+    other key must equal the point's context (``slab=1``).
 
 Hits are recorded as files in ``SEGQ_FAULTS_DIR`` (``<fault>.hit<k>``, holding the process id), so
 ``times`` survives the death of the process it killed and a test can see which process to kill. Faults
@@ -39,8 +41,8 @@ from segq.settings import get_settings
 
 logger = logging.getLogger("segq.faults")
 
-ACTIONS = ("cuda_error", "kill", "raise", "pause")
-POINTS = ("in_prepare", "in_infer_slab", "before_merge_rename", "in_submit")
+ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom")
+POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "before_merge_rename", "in_submit")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 
@@ -52,6 +54,7 @@ class Fault:
     match: dict[str, str] = field(default_factory=dict)
     times: int | None = None
     seconds: float = 30.0
+    above: int | None = None  # fire only where the context's ``batch`` is larger (a ROI batch too big to fit)
 
     @property
     def key(self) -> str:
@@ -71,7 +74,8 @@ def parse(spec: str) -> list[Fault]:
         values = dict(option.split("=", 1) for option in options if "=" in option)
         times = int(values.pop("times")) if "times" in values else None
         seconds = float(values.pop("seconds", 30.0))
-        faults.append(Fault(text, action, point, values, times, seconds))
+        above = int(values.pop("above")) if "above" in values else None
+        faults.append(Fault(text, action, point, values, times, seconds, above))
     return faults
 
 
@@ -116,6 +120,8 @@ def point(name: str, **context: object) -> None:
     for fault in _armed(settings.faults_dir, settings.faults):
         if fault.point != name or any(str(context.get(k)) != v for k, v in fault.match.items()):
             continue
+        if fault.above is not None and int(str(context.get("batch", 0))) <= fault.above:
+            continue
         if _take(fault, settings.faults_dir, context):
             _act(fault, context)
 
@@ -127,6 +133,10 @@ def _act(fault: Fault, context: dict[str, object]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.action == "pause":
         time.sleep(fault.seconds)
+    elif fault.action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"simulated CUDA out of memory (injected by SEGQ_FAULTS {fault.text}, {where})")
     elif fault.action == "cuda_error":
         _break_cuda()
         raise RuntimeError(f"{CUDA_ERROR} (injected by SEGQ_FAULTS {fault.text}, {where})")

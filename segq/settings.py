@@ -69,9 +69,6 @@ class Settings(BaseSettings):
     result_expires: int = Field(default=7 * 24 * 3600, ge=3600)
     max_retries: int = Field(default=3, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
-    # TEST ONLY (SEGQ_TEST_OOM_ABOVE): the worker engine raises torch.OutOfMemoryError for ROI batches larger
-    # than this, to exercise the halve-the-batch retry without a GPU. Never set it in production.
-    test_oom_above: int | None = Field(default=None, ge=1)
     max_voxels: int = Field(default=1024**3, ge=1)
     job_deadline: int = Field(default=6 * 3600, ge=60)
     # Reliability (docs/RELIABILITY.md). Directories inputs may be read from and outputs written to,

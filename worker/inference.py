@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segq import faults
 from segq.tiling import Slab, Vec3
 from worker.engines.base import Engine
 
@@ -66,6 +67,7 @@ def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec
             # A short last batch is padded to the full one: cuDNN's autotuner (cudnn.benchmark) tunes every new
             # batch shape, per thread, for seconds; padding 8 windows of a 600-window CT costs 75 ms.
             crops += crops[-1:] * (batch_size - len(crops))
+        faults.point("in_engine_batch", batch=len(crops))
         probs = engine(torch.stack(crops))
         for p, (x, y, z) in zip(probs[: len(starts), 0], starts, strict=True):
             partial[x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz].addcmul_(p, w)

@@ -40,31 +40,8 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings) -> 
             logger.info("loading %s engine (%s, %s) for model %s", settings.backend, settings.precision, device,
                         model_sha256[:12])
             engine = create_engine(spec, settings.backend, settings.precision, device, settings.torch_compile)
-            if settings.test_oom_above is not None:
-                engine = OomAbove(engine, settings.test_oom_above)
             _engines[key] = engine
     return spec, engine
-
-
-class OomAbove:
-    """TEST ONLY (SEGQ_TEST_OOM_ABOVE=N): an engine that runs out of memory for batches above N ROIs.
-
-    It lets the tests drive the out-of-memory path (halve the ROI batch and retry) on a CPU worker;
-    a real GPU raises the same torch.OutOfMemoryError from inside the network.
-    """
-
-    def __init__(self, engine: Engine, limit: int) -> None:
-        self.inner = engine
-        self.limit = limit
-        self.backend, self.precision, self.device = engine.backend, engine.precision, engine.device
-        logger.warning("SEGQ_TEST_OOM_ABOVE=%d: simulating CUDA out of memory above %d ROIs per batch (test only)",
-                       limit, limit)
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.shape[0] > self.limit:
-            raise torch.OutOfMemoryError(f"simulated CUDA out of memory: batch of {batch.shape[0]} ROIs "
-                                         f"above SEGQ_TEST_OOM_ABOVE={self.limit}")
-        return self.inner(batch)
 
 
 class DeviceLease:

@@ -247,7 +247,7 @@ def test_out_of_memory_halves_the_roi_batch(fresh_stack: Stack, models_dir: Path
     stack = fresh_stack
     model = write_model(models_dir / "unet-b8", "UNet", roi=32, feature_size=4, sw_batch_size=8)
     # 8 -> 4 -> 2 -> 1: three retries, four deliveries of each slab; none of them is a lost worker.
-    env = {**stack.env, "SEGQ_TEST_OOM_ABOVE": "1"}
+    env = {**stack.env, "SEGQ_FAULTS": "oom_in_engine_batch:above=1"}
     worker = WorkerProcess(env, "oom", tmp_path / "oom.log")
     stack.workers.append(worker)
     worker.start()
