@@ -17,18 +17,26 @@ from worker.engines import Engine, create_engine, pick_device
 
 logger = logging.getLogger("segq.runtime")
 
-_engines: dict[tuple[str, str, str], Engine] = {}
+_engines: dict[tuple[str, str, str, int], Engine] = {}
 _lock = threading.Lock()
 
 
-def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings) -> tuple[ModelSpec, Engine]:
+def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
+               batch_size: int | None = None) -> tuple[ModelSpec, Engine]:
     """This process's engine for the job's model, built on first use.
 
-    The checkpoint's checksum must still be the one recorded at submission: a model file changed
-    under a queued dataset would otherwise give a dataset made by two different models.
+    The ROI batch has one owner: the step, which runs the dataset's ``sw_batch_size`` or, after running
+    out of memory, half of it (``batch_size``). An engine that fixes its batch (``torch.compile``) is built
+    and kept per batch size, so a later dataset's batch and the halved retry get an engine of their
+    own instead of being padded to the first one's. The checkpoint's checksum must still be the one
+    recorded at submission: a model file changed under a queued dataset would otherwise give a dataset
+    made by two different models.
     """
     spec = spec_from_dict(model)
-    key = (model_sha256, settings.backend, settings.precision)
+    if batch_size is not None and batch_size != spec.sw_batch_size:
+        spec = spec.with_overrides(sw_batch_size=batch_size)
+    fixed = settings.torch_compile and settings.backend == "torch"
+    key = (model_sha256, settings.backend, settings.precision, spec.sw_batch_size if fixed else 0)
     with _lock:
         engine = _engines.get(key)
         if engine is None:

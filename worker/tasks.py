@@ -162,8 +162,8 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
                             busy=held, windows=ref["windows"])
         return ref
     from worker.runtime import DeviceLease, engine_for
-    spec, engine = engine_for(job.model, job.model_sha256, settings)
-    step.batch_size = step.batch_size or spec.sw_batch_size
+    spec, engine = engine_for(job.model, job.model_sha256, settings, step.batch_size)
+    step.batch_size = spec.sw_batch_size
     started, clock = utcnow(), time.perf_counter()
     lease = DeviceLease(engine)
     ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease)

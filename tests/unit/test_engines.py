@@ -253,3 +253,28 @@ def test_accuracy_gate_passes_an_equal_engine_and_refuses_a_wrong_one_with_the_f
     assert check_accuracy(_Engine(model), _Engine(model), spec, volume).dice == 1.0
     with pytest.raises(EngineError, match=r"accuracy gate refused the test fp32 engine: Dice 0\.\d+"):
         check_accuracy(_Engine(model, invert=True), _Engine(model), spec, volume)
+
+
+def test_the_step_owns_the_batch_and_a_fixed_batch_engine_is_kept_per_batch(tmp_path: Path) -> None:
+    """A compiled engine fixes its batch: each batch size (a later dataset's, a halved retry's) gets its own;
+    an eager engine takes any batch and is shared."""
+    from segq.modelspec import load_model_spec
+    from tests.helpers import write_model
+    from worker import runtime
+
+    toml = write_model(tmp_path / "m", "UNet", roi=32, feature_size=4, sw_batch_size=4)
+    spec = load_model_spec(toml)
+    model, sha = spec.to_dict(), spec.checksum()
+    runtime.clear()
+    try:
+        eager = Settings(backend="torch", precision="fp32", device="cpu")
+        spec_a, a = runtime.engine_for(model, sha, eager)
+        spec_b, b = runtime.engine_for(model, sha, eager, batch_size=2)
+        assert a is b and (spec_a.sw_batch_size, spec_b.sw_batch_size) == (4, 2)
+        compiled = Settings(backend="torch", precision="fp32", device="cpu", torch_compile=True)
+        _, c4 = runtime.engine_for(model, sha, compiled)
+        _, c2 = runtime.engine_for(model, sha, compiled, batch_size=2)
+        assert c4 is not c2 and runtime.engine_for(model, sha, compiled, batch_size=4)[1] is c4
+        assert isinstance(c2, TorchEngine) and c2.static is not None and c2.static.opt == 2
+    finally:
+        runtime.clear()
