@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -27,7 +25,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, emit, run_in_tempdir, segq
+from bench.common import emit, run_in_tempdir, segq, worker_process
 from bench.throughput import make_model, make_volumes
 
 logger = logging.getLogger("segq.bench.simulate")
@@ -53,26 +51,6 @@ def database(kind: str, root: Path, postgres: str) -> Iterator[str]:
             conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
-
-
-@contextmanager
-def worker(env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "segq.cli", "worker", *args], env={**os.environ, **env},
-                                stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while " ready." not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def redis_commands(url: str) -> int:
@@ -164,11 +142,11 @@ def run_arm(args: argparse.Namespace, root: Path, kind: str, workers: int, model
                "SEGQ_SIMULATE_DEVICES": str(args.devices), "SEGQ_DEAD_WORKER_INTERVAL": "0",
                "SEGQ_SIMULATE_SECONDS_PER_WINDOW": str(args.seconds_per_volume / windows)}
         segq(env, "db", "upgrade")
-        stack.enter_context(worker(env, arm / "coord.log", "-n", "coord@%h", "-Q", "finish,coordinator",
-                                   "-c", str(args.coordinator_concurrency)))
+        stack.enter_context(worker_process(env, "coord", arm / "coord.log", "-Q", "finish,coordinator",
+                                           "-c", str(args.coordinator_concurrency)))
         for k in range(workers):
-            stack.enter_context(worker(env, arm / f"sim{k}.log", "-n", f"sim{k}@%h", "-Q", "gpu", "-P", "threads",
-                                       "-c", str(args.devices)))
+            stack.enter_context(worker_process(env, f"sim{k}", arm / f"sim{k}.log", "-Q", "gpu", "-P", "threads",
+                                               "-c", str(args.devices)))
         commands, commits = redis_commands(args.broker), db_commits(url)
         started = time.perf_counter()
         segq(env, "submit", *map(str, inputs), "--out", str(arm / "masks"), "--model", str(model), "--name", "sim")
