@@ -156,6 +156,16 @@ def check_checkpoint(spec: ModelSpec) -> None:
     build_checked(spec)
 
 
+def _checked_before(model_sha: str, spec: ModelSpec) -> bool:
+    """True when a dataset already ran this checkpoint (same checksum) with this model file's settings: its
+    fit was checked then. Checking costs seconds (torch, MONAI and the network built on the CPU), which every
+    submission of a dataset, a CT or a resubmission would otherwise pay again."""
+    model = json.loads(json.dumps(spec.to_dict()))  # as stored: JSON types
+    with session_scope() as s:
+        stored = s.scalars(select(Dataset.params).where(Dataset.model_sha256 == model_sha))
+        return any(params.get("model") == model for params in stored)
+
+
 def prepare_out_dir(out_dir: Path) -> None:
     """Create the output directory and prove it writable now, not after every volume's inference has run."""
     try:
@@ -256,13 +266,14 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     refused = [*(refused or []), *thin]
     if not inputs:
         raise InputError("nothing to segment: every input was refused:\n" + "\n".join(refused))
-    check_checkpoint(spec)
     out_dir = out_dir.expanduser().resolve()
     prepare_out_dir(out_dir)
     check_broker()
     check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
     ensure_schema()
     model_sha = spec.checksum()
+    if not _checked_before(model_sha, spec):
+        check_checkpoint(spec)
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
               "max_windows_per_subtask": max_windows_per_subtask, "save_probabilities": save_probabilities}
     hashes = hash_inputs(inputs)

@@ -10,6 +10,7 @@ same sweep on its own. Failing is idempotent (the first reason wins), so several
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -102,21 +103,42 @@ def beat(worker: str | None) -> None:
         get_engine().dispose()
 
 
+class Periodic:
+    """Call ``fn`` every ``interval`` seconds in a daemon thread of its own, until stopped.
+
+    Not on the worker's timer: in a prefork worker that timer runs in the event loop that fetches
+    messages, so a sweep that waits (a 2 s ping, a slow database) held every queue of the worker still
+    (seen on a GPU machine: merges delayed 2 s every 30 s, the GPU idle meanwhile).
+    """
+
+    def __init__(self, interval: float, fn: Any, *args: Any) -> None:
+        self.interval, self.fn, self.args = interval, fn, args
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"segq-{getattr(fn, '__name__', 'periodic')}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.fn(*self.args)
+
+    def cancel(self) -> None:
+        self.stopped.set()
+
+
 class SchedulerStep(bootsteps.StartStopStep):
     """A worker bootstep: heartbeat (GPU workers) and admission every ``SEGQ_ADMIT_INTERVAL`` seconds."""
 
-    requires = {"celery.worker.components:Timer"}
-
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.tref: Any = None
+        self.tref: Periodic | None = None
         self.worker: str | None = None
 
     def start(self, parent: Any) -> None:
         queues = list(parent.app.amqp.queues.consume_from or parent.app.amqp.queues)
         self.worker = parent.hostname if consumes_gpu_queue(queues) else None
         beat(self.worker)
-        self.tref = parent.timer.call_repeatedly(get_settings().admit_interval, beat, (self.worker,), priority=5)
+        self.tref = Periodic(get_settings().admit_interval, beat, self.worker)
 
     def stop(self, parent: Any) -> None:
         if self.tref is not None:
@@ -133,23 +155,21 @@ class SchedulerStep(bootsteps.StartStopStep):
 
 class WatchdogStep(bootsteps.StartStopStep):
     """A worker bootstep: sweep for stuck jobs every ``SEGQ_WATCHDOG_INTERVAL`` seconds, and for subtasks of
-    dead workers every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds (segq.deadworkers), on the worker's timer."""
-
-    requires = {"celery.worker.components:Timer"}
+    dead workers every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds (segq.deadworkers), each in a thread (Periodic)."""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.trefs: list[Any] = []
+        self.trefs: list[Periodic] = []
 
     def start(self, parent: Any) -> None:
         from segq.deadworkers import DeadWorkerSweep
 
         settings = get_settings()
         if settings.watchdog_interval:
-            self.trefs.append(parent.timer.call_repeatedly(settings.watchdog_interval, sweep_quietly, priority=10))
+            self.trefs.append(Periodic(settings.watchdog_interval, sweep_quietly))
         if settings.dead_worker_interval:  # subtasks of workers killed whole: re-queued in about two intervals
             dead = DeadWorkerSweep(parent.app, parent.hostname)
-            self.trefs.append(parent.timer.call_repeatedly(settings.dead_worker_interval, dead, priority=10))
+            self.trefs.append(Periodic(settings.dead_worker_interval, dead))
 
     def stop(self, parent: Any) -> None:
         for tref in self.trefs:
