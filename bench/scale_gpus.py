@@ -261,17 +261,17 @@ def run(args: argparse.Namespace, root: Path) -> None:
             line = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT,
                                   env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}).stdout.strip().splitlines()[-1]
             results.append({**setting, "gpus": 1, **json.loads(line)})
-            emit(results[-1], None)
+            emit(results[-1], args.out / "scale_gpus_arms.jsonl")
     with redis_server(args.redis_server, args.redis_port, args.broker, root) as broker:
         for n in gpus:
             if "peer" in arms:
                 results.append({**setting, **peer_folder.run(root / "scans", n, root / f"peer{n}", args.feature_size,
                                                              args.roi, args.sw_batch_size, args.overlap)})
-                emit(results[-1], None)
+                emit(results[-1], args.out / "scale_gpus_arms.jsonl")  # each arm as it ends: a cut-off run keeps it
             if arms & {"segq", "ct"}:
                 for record in segq_arms(args, root, broker, n, model, warmup, inputs, ct):
                     results.append({**setting, **record})
-                    emit(results[-1], None)
+                    emit(results[-1], args.out / "scale_gpus_arms.jsonl")
     finish(results, out)
 
 
