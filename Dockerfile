@@ -3,7 +3,12 @@
 # GPU: the default torch wheel carries its own CUDA runtime; the host needs only the NVIDIA driver and
 # the NVIDIA Container Toolkit (docker-compose.yml reserves the GPUs). A CPU-only image is much smaller:
 #   docker build --build-arg TORCH_PIP_ARGS="--index-url <PyTorch's CPU wheel index>" -t segq:cpu .
-FROM python:3.11-slim
+#
+# BASE_IMAGE must give `python` 3.11+ and `pip` on PATH. Production pulls python:3.11-slim; the compose
+# tests (scripts/compose-test.sh) pass a Debian image made with debootstrap, since no registry is reachable
+# there, and PIP_ARGS="--no-index --find-links <a wheelhouse made on the host>".
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -19,14 +24,15 @@ WORKDIR /app
 # torch first, in its own layer: it is the large part and changes least.
 ARG TORCH_SPEC="torch>=2.3,<3"
 ARG TORCH_PIP_ARGS=""
-RUN pip install ${TORCH_PIP_ARGS} "${TORCH_SPEC}"
+ARG PIP_ARGS=""
+RUN pip install ${PIP_ARGS} ${TORCH_PIP_ARGS} "${TORCH_SPEC}"
 
 COPY pyproject.toml README.md ./
 COPY segq ./segq
 COPY worker ./worker
 COPY producer ./producer
 COPY migrations ./migrations
-RUN pip install ".[worker,postgres,flower]" && segq --help >/dev/null
+RUN pip install ${PIP_ARGS} ".[worker,postgres,flower]" && segq --help >/dev/null
 
 USER segq
 ENV SEGQ_STORAGE=/data/storage \

@@ -134,7 +134,8 @@ def test_dockerfile_installs_the_package_with_its_extras() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("segq", "worker", "producer", "migrations"):
         assert f"COPY {package} ./{package}" in dockerfile
-    assert 'pip install ".[worker,postgres,flower]"' in dockerfile
+    assert 'pip install ${PIP_ARGS} ".[worker,postgres,flower]"' in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
     assert "USER segq" in dockerfile and "chown -R segq:segq /data" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignored and ".whl" in ignored
