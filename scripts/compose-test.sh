@@ -75,7 +75,8 @@ wheelhouse() {
   [ -f "$CACHE/wheels/.stamp-$stamp" ] && return
   step "wheelhouse: torch==$TORCH_VERSION (CPU) and segq's dependencies"
   rm -rf "$CACHE/wheels"
-  "$PY" -m pip wheel -q --wheel-dir "$CACHE/wheels" "torch==$TORCH_VERSION" setuptools wheel \
+  # async-timeout: redis needs it below python 3.11.3, and Debian's python is 3.11.2 (this host's may be newer).
+  "$PY" -m pip wheel -q --wheel-dir "$CACHE/wheels" "torch==$TORCH_VERSION" setuptools wheel "async-timeout>=4.0.3" \
     ".[worker,postgres,flower]" 2>&1 | grep -v "is ignored: it is neither" || true
   ls "$CACHE"/wheels/torch-"$TORCH_VERSION"* >/dev/null || fail "no torch $TORCH_VERSION wheel in $CACHE/wheels"
   rm -f "$CACHE"/wheels/segq-*.whl

@@ -173,8 +173,7 @@ def test_worker_service_keeps_the_production_settings(stack: Compose) -> None:
 
 
 def test_dataset_through_the_stack(stack: Compose, reference: dict[str, np.ndarray]) -> None:
-    out = stack.submit("main", "--wait", "--timeout", "600")
-    assert out.count("done") >= COUNT, out
+    stack.submit("main", "--wait", "--timeout", "600")
     assert_masks_equal(stack.data / "masks" / "main", reference)
     rows = stack.results("main")
     assert len(rows) == COUNT and all(row["status"] == "done" for row in rows), rows
