@@ -16,7 +16,6 @@ CACHE=${SEGQ_COMPOSE_CACHE:-$PWD/.compose-cache}
 DOCKER_ROOT=${SEGQ_DOCKERD_DIR:-/tmp/segq-dockerd}
 TORCH_VERSION=${SEGQ_TORCH_VERSION:-2.13.0}
 BASE=segq-test/debian:bookworm
-export DOCKER_BUILDKIT=0   # the classic builder: it ships with the engine (BuildKit needs the buildx plugin)
 mkdir -p "$CACHE"
 
 step() { echo "compose-test: [$(( $(date +%s) - started ))s] $*"; }
@@ -85,8 +84,11 @@ wheelhouse() {
 
 # The wheelhouse over HTTP on the loopback: the image build (host network) reads it without a copy of
 # the wheels in a layer, which the vfs driver would store in full.
+# A fixed port: the address is part of a build argument, and a new one would rebuild the torch layer.
 serve_wheels() {
-  wheel_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  wheel_port=${SEGQ_WHEEL_PORT:-18473}
+  "$PY" -c "import socket; socket.create_server(('127.0.0.1', $wheel_port)).close()" 2>/dev/null \
+    || fail "port $wheel_port is taken: set SEGQ_WHEEL_PORT to a free port for the wheelhouse server"
   "$PY" -m http.server --bind 127.0.0.1 --directory "$CACHE/wheels" "$wheel_port" >/dev/null 2>&1 &
   wheel_server=$!
   trap 'kill $wheel_server 2>/dev/null || true' EXIT
@@ -95,14 +97,28 @@ serve_wheels() {
   fail "the wheelhouse server did not start"
 }
 
+# BuildKit snapshots only RUN and COPY steps; the classic builder copies the whole image for every step,
+# a minute each under vfs once torch is in. Debian's docker.io client (20.10) has BuildKit built in;
+# newer clients need the buildx plugin. Without either, the classic builder.
+build_client() {
+  build=(env DOCKER_BUILDKIT=0 docker)
+  if docker buildx version >/dev/null 2>&1; then build=(env DOCKER_BUILDKIT=1 docker); return; fi
+  local client major
+  for client in $(type -ap docker); do
+    major=$("$client" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)
+    if [ -n "$major" ] && [ "$major" -lt 23 ]; then build=(env DOCKER_BUILDKIT=1 "$client"); return; fi
+  done
+}
+
 build_images() {
-  step "building segq:test"
-  docker build -q --network host -t segq:test --build-arg BASE_IMAGE="$BASE" \
+  build_client
+  step "building segq:test (${build[*]})"
+  "${build[@]}" build -q --network host -t segq:test --build-arg BASE_IMAGE="$BASE" \
     --build-arg TORCH_SPEC="torch==$TORCH_VERSION" \
     --build-arg PIP_ARGS="--no-index --find-links http://127.0.0.1:$wheel_port/" . >/dev/null
   for service in redis postgres; do
     step "building segq-test/$service"
-    docker build -q --network host -t "segq-test/$service" --build-arg BASE_IMAGE="$BASE" \
+    "${build[@]}" build -q --network host -t "segq-test/$service" --build-arg BASE_IMAGE="$BASE" \
       -f "docker/test/$service.Dockerfile" docker/test >/dev/null
   done
   docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^(segq|segq-test/)' | sed 's/^/  /'
