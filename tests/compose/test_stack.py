@@ -47,7 +47,11 @@ SETTINGS = {
     "SEGQ_VISIBILITY_TIMEOUT": "75",
 }
 COUNT = 6
+# One scan set per dataset, each its own seed: segq copies the mask of a scan it has already segmented
+# (same content and model) instead of queueing it again, which would leave the faults nothing to hit.
+SEEDS = {"main": 4243, "aof": 4244, "killed": 4245}
 MODEL = "/data/models/demo/model.toml"
+Masks = dict[str, np.ndarray]  # file name -> mask
 
 
 class Compose:
@@ -73,8 +77,8 @@ class Compose:
         return self("exec", "-T", "coordinator", "segq", *args, timeout=timeout).stdout
 
     def submit(self, name: str, *extra: str) -> str:
-        return self.segq("submit", "/data/scans", "--out", f"/data/masks/{name}", "--model", MODEL, "--name", name,
-                         *extra)
+        return self.segq("submit", f"/data/scans/{name}", "--out", f"/data/masks/{name}", "--model", MODEL,
+                         "--name", name, *extra)
 
     def results(self, name: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = json.loads(self.segq("results", name, "--format", "json"))
@@ -93,25 +97,37 @@ class Compose:
             time.sleep(2)
         raise AssertionError(f"{name} not done after {timeout}s: {self.results(name)}\n{self.logs()}")
 
-    def wait_first_done(self, name: str, timeout: float = 300) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (done := self.done(name)) >= 1:
-                return done
-            time.sleep(0.5)
-        raise AssertionError(f"no volume of {name} done after {timeout}s\n{self.logs()}")
+    def pause_worker_in_slab(self, name: str, seconds: int = 20) -> Path:
+        """Submit dataset ``name`` with the worker armed to pause once inside a slab; return when it does."""
+        faults = self.data / "faults"
+        for stale in faults.glob("*"):
+            stale.unlink()
+        armed = f"pause_in_infer_slab:seconds={seconds}:times=1"
+        (faults / "faults").write_text(armed)
+        self.submit(name)
+        hit = faults / f"{armed.replace(':', '_').replace('=', '_')}.hit1"
+        deadline = time.monotonic() + 120
+        while not hit.exists():
+            assert time.monotonic() < deadline, f"the worker never paused in a slab of {name}\n{self.logs()}"
+            time.sleep(0.2)
+        (faults / "faults").unlink()
+        return hit
+
+    def queued(self) -> int:
+        """Messages waiting in Redis on the gpu queue."""
+        return int(self("exec", "-T", "redis", "redis-cli", "llen", "gpu").stdout.strip())
 
     def logs(self) -> str:
         return self("logs", "--no-color", "--tail", "40", check=False).stdout
 
 
-def read_masks(directory: Path) -> dict[str, np.ndarray]:
+def read_masks(directory: Path) -> Masks:
     masks = {path.name: np.asarray(nib.load(path).dataobj) for path in sorted(directory.glob("*.nii*"))}
     assert masks, f"no mask in {directory}"
     return masks
 
 
-def assert_masks_equal(directory: Path, reference: dict[str, np.ndarray]) -> None:
+def assert_masks_equal(directory: Path, reference: Masks) -> None:
     masks = read_masks(directory)
     assert sorted(masks) == sorted(reference)
     for name, mask in masks.items():
@@ -124,27 +140,31 @@ def assert_masks_equal(directory: Path, reference: dict[str, np.ndarray]) -> Non
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The host directory mounted at /data: demo scans and the shipped demo model, owned by the containers' uid."""
     data = tmp_path_factory.mktemp("compose") / "data"
-    segq("demo-data", "-o", str(data / "demo"), "--count", str(COUNT), "--seed", "4243", env={})
-    shutil.move(data / "demo" / "images", data / "scans")
+    (data / "scans").mkdir(parents=True)
+    for name, seed in SEEDS.items():
+        segq("demo-data", "-o", str(data / "demo" / name), "--count", str(COUNT), "--seed", str(seed), env={})
+        shutil.move(data / "demo" / name / "images", data / "scans" / name)
     shutil.copytree(ROOT / "models" / "demo", data / "models" / "demo")
     (data / "masks").mkdir()
+    (data / "faults").mkdir()
     for path in [data, *data.rglob("*")]:
         os.chown(path, 1000, 1000)
     return data
 
 
 @pytest.fixture(scope="module")
-def reference(data: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, np.ndarray]:
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, Masks]:
     """The same scans segmented outside containers: a host worker, the host's Redis and SQLite."""
     root = tmp_path_factory.mktemp("outside")
     _flush(FRESH_REDIS_URL)
     for stack in _stack(root, FRESH_REDIS_URL, f"sqlite:///{root / 'segq.db'}"):
         stack.worker("outside")
-        segq("submit", str(data / "scans"), "--out", str(root / "masks"), "--model",
-             str(data / "models" / "demo" / "model.toml"), "--name", "outside", "--wait", "--timeout", "600",
-             env=stack.env)
+        for name in SEEDS:
+            segq("submit", str(data / "scans" / name), "--out", str(root / "masks" / name), "--model",
+                 str(data / "models" / "demo" / "model.toml"), "--name", name, "--wait", "--timeout", "600",
+                 env=stack.env)
     _flush(FRESH_REDIS_URL)
-    return read_masks(root / "masks")
+    return {name: read_masks(root / "masks" / name) for name in SEEDS}
 
 
 @pytest.fixture(scope="module")
@@ -164,17 +184,20 @@ def test_worker_service_keeps_the_production_settings(stack: Compose) -> None:
     import yaml
 
     services = yaml.safe_load(stack("config").stdout)["services"]
-    assert "gpu" not in services  # profile "gpu": not started here
-    for key in ("environment", "volumes", "user", "image", "init", "restart"):
-        assert services["worker"][key] == services["coordinator"][key], key
+    assert services["gpu"]["profiles"] == ["gpu"]  # not started here: no GPU
+    assert stack("ps", "--services", "--filter", "status=running").stdout.split().count("gpu") == 0
+    worker = {**services["worker"], "environment": dict(services["worker"]["environment"])}
+    assert worker["environment"].pop("SEGQ_FAULTS_DIR") == "/data/faults"
+    for key in ("environment", "volumes", "user", "image", "init", "restart", "stop_grace_period"):
+        assert worker[key] == services["coordinator"][key], key
     redis = services["redis"]["command"]
     assert redis[redis.index("--requirepass") + 1] == SETTINGS["SEGQ_REDIS_PASSWORD"]
     assert "--appendonly" in redis and "noeviction" in redis
 
 
-def test_dataset_through_the_stack(stack: Compose, reference: dict[str, np.ndarray]) -> None:
+def test_dataset_through_the_stack(stack: Compose, reference: dict[str, Masks]) -> None:
     stack.submit("main", "--wait", "--timeout", "600")
-    assert_masks_equal(stack.data / "masks" / "main", reference)
+    assert_masks_equal(stack.data / "masks" / "main", reference["main"])
     rows = stack.results("main")
     assert len(rows) == COUNT and all(row["status"] == "done" for row in rows), rows
     workers = {w for row in rows for w in str(row.get("workers") or "").replace(",", " ").split()}
@@ -213,29 +236,35 @@ def test_flower_lists_the_workers_only_with_its_password(stack: Compose) -> None
     assert flower("/api/workers", "wrong")[0] == 401
 
 
-def test_redis_restart_mid_dataset_loses_nothing(stack: Compose, reference: dict[str, np.ndarray]) -> None:
-    stack.submit("aof")
-    done = stack.wait_first_done("aof")
-    assert done < COUNT, "the dataset finished before Redis restarted"
+def test_redis_restart_mid_dataset_loses_nothing(stack: Compose, reference: dict[str, Masks]) -> None:
+    """Redis restarts while the worker is inside the first volume's slab and the other subtasks wait in
+    Redis: the AOF brings them back, and the dataset finishes."""
+    hit = stack.pause_worker_in_slab("aof")
+    deadline = time.monotonic() + 60
+    while (queued := stack.queued()) < COUNT - 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert queued == COUNT - 1 and stack.done("aof") == 0, queued
     stack("restart", "redis")
+    assert hit.exists() and stack.queued() == queued, "the queued subtasks did not survive the restart"
     stack.wait_done("aof", timeout=600)
-    assert_masks_equal(stack.data / "masks" / "aof", reference)
+    assert_masks_equal(stack.data / "masks" / "aof", reference["aof"])
 
 
-def test_worker_killed_then_started_finishes_the_dataset(stack: Compose, reference: dict[str, np.ndarray]) -> None:
-    stack.submit("killed")
-    done = stack.wait_first_done("killed")
-    assert done < COUNT, "the dataset finished before the worker was killed"
+def test_worker_killed_then_started_finishes_the_dataset(stack: Compose, reference: dict[str, Masks]) -> None:
+    """The worker is killed inside a slab; started again, it gets that slab back (after the visibility
+    timeout) and the rest of the dataset."""
+    stack.pause_worker_in_slab("killed")
     stack("kill", "worker")
+    assert stack.done("killed") == 0
     stack("up", "-d", "worker")
     stack.wait_done("killed", timeout=600)
-    assert_masks_equal(stack.data / "masks" / "killed", reference)
+    assert_masks_equal(stack.data / "masks" / "killed", reference["killed"])
 
 
-def test_down_and_up_keep_database_and_masks(stack: Compose, reference: dict[str, np.ndarray]) -> None:
+def test_down_and_up_keep_database_and_masks(stack: Compose, reference: dict[str, Masks]) -> None:
     stack("down")
     stack("up", "-d")
-    for name in ("main", "aof", "killed"):
+    for name in SEEDS:
         rows = stack.results(name)
         assert len(rows) == COUNT and all(row["status"] == "done" for row in rows), (name, rows)
-        assert_masks_equal(stack.data / "masks" / name, reference)
+        assert_masks_equal(stack.data / "masks" / name, reference[name])
