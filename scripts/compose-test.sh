@@ -53,6 +53,7 @@ base_image() {
     step "debootstrap: Debian bookworm with python3"
     local rootfs
     rootfs=$(mktemp -d /tmp/segq-rootfs.XXXXXX)
+    chmod 755 "$rootfs"   # it becomes the image's /: mktemp's 0700 would lock out every user but root
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
       http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 || fail "debootstrap (log: $CACHE/debootstrap.log)"
     printf '#!/bin/sh\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d" && chmod +x "$rootfs/usr/sbin/policy-rc.d"
@@ -69,14 +70,16 @@ base_image() {
 # Every wheel the image installs, resolved here (pip's constraints and local wheels included); the
 # stamp makes a change of pyproject.toml or of the torch version rebuild it.
 wheelhouse() {
-  local stamp
-  stamp=$( (cat pyproject.toml; echo "$TORCH_VERSION") | sha256sum | cut -c1-16)
+  local stamp extras
+  extras=$(grep -o '"\.\[[a-z,]*\]"' Dockerfile | head -1 | tr -d '"')   # the extras the image installs
+  [ -n "$extras" ] || fail "no \".[extras]\" install line in the Dockerfile"
+  stamp=$( (cat pyproject.toml; echo "$TORCH_VERSION $extras") | sha256sum | cut -c1-16)
   [ -f "$CACHE/wheels/.stamp-$stamp" ] && return
   step "wheelhouse: torch==$TORCH_VERSION (CPU) and segq's dependencies"
   rm -rf "$CACHE/wheels"
   # async-timeout: redis needs it below python 3.11.3, and Debian's python is 3.11.2 (this host's may be newer).
   "$PY" -m pip wheel -q --wheel-dir "$CACHE/wheels" "torch==$TORCH_VERSION" setuptools wheel "async-timeout>=4.0.3" \
-    ".[worker,postgres,flower]" 2>&1 | grep -v "is ignored: it is neither" || true
+    "$extras" 2>&1 | grep -v "is ignored: it is neither" || true
   ls "$CACHE"/wheels/torch-"$TORCH_VERSION"* >/dev/null || fail "no torch $TORCH_VERSION wheel in $CACHE/wheels"
   rm -f "$CACHE"/wheels/segq-*.whl
   touch "$CACHE/wheels/.stamp-$stamp"
