@@ -133,8 +133,10 @@ def test_no_secret_has_a_default() -> None:
 def test_dockerfile_installs_the_package_with_its_extras() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("segq", "worker", "producer", "migrations"):
-        assert f"COPY {package} ./{package}" in dockerfile
-    assert 'pip install ".[worker,dicom,postgres,flower]"' in dockerfile
+        assert f"COPY {package} /src/{package}" in dockerfile
+    assert "COPY --from=source /src ./" in dockerfile
+    assert 'pip install ${PIP_ARGS} ".[worker,dicom,postgres,flower]"' in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
     assert "USER segq" in dockerfile and "chown -R segq:segq /data" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignored and ".whl" in ignored
