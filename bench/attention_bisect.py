@@ -24,7 +24,7 @@ from bench.attention_check import roi_batch
 from bench.common import emit
 from segq.modelspec import ModelSpec
 from worker.engines.attention import OpaqueWindowAttention, use_opaque_attention
-from worker.model import build_network
+from worker.engines.model import build_network
 
 
 def diff(name: str, eager: Any, compiled: Any, out: Path | None) -> None:

@@ -27,8 +27,8 @@ from bench.gpu_engines import synthetic_volume
 from segq.modelspec import ModelSpec
 from segq.tiling import pad_volume, plan_windows
 from worker.engines.attention import attention_backends, use_opaque_attention
+from worker.engines.model import TargetClassProbability, build_network
 from worker.engines.torch_engine import use_fused_attention
-from worker.model import TargetClassProbability, build_network
 
 logger = logging.getLogger("segq.bench.attention")
 

@@ -21,8 +21,8 @@ def main(model_toml: Path, shape: tuple[int, int, int], overlap: float, precisio
 
     from segq.modelspec import load_model_spec
     from segq.tiling import Slab, importance_map, pad_volume, plan_windows
+    from worker.engines.inference import read_slab, slab_partial
     from worker.engines.torch_engine import TorchEngine
-    from worker.inference import read_slab, slab_partial
 
     spec = load_model_spec(model_toml).with_overrides(overlap=overlap)
     engine = TorchEngine(spec, torch.device("cuda:0"), precision)

@@ -43,7 +43,7 @@ def baseline(model_toml: Path, inputs: list[Path], overlap: float, batch: int,
     from monai.inferers import sliding_window_inference
 
     from segq.modelspec import load_model_spec
-    from worker.model import load_model
+    from worker.engines.model import load_model
 
     spec = load_model_spec(model_toml)
     model = load_model(spec).to(device)

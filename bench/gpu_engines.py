@@ -5,7 +5,7 @@ SwinUNETR feature_size 48, ROI 96, random weights, gaussian blending, structured
 
   baseline   monai.inferers.sliding_window_inference, bare network in fp32, sw_batch_size 8, the
              volume moved to the GPU inside the timing; softmax + threshold on the GPU; mask to host.
-  engine     segq's slab loop (worker.inference.infer_slab over every window as one slab) with an
+  engine     segq's slab loop (worker.engines.inference.infer_slab over every window as one slab) with an
              engine from worker.engines (torch fp32/fp16/bf16, ROI batch 8/16/32); importance-weight
              division and threshold on the GPU; mask to host. Timed from the padded host array.
   queue      the whole queue path (bench/gpu_queue.py): redis-server, a real `segq worker`, `segq submit`
@@ -37,9 +37,9 @@ from bench.common import emit
 from segq.modelspec import ModelSpec
 from segq.tiling import Slab, importance_map, pad_volume, plan_windows
 from worker.engines.gate import compare_masks
+from worker.engines.inference import read_slab, slab_partial
+from worker.engines.model import TargetClassProbability, build_network
 from worker.engines.torch_engine import TorchEngine
-from worker.inference import read_slab, slab_partial
-from worker.model import TargetClassProbability, build_network
 
 logger = logging.getLogger("segq.bench")
 

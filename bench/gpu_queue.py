@@ -26,7 +26,7 @@ import torch
 from bench.common import deployment_env, segq, worker_process
 from segq.modelspec import ModelSpec, write_model_toml
 from segq.tiling import plan_windows
-from worker.model import TargetClassProbability
+from worker.engines.model import TargetClassProbability
 
 logger = logging.getLogger("segq.bench.queue")
 

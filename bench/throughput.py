@@ -36,7 +36,7 @@ def make_model(directory: Path, arch: str, feature_size: int, roi: int, sw_batch
     import torch
 
     from segq.modelspec import ModelSpec, write_model_toml
-    from worker.model import build_network
+    from worker.engines.model import build_network
 
     directory.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(arch, 1, 2, roi, 1, checkpoint=directory / "model.pt", feature_size=feature_size,

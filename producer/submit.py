@@ -149,7 +149,7 @@ def check_checkpoint(spec: ModelSpec) -> None:
     Skipped, with a note, where torch is not installed (a producer-only machine): the workers check it then.
     """
     try:
-        from worker.model import build_checked
+        from worker.engines.model import build_checked
     except ImportError as exc:
         logger.info("checkpoint %s not checked at submit (%s): the workers will check it", spec.checkpoint, exc)
         return

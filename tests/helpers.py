@@ -100,7 +100,7 @@ def write_model(directory: Path, arch: str = "UNet", roi: int = 32, feature_size
     import torch
 
     from segq.modelspec import ModelSpec, write_model_toml
-    from worker.model import build_network
+    from worker.engines.model import build_network
 
     directory.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(arch, int(fields.pop("in_channels", 1)), 2, roi, 1, checkpoint=directory / "model.pt",  # type: ignore[call-overload]
@@ -147,8 +147,8 @@ def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
         from monai.inferers import sliding_window_inference
 
         from segq.modelspec import load_model_spec
+        from worker.engines.model import load_model
         from worker.jobs import preprocess
-        from worker.model import load_model
 
         spec = load_model_spec(model_toml)
         data = np.asarray(nib.load(str(volume_path)).get_fdata(dtype=np.float32))

@@ -197,7 +197,7 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
              should_stop: Callable[[], bool] | None = None,
              lease: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
     """Run one slab's windows and write its partial sum; returns the slab's reference."""
-    from worker.inference import infer_slab
+    from worker.engines.inference import infer_slab
 
     plan, slabs = load_plan(ws)
     if not 0 <= index < len(slabs):
@@ -289,7 +289,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
 
     from segq.dicom import seg_output
     from worker import dicomseg
-    from worker.inference import merge_partials
+    from worker.engines.inference import merge_partials
 
     # A merge killed between writing its temp file and renaming it left that file; this delivery is now
     # the output's only writer, so whatever temp file is there is stale.

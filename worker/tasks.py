@@ -83,8 +83,8 @@ def preload_heavy_modules(**_: Any) -> None:
     import monai.networks.nets  # noqa: F401
     import torch  # noqa: F401
 
+    import worker.engines.inference  # noqa: F401
     import worker.engines.torch_engine  # noqa: F401
-    import worker.inference  # noqa: F401
 
 
 def _worker(task: Task) -> str:

@@ -3,7 +3,7 @@
 The data is generated in memory and refreshed while training, so the network never sees the
 evaluation volumes (other seeds) and overfits no fixed set. Inputs get exactly the pipeline's
 preprocessing (``segq.preprocess.zscore_nonzero``), and the saved checkpoint is the bare network's
-``state_dict``, which ``worker.model.load_model`` loads with ``weights_only=True``.
+``state_dict``, which ``worker.engines.model.load_model`` loads with ``weights_only=True``.
 
     python -m worker.train -o models/demo --steps 900
 """
@@ -25,7 +25,7 @@ from segq.demo import DEFAULT_SHAPE, make_volume
 from segq.metrics import dice
 from segq.modelspec import ARCHS, ModelSpec, write_model_toml
 from segq.preprocess import zscore_nonzero
-from worker.model import TargetClassProbability, build_network
+from worker.engines.model import TargetClassProbability, build_network
 
 logger = logging.getLogger("segq.train")
 

@@ -14,7 +14,7 @@ from segq.demo import make_volume  # noqa: E402
 from segq.metrics import dice  # noqa: E402
 from segq.modelspec import load_model_spec  # noqa: E402
 from segq.preprocess import zscore_nonzero  # noqa: E402
-from worker.model import load_model  # noqa: E402
+from worker.engines.model import load_model  # noqa: E402
 
 MODEL_FILE = Path(__file__).resolve().parents[2] / "models" / "demo" / "model.toml"
 EVALUATION_SEED = 12345  # training uses SeedSequence(1) streams and the demo dataset seed 0: never this one

@@ -16,7 +16,7 @@ from worker.engines.attention import (
     shifted_window_mask,
     use_opaque_attention,
 )
-from worker.model import build_network
+from worker.engines.model import build_network
 
 
 @pytest.mark.parametrize("shifted", [False, True])

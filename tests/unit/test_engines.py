@@ -15,6 +15,7 @@ from segq.modelspec import ModelSpec
 from segq.settings import Settings
 from worker.engines import create_engine
 from worker.engines.gate import check_accuracy, compare_masks, dice, reference_volume
+from worker.engines.model import TargetClassProbability, build_network
 from worker.engines.ort_engine import choose_providers
 from worker.engines.plans import (
     PlanMeta,
@@ -32,7 +33,6 @@ from worker.engines.plans import (
 )
 from worker.engines.torch_engine import TorchEngine, use_fused_attention
 from worker.engines.trt_build import network_flags, precision_plan
-from worker.model import TargetClassProbability, build_network
 from worker.preflight import preflight, serves_gpu_queue
 
 H100 = PlanTarget("NVIDIA H100 80GB HBM3", "9.0", "10.3.0")

@@ -41,7 +41,7 @@ def test_export_has_a_dynamic_batch_and_matches_pytorch(unet_toml: Path, unet_on
     meta = OnnxMeta.read(unet_onnx)
     assert meta is not None and meta.model_sha256 == spec.checksum() and meta.precision == "fp32"
     assert meta.max_abs_diff <= 1e-3 and meta.roi == [32, 32, 32] and meta.model_path == str(unet_toml)
-    from worker.model import load_model
+    from worker.engines.model import load_model
 
     for batch in (1, 3, 5):
         x = np.random.default_rng(batch).normal(size=(batch, 1, 32, 32, 32)).astype(np.float32)

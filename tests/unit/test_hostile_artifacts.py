@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segq.errors import InputError
-from worker.model import load_state_dict
+from worker.engines.model import load_state_dict
 
 
 class _Payload:

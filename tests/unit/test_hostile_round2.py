@@ -23,7 +23,7 @@ from segq.models import Status
 from segq.modelspec import load_model_spec, write_model_toml
 from segq.volumes import load_volume, read_header
 from tests.helpers import ROOT, environment, write_model, write_volume
-from worker.model import build_checked
+from worker.engines.model import build_checked
 
 
 def _one_line(message: str, limit: int = 400) -> None:

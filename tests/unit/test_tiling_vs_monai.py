@@ -10,8 +10,8 @@ from monai.inferers import sliding_window_inference
 from segq.modelspec import ModelSpec
 from segq.tiling import importance_map, pad_volume, plan_windows, scan_interval, weight_sum
 from worker.engines.base import Engine
-from worker.inference import infer_slab, merge_partials
-from worker.model import TargetClassProbability, build_network
+from worker.engines.inference import infer_slab, merge_partials
+from worker.engines.model import TargetClassProbability, build_network
 
 
 class ModuleEngine:

@@ -64,7 +64,7 @@ def reference_volume(spec: ModelSpec, scale: float = 1.5, seed: int = 0) -> np.n
 
 def volume_probability(engine: Engine, volume: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Target probability over a whole (C, X, Y, Z) volume through the slab loop, as one slab."""
-    from worker.inference import read_slab, slab_partial
+    from worker.engines.inference import read_slab, slab_partial
 
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     padded = pad_volume(volume, plan)

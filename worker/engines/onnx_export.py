@@ -22,8 +22,8 @@ from torch import nn
 from segq import storage
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec, file_sha256
+from worker.engines.model import load_model
 from worker.engines.plans import INPUT_NAME, OUTPUT_NAME
-from worker.model import load_model
 
 logger = logging.getLogger("segq.onnx_export")
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
+from worker.engines.model import TargetClassProbability, load_model
 from worker.engines.plans import Profile, chunk_batch
-from worker.model import TargetClassProbability, load_model
 
 logger = logging.getLogger("segq.engine.torch")
 
