@@ -175,7 +175,8 @@ def test_watchdog_fails_a_job_stuck_past_its_deadline(dep: Deployment, unet_mode
     _backdate(second, 1.5)
     result = dep.segq("watchdog", "--once")
     assert result.returncode == 0 and "1 stuck job(s) failed" in result.stdout, result.stdout + result.stderr
-    dep.worker("gpu", queues="gpu,gpu.high,gpu.low,coordinator,coordinator.high,coordinator.low")
+    dep.worker("gpu", queues="gpu,gpu.high,gpu.low,finish,finish.high,finish.low,coordinator,coordinator.high,"
+                             "coordinator.low")
     rows = assert_nothing_lost(dep, unet_model, done=set())
     for row in rows:
         assert "stuck: running for" in (row.error or "") and "SEGQ_JOB_DEADLINE" in (row.error or ""), row.error

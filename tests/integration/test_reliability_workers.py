@@ -148,7 +148,7 @@ def test_merge_killed_between_temp_write_and_rename(dep: Deployment, unet_model:
 
 def test_subtask_delivered_twice(dep: Deployment, unet_model: Path, tmp_path: Path) -> None:
     """Scenario 7: a copy of slab 0's message runs too: the merge runs once, with every slab, mask right."""
-    coordinator = "coordinator,coordinator.high,coordinator.low"
+    coordinator = "finish,finish.high,finish.low,coordinator,coordinator.high,coordinator.low"
     dep.worker("coord", queues=coordinator)
     dep.submit([_scan(tmp_path)], tmp_path / "out", unet_model)
     client = dep.redis.client()

@@ -106,7 +106,7 @@ def test_launcher_restarts_a_killed_worker_and_lets_a_task_finish_on_sigterm(fre
         assert "libtorch" not in maps and "libcuda" not in maps, "the launcher itself must never load torch/CUDA"
         log = launcher.read_log()
         assert "cpu0@box consumes gpu.high,gpu,gpu.low" in log
-        assert "coord@box consumes coordinator.high,coordinator,coordinator.low" in log
+        assert "coord@box consumes finish.high,finish,finish.low,coordinator.high,coordinator,coordinator.low" in log
 
         os.kill(children["cpu1@box"], signal.SIGKILL)
         launcher.wait_for("cpu1@box died (exit code -9")
