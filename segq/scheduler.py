@@ -46,6 +46,8 @@ logger = logging.getLogger("segq.scheduler")
 # A GPU worker that has not beaten for this many admit intervals is counted as gone.
 HEARTBEAT_MISSES = 6
 UNFINISHED = (Status.QUEUED, Status.RUNNING)
+# An admitted volume not finished yet: it holds (or is about to hold) a workspace and a share of the window.
+IN_FLIGHT = Job.status.in_(UNFINISHED) & Job.admitted_at.is_not(None)
 
 
 def split_parts(windows: int, gpus: int, backlog: int, min_windows: int, max_windows: int) -> int:
@@ -144,8 +146,11 @@ def window(gpus: int, settings: Settings | None = None) -> int:
 def in_flight() -> int:
     """Admitted volumes not finished yet: each holds (or is about to hold) a workspace."""
     with session_scope() as s:
-        return int(s.scalar(select(func.count()).select_from(Job).where(
-            Job.status.in_(UNFINISHED), Job.admitted_at.is_not(None))) or 0)
+        return _count_in_flight(s)
+
+
+def _count_in_flight(s: Any) -> int:
+    return int(s.scalar(select(func.count()).select_from(Job).where(IN_FLIGHT)) or 0)
 
 
 def backlog(exclude: str | None = None) -> int:
@@ -163,8 +168,7 @@ def backlog(exclude: str | None = None) -> int:
 
 def _waiting(s: Any, room: int) -> list[Waiting]:
     """Datasets with volumes waiting, each with its first ``room`` job ids and its volumes in flight."""
-    counts = s.execute(select(Job.dataset_id, func.count()).where(
-        Job.status.in_(UNFINISHED), Job.admitted_at.is_not(None)).group_by(Job.dataset_id))
+    counts = s.execute(select(Job.dataset_id, func.count()).where(IN_FLIGHT).group_by(Job.dataset_id))
     flying = {dataset_id: int(n) for dataset_id, n in counts}
     groups = []
     query = (select(Dataset.id, Dataset.priority, Dataset.created_at).where(Dataset.id.in_(
@@ -182,9 +186,7 @@ def _claim(settings: Settings, gpus: int) -> list[tuple[str, int, str]]:
     """Mark the next jobs admitted, within the window; returns (job id, attempt, priority) of each."""
     with session_scope() as s:
         records.lock(s, records.ADMIT_LOCK_KEY)  # two admitters at once must not both fill the same room
-        flying = int(s.scalar(select(func.count()).select_from(Job).where(
-            Job.status.in_(UNFINISHED), Job.admitted_at.is_not(None))) or 0)
-        room = window(gpus, settings) - flying
+        room = window(gpus, settings) - _count_in_flight(s)
         if room <= 0:
             return []
         picked = pick(_waiting(s, room), room)
