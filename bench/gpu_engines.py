@@ -91,11 +91,11 @@ def roi_gflop(network: torch.nn.Module, spec: ModelSpec, device: torch.device) -
 
 
 def baseline_mask(network: torch.nn.Module, volume: np.ndarray, spec: ModelSpec, overlap: float,
-                  device: torch.device) -> np.ndarray:
+                  device: torch.device, autocast: bool = False) -> np.ndarray:
     from monai.inferers import sliding_window_inference
 
-    with torch.inference_mode():
-        x = torch.from_numpy(volume)[None].to(device)
+    with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=autocast):
+        x = torch.from_numpy(volume)[None].to(device, next(network.parameters()).dtype)
         logits = cast(torch.Tensor, sliding_window_inference(x, spec.roi, spec.sw_batch_size, network,
                                                              overlap=overlap, mode=spec.mode))
         prob = torch.softmax(logits.float(), dim=1)[0, spec.target_class]
@@ -122,6 +122,7 @@ class Recorder:
         self.out, self.common, self.gflop = out, common, gflop
         self.baseline: dict[str, float] = {}
         self.masks: dict[str, np.ndarray] = {}
+        self.best_peer: dict[str, float] = {}
 
     def record(self, volume: str, windows: int, arm: str, seconds: list[float], mask: np.ndarray | None,
                **extra: Any) -> dict[str, Any]:
@@ -135,6 +136,10 @@ class Recorder:
                                "tflops": round(windows * self.gflop / 1e3 / median, 2), **extra}
         if volume in self.baseline:
             row["speedup"] = round(self.baseline[volume] / median, 3)
+        if extra.get("peer") or arm == "baseline":
+            self.best_peer[volume] = min(self.best_peer.get(volume, median), median)
+        elif volume in self.best_peer:
+            row["vs_best_peer"] = round(self.best_peer[volume] / median, 3)
         if mask is not None and volume in self.masks:
             agreement = compare_masks(self.masks[volume], mask)
             row["agreement"] = round(agreement.agreement, 6)
@@ -157,15 +162,21 @@ EXTRA_ARMS: list[dict[str, Any]] = [
     {"precision": "fp16", "batch": 32}, {"precision": "fp16", "batch": 8, "channels_last": True},
 ]
 COMPILE_ARMS: dict[str, dict[str, Any]] = {
-    # the window attention as segq's opaque operator (worker/engines/attention.py) inside the graph
-    "fused": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": True},
-    # MONAI's own attention code under the compiler (the fused arm's masks disagreed with the baseline)
-    "unfused": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": False, "label": "unfused"},
-    # the fused arm replayed as CUDA graphs (launch overhead gone; compiles longer)
-    "cudagraphs": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": True,
-                   "compile_mode": "reduce-overhead", "label": "cudagraphs"},
-    "unfused-cudagraphs": {"precision": "fp16", "batch": 8, "compile": True, "fused_attention": False,
-                           "compile_mode": "reduce-overhead", "label": "unfused-cudagraphs"},
+    # MONAI's fused window attention inside the graph, inductor's comprehensive padding off (compile_options)
+    "default": {"precision": "fp16", "batch": 16, "compile": True},
+    # the same replayed as CUDA graphs (launch overhead gone)
+    "cudagraphs": {"precision": "fp16", "batch": 16, "compile": True, "compile_mode": "reduce-overhead",
+                   "label": "cudagraphs"},
+    # inductor benchmarks kernel choices (matmul and convolution templates) while compiling: far longer compile
+    "autotune": {"precision": "fp16", "batch": 16, "compile": True, "compile_mode": "max-autotune-no-cudagraphs",
+                 "label": "autotune"},
+}
+# The peers: MONAI's sliding_window_inference as a user would tune it (issue 12's table), each timed from the
+# host volume to the host mask like the baseline. The baseline (fp32, sw 8) is the first of them.
+PEER_ARMS: dict[str, dict[str, Any]] = {
+    "monai-autocast-fp16-sw8": {"autocast": True, "batch": 8},
+    "monai-autocast-fp16-flash-cudnn-sw16": {"autocast": True, "flash": True, "cudnn_benchmark": True, "batch": 16},
+    "monai-half-flash-cudnn-sw16": {"half": True, "flash": True, "cudnn_benchmark": True, "batch": 16},
 }
 
 
@@ -190,6 +201,7 @@ def make_engine(spec: ModelSpec, network: torch.nn.Module, device: torch.device,
     import copy
 
     wrapped = TargetClassProbability(copy.deepcopy(network), spec.target_class, spec.out_channels).eval()
+    spec = spec.with_overrides(sw_batch_size=arm["batch"])  # a compiled engine's one batch size
     return TorchEngine(spec, device, arm["precision"], compile=bool(arm.get("compile")),
                        fused_attention=arm.get("fused_attention"), cudnn_benchmark=arm.get("cudnn_benchmark"),
                        channels_last=bool(arm.get("channels_last")), model=wrapped,
@@ -212,6 +224,30 @@ def run_baseline(v: dict[str, Any], spec: ModelSpec, network: torch.nn.Module, a
                                   args.repeats)
     rec.record(v["name"], v["windows"], "baseline", seconds, mask, precision="fp32", batch=spec.sw_batch_size,
                path="monai.sliding_window_inference", warmup_seconds=round(warmup, 2))
+
+
+def run_peers(v: dict[str, Any], spec: ModelSpec, network: torch.nn.Module, args: argparse.Namespace,
+              device: torch.device, rec: Recorder) -> None:
+    """The tuned MONAI loops of PEER_ARMS on this volume, after the fp32 baseline."""
+    import copy
+
+    from worker.engines.torch_engine import use_fused_attention
+
+    for name, arm in PEER_ARMS.items():
+        peer = copy.deepcopy(network)
+        if arm.get("flash"):
+            use_fused_attention(peer)
+        if arm.get("half"):
+            peer.half()
+        torch.backends.cudnn.benchmark = bool(arm.get("cudnn_benchmark"))
+        vspec = spec.with_overrides(overlap=v["overlap"], sw_batch_size=arm["batch"])
+        seconds, mask, warmup = timed(lambda p=peer, s=vspec: baseline_mask(  # type: ignore[misc]
+            p, v["volume"], s, v["overlap"], device, autocast=bool(arm.get("autocast"))), device, args.repeats)
+        rec.record(v["name"], v["windows"], name, seconds, mask, precision="fp16", batch=arm["batch"],
+                   path="monai.sliding_window_inference", peer=True, warmup_seconds=round(warmup, 2))
+        del peer
+        torch.backends.cudnn.benchmark = False
+        torch.cuda.empty_cache()
 
 
 def run_arms(v: dict[str, Any], arms: list[dict[str, Any]], spec: ModelSpec, network: torch.nn.Module,
@@ -261,6 +297,7 @@ def main() -> None:
     parser.add_argument("--volumes", nargs="*", default=list(VOLUMES), choices=list(VOLUMES))
     parser.add_argument("--compile", nargs="*", default=[], choices=list(COMPILE_ARMS),
                         help="torch.compile fp16 arms to add, run last (each compiles for minutes).")
+    parser.add_argument("--peers", action="store_true", help="Also the tuned MONAI loops (PEER_ARMS), run first.")
     parser.add_argument("--extra-arms", action="store_true", help="Also the arms the smoke run found slower.")
     parser.add_argument("--arms", nargs="*", default=None,
                         help="Only these eager arms, by name (torch-fp16-b16, torch-fp32-b8, ...).")
@@ -294,6 +331,8 @@ def main() -> None:
     for name in args.volumes:
         v = prepare(name, volumes, spec)
         run_baseline(v, spec, network, args, device, rec)
+        if args.peers and device.type == "cuda":
+            run_peers(v, spec, network, args, device, rec)
         run_arms(v, [] if args.no_engine else engine_arms(args, device), spec, network, args, device, rec)
     if args.onnxruntime:
         from bench.gpu_queue import onnxruntime_roi

@@ -22,6 +22,26 @@ from worker.engines.plans import Profile, chunk_batch
 logger = logging.getLogger("segq.engine.torch")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def compile_options(mode: str | None) -> dict[str, bool]:
+    """Inductor options for a ``torch.compile`` mode, with comprehensive padding off in every one.
+
+    Inductor pads the strides of intermediate buffers for alignment ("comprehensive padding"). Around
+    MONAI's fused window attention that padding is read as data: on an H200 (PyTorch 2.11) the first Swin
+    stage compiled with it differed from eager by 41% of its magnitude, and by 0.06% without it
+    (bench/compile_check.py, bench/results/compile_check_h200.jsonl). No other inductor switch fixed both.
+    """
+    mode = mode or "default"
+    if mode not in COMPILE_MODES:
+        raise EngineError(f"torch.compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    options = {"comprehensive_padding": False}
+    if mode == "reduce-overhead":
+        options["triton.cudagraphs"] = True
+    elif mode == "max-autotune-no-cudagraphs":
+        options["max_autotune"] = True
+    return options
 
 
 def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
@@ -57,26 +77,20 @@ class TorchEngine:
         wrapped.network.to(device=device, dtype=self.dtype)
         if self.channels_last:
             wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        # Under torch.compile on an H100 the fused attention's masks lost 2.4% of the voxels, whether
-        # inductor lowered the attention or it ran as an opaque operator (worker/engines/attention.py,
-        # docs/BENCHMARKS.md), so a compiled engine keeps MONAI's own attention code unless asked.
-        if fused_attention if fused_attention is not None else on_gpu and not compile:
-            if compile:
-                from worker.engines.attention import use_opaque_attention  # MONAI and torch.library: seconds
-
-                use_opaque_attention(wrapped)
-            else:
-                use_fused_attention(wrapped)
+        if fused_attention if fused_attention is not None else on_gpu:
+            use_fused_attention(wrapped)
         if on_gpu and (cudnn_benchmark if cudnn_benchmark is not None else True):
             torch.backends.cudnn.benchmark = True
         self.model: nn.Module = wrapped
         # A compiled graph is specialised to one batch size: batches are padded or split to
         # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
         self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
-        self.reuses_output = compile and compile_mode in ("reduce-overhead", "max-autotune")
+        self.reuses_output = compile and compile_mode == "reduce-overhead"
         if compile:
-            logger.info("compiling the network with torch.compile on first use (minutes for SwinUNETR)")
-            self.model = torch.compile(wrapped, dynamic=False, mode=compile_mode)  # type: ignore[assignment]
+            logger.info("compiling the network with torch.compile (%s) on first use: minutes for SwinUNETR the "
+                        "first time on this machine, seconds from inductor's cache after", compile_mode or "default")
+            self.model = torch.compile(wrapped, dynamic=False,  # type: ignore[assignment]
+                                       options=compile_options(compile_mode))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
