@@ -78,7 +78,8 @@ def difference(eager: Any, compiled: Any) -> dict[str, Any]:
         rows.append({"max_abs_diff": float(d.nan_to_num(float("inf")).max()), "mean_abs_diff": float(d.nanmean()),
                      "nan": int(torch.isnan(c).sum()), "mean_abs_value": float(e.float().abs().mean())})
     worst = max(rows, key=lambda r: (r["nan"], r["mean_abs_diff"] / max(r["mean_abs_value"], 1e-12)))
-    return {**worst, "outputs": len(rows), "relative_mean_diff": worst["mean_abs_diff"] / max(worst["mean_abs_value"], 1e-12)}
+    relative = worst["mean_abs_diff"] / max(worst["mean_abs_value"], 1e-12)
+    return {**worst, "outputs": len(rows), "relative_mean_diff": relative}
 
 
 def pieces(network: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.nn.Module, tuple[Any, ...]]]:
@@ -91,7 +92,8 @@ def pieces(network: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.n
     window, shift = get_window_size((d, h, w), stage.window_size, stage.shift_size)
     padded = [math.ceil(size / win) * win for size, win in zip((d, h, w), window, strict=True)]
     mask = compute_mask(padded, window, shift, x.device)
-    return {"shifted-block": (stage.blocks[1], (block_in, mask)), "stage-1": (stage, (tokens,)), "swin-encoder": (vit, (x,))}
+    return {"shifted-block": (stage.blocks[1], (block_in, mask)), "stage-1": (stage, (tokens,)),
+            "swin-encoder": (vit, (x,))}
 
 
 def main() -> None:

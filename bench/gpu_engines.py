@@ -241,8 +241,9 @@ def run_peers(v: dict[str, Any], spec: ModelSpec, network: torch.nn.Module, args
             peer.half()
         torch.backends.cudnn.benchmark = bool(arm.get("cudnn_benchmark"))
         vspec = spec.with_overrides(overlap=v["overlap"], sw_batch_size=arm["batch"])
-        seconds, mask, warmup = timed(lambda p=peer, s=vspec: baseline_mask(  # type: ignore[misc]
-            p, v["volume"], s, v["overlap"], device, autocast=bool(arm.get("autocast"))), device, args.repeats)
+        autocast = bool(arm.get("autocast"))
+        seconds, mask, warmup = timed(lambda p=peer, s=vspec, a=autocast: baseline_mask(  # type: ignore[misc]
+            p, v["volume"], s, v["overlap"], device, autocast=a), device, args.repeats)
         rec.record(v["name"], v["windows"], name, seconds, mask, precision="fp16", batch=arm["batch"],
                    path="monai.sliding_window_inference", peer=True, warmup_seconds=round(warmup, 2))
         del peer

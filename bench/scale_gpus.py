@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -157,16 +158,28 @@ def timeline_figures(env: dict[str, str], dataset: str, submitted: datetime) -> 
     }
 
 
+def arm_name(base: str, compile_mode: str, args: argparse.Namespace) -> str:
+    """``segq`` / ``ct latency``, with the compile mode when the run compares several."""
+    return base if len(args.torch_compile) == 1 else f"{base} [{compile_mode}]"
+
+
+def engine_ready_seconds(log: Path) -> list[float]:
+    """Seconds each GPU worker took to load its engine (compile and accuracy gate included), from its log."""
+    return [float(m.group(1)) for m in re.finditer(r"engine ready in ([0-9.]+) s", log.read_text(errors="replace"))]
+
+
 def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: list[Path],
-              inputs: list[Path], ct: list[Path]) -> list[dict[str, Any]]:
+              inputs: list[Path], ct: list[Path], compile_mode: str) -> list[dict[str, Any]]:
     """The dataset and the CT latency on ``n`` GPUs, in one warm launcher."""
     import redis
 
-    arm_root = root / f"gpus{n}"
+    arm_root = root / f"gpus{n}-{compile_mode}"
     arm_root.mkdir()
     redis.Redis.from_url(broker).flushdb()
     env = {**deployment_env(arm_root, broker), "SEGQ_PRECISION": args.precision, "SEGQ_BACKEND": args.backend,
-           "SEGQ_LOOKAHEAD": str(args.lookahead)}
+           "SEGQ_LOOKAHEAD": str(args.lookahead), "SEGQ_TORCH_COMPILE": compile_mode,
+           # one inductor cache for the whole run, as one machine has: the engine-alone arm compiled first
+           "SEGQ_ENGINE_DIR": str(root / "engines")}
     worker_args = ["--gpus", str(n), "-n", f"bench{n}"]
     if args.coordinator_concurrency:
         worker_args += ["--coordinator-concurrency", str(args.coordinator_concurrency)]
@@ -182,7 +195,9 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
                                     args.timeout, ["--overlap", str(args.overlap)])
         figures = timeline_figures(env, "set", submitted)
         wall = figures["to_last_mask_seconds"] or seconds
-        records.append({"arm": "segq", "gpus": n, "volumes": len(rows), "seconds": round(wall, 3),
+        records.append({"arm": arm_name("segq", compile_mode, args), "gpus": n, "torch_compile": compile_mode,
+                        "engine_ready_seconds": engine_ready_seconds(arm_root / "workers.log"), "volumes": len(rows),
+                        "seconds": round(wall, 3),
                         "cases_per_hour": round(len(rows) / wall * 3600, 1), "submit_wait_seconds": round(seconds, 3),
                         "max_workspaces": workspaces.most, "lookahead_bound": n * (args.lookahead + 1), **figures})
         if ct:
@@ -194,7 +209,8 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
                                               args.timeout, ["--overlap", str(args.ct_overlap)])
                 latencies.append({"submit_wait_seconds": round(ct_seconds, 3), "windows": ct_rows[0]["windows"],
                                   **timeline_figures(env, name, started)})
-            records.append({"arm": "ct latency", "gpus": n, "shape": list(args.ct_shape), "overlap": args.ct_overlap,
+            records.append({"arm": arm_name("ct latency", compile_mode, args), "gpus": n, "shape": list(args.ct_shape),
+                            "overlap": args.ct_overlap,
                             "runs": latencies,
                             "seconds": min(r["queued_to_mask_seconds"] for r in latencies),
                             "to_last_mask_seconds": min(r["to_last_mask_seconds"] for r in latencies)})
@@ -220,6 +236,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lookahead", type=int, default=3)
     parser.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--backend", default="torch")
+    parser.add_argument("--torch-compile", default="auto", type=lambda text: text.split(","),
+                        help="SEGQ_TORCH_COMPILE for the segq arms; several, comma-separated, run one after another "
+                             "(e.g. off,default: the queue's gain from compiling, in one run).")
     parser.add_argument("--coordinator-concurrency", type=int, default=None,
                         help="Processes of the coordinator (default: the launcher's, which follows cores and GPUs).")
     parser.add_argument("--model", type=Path, default=None, help="A model.toml to use instead of a random network.")
@@ -256,23 +275,35 @@ def run(args: argparse.Namespace, root: Path) -> None:
     results: list[dict[str, Any]] = []
     if "engine" in arms:
         for shape, overlap in ((args.shape, args.overlap), (args.ct_shape, args.ct_overlap)):
-            argv = [sys.executable, "-m", "bench.engine_alone", str(model), *map(str, shape), str(overlap),
-                    args.precision]
-            line = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT,
-                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}).stdout.strip().splitlines()[-1]
-            results.append({**setting, "gpus": 1, **json.loads(line)})
-            emit(results[-1], args.out / "scale_gpus_arms.jsonl")
+            for mode in args.torch_compile:
+                argv = [sys.executable, "-m", "bench.engine_alone", str(model), *map(str, shape), str(overlap),
+                        args.precision, engine_compile_mode(mode, args.precision)]
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0",
+                       "TORCHINDUCTOR_CACHE_DIR": str(root / "engines" / "inductor")}
+                line = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT,
+                                      env=env).stdout.strip().splitlines()[-1]
+                results.append({**setting, "gpus": 1, **json.loads(line)})
+                emit(results[-1], args.out / "scale_gpus_arms.jsonl")
     with redis_server(args.redis_server, args.redis_port, args.broker, root) as broker:
         for n in gpus:
             if "peer" in arms:
                 results.append({**setting, **peer_folder.run(root / "scans", n, root / f"peer{n}", args.feature_size,
                                                              args.roi, args.sw_batch_size, args.overlap)})
                 emit(results[-1], args.out / "scale_gpus_arms.jsonl")  # each arm as it ends: a cut-off run keeps it
-            if arms & {"segq", "ct"}:
-                for record in segq_arms(args, root, broker, n, model, warmup, inputs, ct):
+            for mode in args.torch_compile if arms & {"segq", "ct"} else []:
+                for record in segq_arms(args, root, broker, n, model, warmup, inputs, ct, mode):
                     results.append({**setting, **record})
                     emit(results[-1], args.out / "scale_gpus_arms.jsonl")
     finish(results, out)
+
+
+def engine_compile_mode(setting: str, precision: str) -> str:
+    """What SEGQ_TORCH_COMPILE=setting resolves to on a GPU, for the engine-alone arm ("off": eager)."""
+    import torch
+
+    from worker.engines import compile_mode
+
+    return compile_mode(setting, precision, torch.device("cuda")) or "off"
 
 
 def finish(results: list[dict[str, Any]], out: Path) -> None:
@@ -286,21 +317,22 @@ def finish(results: list[dict[str, Any]], out: Path) -> None:
             continue
         first = min(r["gpus"] for r in results if r["arm"] == record["arm"])
         base = find(record["arm"], first)
-        if record["arm"] in ("segq", "peer folder split") and base:
+        if (record["arm"].startswith("segq") or record["arm"] == "peer folder split") and base:
             record["efficiency_vs_own_first"] = round(record["cases_per_hour"] / base["cases_per_hour"] * first
                                                       / record["gpus"], 3)
         peer = find("peer folder split", record["gpus"])
-        if record["arm"] == "segq" and peer:
+        if record["arm"].startswith("segq") and peer:
             record["ratio_vs_peer"] = round(record["cases_per_hour"] / peer["cases_per_hour"], 3)
-        if record["arm"] == "ct latency" and base:
+        if record["arm"].startswith("ct latency") and base:
             record["speedup_vs_own_first"] = round(base["seconds"] / record["seconds"], 3)
             record["speedup_from_submit"] = round(base["to_last_mask_seconds"] / record["to_last_mask_seconds"], 3)
         emit(record, out)
     for record in results:
         if record["arm"] == "engine alone":
-            print(f"engine alone {record['shape']}: {record['seconds']:.3f} s ({record['ms_per_window']} ms a window)")
-        elif record["arm"] == "ct latency":
-            print(f"{record['gpus']} GPU(s) ct latency: {record['seconds']:7.2f} s queued to mask "
+            print(f"engine alone {record['shape']} compile {record.get('torch_compile', 'off')}: "
+                  f"{record['seconds']:.3f} s ({record['ms_per_window']} ms a window)")
+        elif record["arm"].startswith("ct latency"):
+            print(f"{record['gpus']} GPU(s) {record['arm']}: {record['seconds']:7.2f} s queued to mask "
                   f"(speedup {record.get('speedup_vs_own_first', 1.0):.2f}), {record['to_last_mask_seconds']:.2f} s "
                   f"from submit (speedup {record.get('speedup_from_submit', 1.0):.2f})")
         else:

@@ -17,6 +17,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "simulate"]
 Precision = Literal["fp32", "fp16", "bf16"]
+# auto: torch.compile an fp16 network on a GPU (measured 1.41-1.48x the tuned MONAI loop, docs/BENCHMARKS.md),
+# eager otherwise; off; or a torch.compile mode by name (worker/engines/torch_engine.compile_options).
+TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
 def _default_data_dir() -> Path:
@@ -52,7 +55,7 @@ class Settings(BaseSettings):
     simulate_devices: int = Field(default=1, ge=1)
     precision: Precision = "fp32"
     device: str = "auto"
-    torch_compile: bool = False
+    torch_compile: TorchCompile = "auto"
     # Inference engines (worker/engines): ONNX files and TensorRT plans are cached per model under
     # engine_dir (default <storage>/engines), so every worker on a machine loads what one built.
     engine_dir: Path | None = None
@@ -87,6 +90,13 @@ class Settings(BaseSettings):
     # Not SEGQ_-prefixed: the GPUs this process may use, as CUDA sets them. The worker launcher hands
     # out only these (a container or a shared machine may expose a subset).
     cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        """SEGQ_TORCH_COMPILE=1/true/on compiles with the default mode, 0/false/off runs eager."""
+        text = str(value).strip().lower()
+        return "default" if text in ("1", "true", "yes", "on") else "off" if text in ("0", "false", "no") else text
 
     @field_validator("visibility_timeout")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +14,7 @@ from segq.errors import InputError
 from segq.models import utcnow
 from segq.modelspec import ModelSpec, spec_from_dict
 from segq.settings import Settings, get_settings
-from worker.engines import Engine, create_engine, pick_device
+from worker.engines import Engine, compile_mode, create_engine, pick_device
 
 logger = logging.getLogger("segq.runtime")
 
@@ -35,8 +36,9 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
     spec = spec_from_dict(model)
     if batch_size is not None and batch_size != spec.sw_batch_size:
         spec = spec.with_overrides(sw_batch_size=batch_size)
-    fixed = settings.torch_compile and settings.backend == "torch"
-    key = (model_sha256, settings.backend, settings.precision, spec.sw_batch_size if fixed else 0)
+    device = pick_device(settings.device)
+    mode = compile_mode(settings.torch_compile, settings.precision, device) if settings.backend == "torch" else None
+    key = (model_sha256, settings.backend, settings.precision, spec.sw_batch_size if mode else 0)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
@@ -44,12 +46,34 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
             if actual != model_sha256:
                 raise InputError(f"the model at {spec.path} changed since the dataset was submitted "
                                  f"(checksum {actual[:12]}, recorded {model_sha256[:12]}); submit again")
-            device = pick_device(settings.device)
-            logger.info("loading %s engine (%s, %s) for model %s", settings.backend, settings.precision, device,
-                        model_sha256[:12])
-            engine = create_engine(spec, settings.backend, settings.precision, device, settings.torch_compile)
+            logger.info("loading %s engine (%s%s, %s) for model %s", settings.backend, settings.precision,
+                        f", torch.compile {mode}" if mode else "", device, model_sha256[:12])
+            started = time.perf_counter()
+            engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings)
+            if settings.backend == "torch" and (mode or settings.precision != "fp32"):
+                gate(engine, spec, settings)
+            logger.info("engine ready in %.1f s", time.perf_counter() - started)
             _engines[key] = engine
     return spec, engine
+
+
+def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
+    """Refuse a reduced-precision or compiled engine whose masks disagree with fp32 eager PyTorch.
+
+    Run at worker start on the gate's synthetic reference volume, so a PyTorch or driver upgrade that
+    breaks the numerics of a mode is refused (EngineError, the worker exits) before it writes a mask. For
+    a compiled engine this is also where the compile happens.
+    """
+    from worker.engines.gate import check_accuracy, reference_volume
+    from worker.engines.torch_engine import TorchEngine
+
+    reference = TorchEngine(spec, engine.device, "fp32")
+    result = check_accuracy(engine, reference, spec, reference_volume(spec), settings.gate_min_dice)
+    del reference
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    logger.info("accuracy gate passed: Dice %.5f, voxel agreement %.4f%% against fp32 eager", result.dice,
+                100 * result.agreement)
 
 
 class DeviceLease:

@@ -271,7 +271,7 @@ def test_the_step_owns_the_batch_and_a_fixed_batch_engine_is_kept_per_batch(tmp_
         spec_a, a = runtime.engine_for(model, sha, eager)
         spec_b, b = runtime.engine_for(model, sha, eager, batch_size=2)
         assert a is b and (spec_a.sw_batch_size, spec_b.sw_batch_size) == (4, 2)
-        compiled = Settings(backend="torch", precision="fp32", device="cpu", torch_compile=True)
+        compiled = Settings(backend="torch", precision="fp32", device="cpu", torch_compile="default")
         _, c4 = runtime.engine_for(model, sha, compiled)
         _, c2 = runtime.engine_for(model, sha, compiled, batch_size=2)
         assert c4 is not c2 and runtime.engine_for(model, sha, compiled, batch_size=4)[1] is c4

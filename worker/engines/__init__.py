@@ -14,7 +14,7 @@ from segq.modelspec import ModelSpec
 from segq.settings import Settings, get_settings
 from worker.engines.base import Engine
 
-__all__ = ["Engine", "create_engine", "pick_device"]
+__all__ = ["Engine", "compile_mode", "create_engine", "pick_device"]
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -29,14 +29,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def compile_mode(setting: str, precision: str, device: torch.device) -> str | None:
+    """The torch.compile mode SEGQ_TORCH_COMPILE asks for here, None for eager.
+
+    ``auto`` compiles fp16 on a GPU, the combination measured faster than the tuned MONAI loop with masks
+    that agree (docs/BENCHMARKS.md); fp32, bf16 and CPU workers stay eager unless a mode is named.
+    """
+    if setting == "auto":
+        return "default" if precision == "fp16" and device.type == "cuda" else None
+    return None if setting == "off" else setting
+
+
 def create_engine(spec: ModelSpec, backend: str, precision: str, device: torch.device,
-                  compile: bool = False, settings: Settings | None = None,
+                  compile_mode: str | None = None, settings: Settings | None = None,
                   model_sha256: str | None = None) -> Engine:
     """The engine for ``backend``; raises EngineError saying what is missing when it cannot load."""
     if backend == "torch":
         from worker.engines.torch_engine import TorchEngine
 
-        return TorchEngine(spec, device, precision, compile=compile)
+        return TorchEngine(spec, device, precision, compile=compile_mode is not None, compile_mode=compile_mode,
+                           cache_dir=(settings or get_settings()).engine_root / "inductor")
     settings = settings or get_settings()
     if backend == "onnxruntime":
         from worker.engines.cache import ensure_onnx

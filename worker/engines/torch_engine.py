@@ -10,6 +10,10 @@ BraTS-sized volume on an H100; channels-last-3d layout made it slower (0.79 s) a
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
-def compile_options(mode: str | None) -> dict[str, bool]:
+def compile_options(mode: str | None) -> dict[str, str | int | bool | Callable[..., Any]]:
     """Inductor options for a ``torch.compile`` mode, with comprehensive padding off in every one.
 
     Inductor pads the strides of intermediate buffers for alignment ("comprehensive padding"). Around
@@ -36,7 +40,7 @@ def compile_options(mode: str | None) -> dict[str, bool]:
     mode = mode or "default"
     if mode not in COMPILE_MODES:
         raise EngineError(f"torch.compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    options = {"comprehensive_padding": False}
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"comprehensive_padding": False}
     if mode == "reduce-overhead":
         options["triton.cudagraphs"] = True
     elif mode == "max-autotune-no-cudagraphs":
@@ -63,7 +67,7 @@ class TorchEngine:
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", compile: bool = False,
                  fused_attention: bool | None = None, cudnn_benchmark: bool | None = None,
                  channels_last: bool = False, model: TargetClassProbability | None = None,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, cache_dir: Path | None = None) -> None:
         if precision not in DTYPES:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
@@ -87,6 +91,8 @@ class TorchEngine:
         self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
         self.reuses_output = compile and compile_mode == "reduce-overhead"
         if compile:
+            if cache_dir is not None:  # inductor's on-disk cache: compile once per machine, not per worker start
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
             logger.info("compiling the network with torch.compile (%s) on first use: minutes for SwinUNETR the "
                         "first time on this machine, seconds from inductor's cache after", compile_mode or "default")
             self.model = torch.compile(wrapped, dynamic=False,  # type: ignore[assignment]
