@@ -54,6 +54,7 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
     live = sys.stdout.isatty() if live is None else live
     deadline = None if timeout is None else time.monotonic() + timeout
     reported: set[str] = set()
+    loading_said: set[str] = set()
     display: Any = None
     if live:
         from rich.live import Live
@@ -74,6 +75,13 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
                 from producer.watch import render, snapshot
 
                 display.update(render(snapshot(dataset_ids), title))
+            else:
+                from producer.watch import engines_loading
+
+                for worker, (what, _seconds) in engines_loading(time.time()).items():
+                    if worker not in loading_said:  # once: a log, not a display
+                        loading_said.add(worker)
+                        say(f"{worker}: building the {what} engine (a first torch.compile takes minutes)")
             if states and len(reported) == len(states):
                 return _jobs([job_id for job_id, _ in states])
             if deadline is not None and time.monotonic() > deadline:

@@ -7,6 +7,7 @@ the samples; ``render`` draws them with rich.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,8 @@ class Snapshot:
     volumes_per_hour: float
     eta_seconds: float | None
     workers: list[WorkerRate] = field(default_factory=list)
+    # workers building an engine now (a first torch.compile takes minutes): name -> (what, seconds so far)
+    loading: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def count(self, status: Status) -> int:
         return self.counts.get(status.value, 0)
@@ -220,9 +223,28 @@ def recent_busy(now: datetime, horizon: float) -> dict[str, float]:
     return {u.worker: u.busy_fraction for u in device_use(steps, start, now)}
 
 
+def engines_loading(now: float) -> dict[str, tuple[str, float]]:
+    """Workers building an engine, from Redis; empty when Redis does not answer (the rest of watch still shows)."""
+    import redis
+
+    from segq.scheduler import engines_loading as announced
+
+    try:
+        return {w: (str(v.get("what", "")), max(0.0, now - float(v.get("since", now)))) for w, v in announced().items()}
+    except (redis.RedisError, ValueError):
+        return {}
+
+
 def snapshot(dataset_ids: Sequence[str], horizon: float = HORIZON_SECONDS) -> Snapshot:
     now = datetime.now(UTC)
-    return summarize(*load(dataset_ids, now, horizon), now=now, horizon=horizon, busy=recent_busy(now, horizon))
+    snap = summarize(*load(dataset_ids, now, horizon), now=now, horizon=horizon, busy=recent_busy(now, horizon))
+    return dataclasses.replace(snap, loading=engines_loading(now.timestamp()))
+
+
+def loading_lines(snap: Snapshot) -> list[str]:
+    """One line a worker that is building its engine: a first torch.compile keeps a GPU idle for minutes."""
+    return [f"{worker}: building the {what} engine for {format_seconds(seconds)} (a first torch.compile takes "
+            "minutes; later starts read inductor's cache)" for worker, (what, seconds) in sorted(snap.loading.items())]
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -258,8 +280,9 @@ def render(snap: Snapshot, title: str) -> RenderableType:
                 f"subtasks {snap.subtasks_done}/{snap.subtasks_total}",
                 f"{snap.windows_per_second:.1f} windows/s", f"{snap.volumes_per_hour:.0f} volumes/h",
                 f"ETA {format_seconds(snap.eta_seconds)}")
+    loading = [Text(line, style="yellow") for line in loading_lines(snap)]
     if not snap.workers:
-        return Group(head, bar)
+        return Group(head, bar, *loading)
     table = Table("worker", "subtasks", "windows", "windows/s busy", "windows/s now", "busy %", box=None,
                   header_style="bold")
     for w in snap.workers:
@@ -267,4 +290,4 @@ def render(snap: Snapshot, title: str) -> RenderableType:
                       "" if w.busy_windows_per_second is None else f"{w.busy_windows_per_second:.1f}",
                       f"{w.recent_windows_per_second:.1f}",
                       "" if w.busy_fraction is None else f"{w.busy_fraction:.0%}")
-    return Group(head, bar, table)
+    return Group(head, bar, table, *loading)

@@ -26,6 +26,7 @@ COMMANDS = {
     "worker": "worker.cli:worker",
     "export-onnx": "worker.enginecli:export_onnx",
     "build-engine": "worker.enginecli:build_engine",
+    "warm-engine": "worker.enginecli:warm_engine",
     "db": "segq.dbcli:db",
     "demo-data": "producer.democli:demo_data",
     "train-demo": "producer.democli:train_demo",

@@ -19,6 +19,13 @@ class EngineError(SegqError):
     """The inference engine cannot run (missing backend, broken CUDA context): stop the worker."""
 
 
+class EngineRefusedError(EngineError):
+    """The engine loads but fails the accuracy gate: a fresh process would build the same one, so the worker
+    exits with EX_CONFIG (78) and the launcher does not restart it; its message waits for another worker."""
+
+    HINT = "Run in fp32 or with SEGQ_TORCH_COMPILE=off, or check the ONNX export"
+
+
 class StorageNotSharedError(InputError):
     """A worker cannot see a job's workspace: its SEGQ_STORAGE is not the shared one."""
 

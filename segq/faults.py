@@ -10,8 +10,10 @@ actions
     ``kill`` (SIGKILL this process), ``raise`` (a RuntimeError), ``cuda_error`` (on a GPU a real
     device-side assert, which leaves the CUDA context unusable; without one the RuntimeError such a
     context raises), ``pause`` (sleep ``seconds``, default 30), ``oom`` (torch.OutOfMemoryError, as a
-    GPU raises it from inside the network).
+    GPU raises it from inside the network), ``refuse`` (the accuracy gate's EngineRefusedError, as a
+    PyTorch whose numerics broke would get).
 points
+    ``in_gate`` (an engine is about to be checked against fp32 at load; context ``precision``),
     ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_infer_slab``
     (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``in_submit`` (a producer looked
@@ -41,8 +43,8 @@ from segq.settings import get_settings
 
 logger = logging.getLogger("segq.faults")
 
-ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom")
-POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "before_merge_rename", "in_submit")
+ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom", "refuse")
+POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "in_submit")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 
@@ -137,6 +139,11 @@ def _act(fault: Fault, context: dict[str, object]) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"simulated CUDA out of memory (injected by SEGQ_FAULTS {fault.text}, {where})")
+    elif fault.action == "refuse":
+        from segq.errors import EngineRefusedError
+
+        raise EngineRefusedError(f"accuracy gate refused the engine (injected by SEGQ_FAULTS {fault.text}, {where}). "
+                                 f"{EngineRefusedError.HINT}")
     elif fault.action == "cuda_error":
         _break_cuda()
         raise RuntimeError(f"{CUDA_ERROR} (injected by SEGQ_FAULTS {fault.text}, {where})")

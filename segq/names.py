@@ -20,6 +20,7 @@ PRIORITIES = ("high", "normal", "low")
 REDIS_KEY_PREFIX = "segq:"
 DELIVERIES_KEY = REDIS_KEY_PREFIX + "deliveries:{task_id}:{retries}"  # one count per delivery of a message
 GPU_WORKERS_KEY = REDIS_KEY_PREFIX + "gpu-workers"  # sorted set: GPU worker name -> last heartbeat (unix time)
+ENGINE_LOADING_KEY = REDIS_KEY_PREFIX + "engine-loading"  # hash: worker -> JSON {what, since} while it builds one
 
 TASK_ID_PREFIX = "segq"
 

@@ -24,11 +24,13 @@ window follows the GPUs present as machines come and go.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,7 +40,15 @@ from sqlalchemy import func, select, update
 from segq import records
 from segq.db import session_scope
 from segq.models import Dataset, Job, Status, Subtask, utcnow
-from segq.names import GPU_WORKERS_KEY, PREPARE, PREPARE_QUEUE, PRIORITIES, queue_for, volume_task_id
+from segq.names import (
+    ENGINE_LOADING_KEY,
+    GPU_WORKERS_KEY,
+    PREPARE,
+    PREPARE_QUEUE,
+    PRIORITIES,
+    queue_for,
+    volume_task_id,
+)
 from segq.settings import Settings, get_settings
 
 logger = logging.getLogger("segq.scheduler")
@@ -110,6 +120,39 @@ def heartbeat(worker: str, settings: Settings | None = None) -> None:
     client = _redis(settings)
     try:
         client.zadd(GPU_WORKERS_KEY, dict.fromkeys(members, time.time()))
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def loading(worker: str | None, what: str, settings: Settings) -> Iterator[None]:
+    """List ``worker`` as building an engine while the block runs (a first torch.compile takes minutes).
+
+    Best effort: Redis away only costs the display, never the engine."""
+    import redis
+
+    if worker is None:
+        yield
+        return
+    client = _redis(settings)
+    try:
+        client.hset(ENGINE_LOADING_KEY, worker, json.dumps({"what": what, "since": time.time()}))
+    except redis.RedisError:
+        logger.warning("could not announce the engine build in Redis; segq watch will not show it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            client.hdel(ENGINE_LOADING_KEY, worker)
+        client.close()
+
+
+def engines_loading(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """Workers building an engine now: name -> {what, since} (``segq watch``)."""
+    client = _redis(settings or get_settings())
+    try:
+        return {k.decode() if isinstance(k, bytes) else str(k): json.loads(v)
+                for k, v in client.hgetall(ENGINE_LOADING_KEY).items()}
     finally:
         client.close()
 

@@ -127,3 +127,30 @@ def build_engine(onnx_path: Path, fp16: bool, min_batch: int, opt_batch: int, ma
     click.echo(f"wrote {output} for {target.gpu_name} (sm {target.compute_capability}, TensorRT {target.trt_version})")
     if gate:
         click.echo(f"accuracy gate: Dice {gate['dice']:.5f}, voxel agreement {gate['agreement']:.5%} vs fp32 PyTorch")
+
+
+@click.command("warm-engine")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="model.toml naming the network and checkpoint.")
+@click.option("--sw-batch-size", type=click.IntRange(min=1), default=None,
+              help="The ROI batch the datasets will use (default: the model's); a compiled engine is built per batch.")
+def warm_engine(model_path: Path, sw_batch_size: int | None) -> None:
+    """Build the engine this machine's workers will load (SEGQ_BACKEND, SEGQ_PRECISION, SEGQ_TORCH_COMPILE),
+    run its accuracy gate, and leave it in the engine cache: run once per machine after an install or upgrade,
+    and each worker then starts in seconds instead of compiling for minutes."""
+    import time
+
+    from segq.modelspec import load_model_spec
+    from segq.settings import get_settings
+    from worker.engines import compile_mode
+    from worker.runtime import engine_for
+
+    settings = get_settings()
+    spec = load_model_spec(model_path)
+    started = time.perf_counter()
+    spec, engine = engine_for(spec.to_dict(), spec.checksum(), settings, sw_batch_size)
+    mode = compile_mode(settings.torch_compile, settings.precision, engine.device) if settings.backend == "torch" \
+        else None
+    click.echo(f"{engine.backend} {engine.precision} engine on {engine.device}"
+               + (f", torch.compile {mode} (ROI batch {spec.sw_batch_size})" if mode else "")
+               + f": ready in {time.perf_counter() - started:.1f} s; cache {settings.engine_root}")

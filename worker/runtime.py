@@ -13,6 +13,7 @@ import torch
 from segq.errors import InputError
 from segq.models import utcnow
 from segq.modelspec import ModelSpec, spec_from_dict
+from segq.scheduler import loading
 from segq.settings import Settings, get_settings
 from worker.engines import Engine, compile_mode, create_engine, pick_device
 
@@ -23,7 +24,7 @@ _lock = threading.Lock()
 
 
 def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
-               batch_size: int | None = None) -> tuple[ModelSpec, Engine]:
+               batch_size: int | None = None, worker: str | None = None) -> tuple[ModelSpec, Engine]:
     """This process's engine for the job's model, built on first use.
 
     The ROI batch has one owner: the step, which runs the dataset's ``sw_batch_size`` or, after running
@@ -31,7 +32,7 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
     and kept per batch size, so a later dataset's batch and the halved retry get an engine of their
     own instead of being padded to the first one's. The checkpoint's checksum must still be the one
     recorded at submission: a model file changed under a queued dataset would otherwise give a dataset
-    made by two different models.
+    made by two different models. While it builds, ``worker`` is listed as loading in Redis (``segq watch``).
     """
     spec = spec_from_dict(model)
     if batch_size is not None and batch_size != spec.sw_batch_size:
@@ -46,12 +47,14 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
             if actual != model_sha256:
                 raise InputError(f"the model at {spec.path} changed since the dataset was submitted "
                                  f"(checksum {actual[:12]}, recorded {model_sha256[:12]}); submit again")
-            logger.info("loading %s engine (%s%s, %s) for model %s", settings.backend, settings.precision,
-                        f", torch.compile {mode}" if mode else "", device, model_sha256[:12])
+            what = f"{settings.backend} {settings.precision}" + (f", torch.compile {mode}" if mode else "")
+            logger.info("loading the %s engine on %s for model %s", what, device, model_sha256[:12])
             started = time.perf_counter()
-            engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings)
-            if settings.backend == "torch" and (mode or settings.precision != "fp32"):
-                gate(engine, spec, settings)
+            slow = mode is not None or settings.backend != "torch"  # a compile, an ONNX export or a TensorRT build
+            with loading(worker if slow else None, what, settings):
+                engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings)
+                if settings.backend == "torch" and (mode or settings.precision != "fp32"):
+                    gate(engine, spec, settings)
             logger.info("engine ready in %.1f s", time.perf_counter() - started)
             _engines[key] = engine
     return spec, engine
@@ -64,9 +67,11 @@ def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
     breaks the numerics of a mode is refused (EngineError, the worker exits) before it writes a mask. For
     a compiled engine this is also where the compile happens.
     """
+    from segq import faults
     from worker.engines.gate import check_accuracy, reference_volume
     from worker.engines.torch_engine import TorchEngine
 
+    faults.point("in_gate", precision=engine.precision)
     reference = TorchEngine(spec, engine.device, "fp32")
     result = check_accuracy(engine, reference, spec, reference_volume(spec), settings.gate_min_dice)
     del reference

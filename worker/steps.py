@@ -12,6 +12,8 @@ CancelledError                  DISCARD     the job ended meanwhile: delete the 
 TransientError                  RETRY       run again with backoff, at most SEGQ_MAX_RETRIES times, then FAIL
 torch.OutOfMemoryError          SHRINK      retry the part with half the ROI batch (at 1 ROI: RETRY)
 EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
+EngineRefusedError              EXIT        the same, exit code 78: the launcher does not restart it (the
+                                            accuracy gate refused the engine; a new process builds the same)
 InputError, MemoryError, other  FAIL        fail the job with the reason, delete its workspace; the worker
                                             lives on (a volume too large for the host fails alone)
 ==============================  ==========  ===========================================================
@@ -35,8 +37,8 @@ from celery import Task
 from celery.exceptions import Reject
 
 from segq import records, scheduler, storage
-from segq.errors import CancelledError, EngineError, InputError, TransientError
-from segq.names import DELIVERIES_KEY, EXIT_ENGINE_BROKEN
+from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
+from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN
 from segq.settings import get_settings
 
 logger = logging.getLogger("segq.steps")
@@ -193,9 +195,14 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         return
     if result is Outcome.EXIT:
         _broken.set()
-        logger.critical("engine broken, ending this worker process so a fresh one takes over: %s: %s",
-                        step.what, describe(exc))
-        threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(EXIT_ENGINE_BROKEN,)).start()
+        if isinstance(exc, EngineRefusedError):
+            logger.critical("engine refused, ending this worker process for good (exit code %d): %s: %s",
+                            EXIT_CONFIG, step.what, describe(exc))
+        else:
+            logger.critical("engine broken, ending this worker process so a fresh one takes over: %s: %s",
+                            step.what, describe(exc))
+        code = EXIT_CONFIG if isinstance(exc, EngineRefusedError) else EXIT_ENGINE_BROKEN
+        threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
     _fail(step, f"{step.what}: {describe(exc)}")
 

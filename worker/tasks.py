@@ -162,7 +162,7 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
                             busy=held, windows=ref["windows"])
         return ref
     from worker.runtime import DeviceLease, engine_for
-    spec, engine = engine_for(job.model, job.model_sha256, settings, step.batch_size)
+    spec, engine = engine_for(job.model, job.model_sha256, settings, step.batch_size, worker)
     step.batch_size = spec.sw_batch_size
     started, clock = utcnow(), time.perf_counter()
     lease = DeviceLease(engine)

@@ -208,3 +208,29 @@ def test_device_worker_killed_mid_prefetch(dep: Deployment, unet_model: Path, tm
     assert [row.deliveries[1] for row in rows] == [2, 2], [r.deliveries for r in rows]
     figure("25 device worker killed mid-prefetch", f"both stalled parts delivered again; dataset done "
            f"{recovered:.1f} s after the kill (visibility timeout {dep.env['SEGQ_VISIBILITY_TIMEOUT']} s)")
+
+
+def test_engine_refused_by_the_accuracy_gate_ends_the_worker_for_good(dep: Deployment, unet_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """Scenario 26: a device worker whose engine the accuracy gate refuses at load (a PyTorch whose numerics
+    broke; injected) writes nothing, hands its part back and exits with EX_CONFIG (78), which the launcher
+    does not restart; a worker started as the refusal says (fp32) finishes the dataset, nothing lost."""
+    refuse = "refuse_in_gate:times=1"
+    dep.arm(refuse)
+    device_worker = ["-Q", "gpu.high,gpu,gpu.low", "-P", "threads"]
+    mixed = {"SEGQ_PRECISION": "bf16"}  # a mixed mode: its engine is gated against fp32 at load
+    dep.worker("coord", queues="finish.high,finish,finish.low,coordinator.high,coordinator,coordinator.low")
+    w1 = WorkerProcess({**dep.env, **mixed}, "dev1", dep.root / "dev1.log", extra=device_worker).start()
+    dep.workers.append(w1)
+    dep.submit([_scan(tmp_path)], tmp_path / "out", unet_model)
+    assert w1.proc is not None
+    assert w1.proc.wait(90) == 78, w1.read_log()[-3000:]
+    assert "engine refused, ending this worker process for good (exit code 78)" in w1.read_log()
+    assert not list((tmp_path / "out").glob("*.nii*")), "a refused engine must write nothing"
+    assert "Run in fp32 or with SEGQ_TORCH_COMPILE=off" in w1.read_log()
+    w2 = WorkerProcess({**dep.env}, "dev2", dep.root / "dev2.log", extra=device_worker).start()
+    dep.workers.append(w2)
+    dep.wait(150)
+    rows = assert_nothing_lost(dep, unet_model, done={"a.nii.gz"})  # the mask against MONAI's own, in fp32
+    figure("26 engine refused by the gate", f"worker exited 78; part delivered again, job done "
+           f"(deliveries {rows[0].deliveries})")

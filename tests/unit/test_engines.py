@@ -278,3 +278,79 @@ def test_the_step_owns_the_batch_and_a_fixed_batch_engine_is_kept_per_batch(tmp_
         assert isinstance(c2, TorchEngine) and c2.static is not None and c2.static.opt == 2
     finally:
         runtime.clear()
+
+
+@pytest.mark.parametrize("mode", [None, "default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_every_compile_mode_turns_comprehensive_padding_off(mode: str | None) -> None:
+    """Inductor's padded strides broke the compiled fused window attention (bench/compile_check.py)."""
+    from worker.engines.torch_engine import compile_options
+
+    options = compile_options(mode)
+    assert options["comprehensive_padding"] is False
+    assert options.get("triton.cudagraphs", False) is (mode == "reduce-overhead")
+    assert options.get("max_autotune", False) is (mode == "max-autotune-no-cudagraphs")
+    with pytest.raises(EngineError, match="is not one of default, reduce-overhead"):
+        compile_options("max-autotune")
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("1", "default"), ("true", "default"), ("0", "off"),
+                                                  ("false", "off"), ("auto", "auto"),
+                                                  ("reduce-overhead", "reduce-overhead")])
+def test_segq_torch_compile_takes_switches_and_mode_names(setting: str, expected: str) -> None:
+    assert Settings(torch_compile=setting).torch_compile == expected
+
+
+def test_segq_torch_compile_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="torch_compile"):
+        Settings(torch_compile="turbo")
+
+
+@pytest.mark.parametrize(("setting", "precision", "device", "expected"), [
+    ("auto", "fp16", "cuda", "default"),  # the measured winner
+    ("auto", "fp32", "cuda", None), ("auto", "bf16", "cuda", None), ("auto", "fp32", "cpu", None),
+    ("off", "fp16", "cuda", None), ("default", "fp32", "cpu", "default"),
+    ("reduce-overhead", "fp16", "cuda", "reduce-overhead"),
+])
+def test_auto_compiles_fp16_on_a_gpu_only(setting: str, precision: str, device: str, expected: str | None) -> None:
+    from worker.engines import compile_mode
+
+    assert compile_mode(setting, precision, torch.device(device)) == expected
+
+
+def test_a_mixed_precision_engine_is_gated_at_load_and_a_refusal_ends_the_worker_for_good(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on the CPU is a mixed mode: the engine is checked against fp32 eager before it is kept. A refusal
+    is EngineRefusedError, whose exit code (78) tells the launcher not to restart the worker."""
+    from segq.errors import EngineRefusedError
+    from segq.modelspec import load_model_spec
+    from tests.helpers import write_model
+    from worker import runtime
+    from worker.engines import gate
+
+    toml = write_model(tmp_path / "m", "UNet", roi=32, feature_size=4, sw_batch_size=4)
+    spec = load_model_spec(toml)
+    model, sha = spec.to_dict(), spec.checksum()
+    settings = Settings(backend="torch", precision="bf16", device="cpu", broker_url="redis://127.0.0.1:1/0")
+    calls: list[str] = []
+    real = gate.check_accuracy
+
+    def counted(candidate: object, reference: object, *args: object, **kwargs: object) -> object:
+        calls.append(f"{candidate.precision} vs {reference.precision}")  # type: ignore[attr-defined]
+        return real(candidate, reference, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gate, "check_accuracy", counted)
+    runtime.clear()
+    try:
+        runtime.engine_for(model, sha, settings)
+        assert calls == ["bf16 vs fp32"]
+        runtime.engine_for(model, sha, Settings(backend="torch", precision="fp32", device="cpu"))
+        assert calls == ["bf16 vs fp32"], "fp32 eager is the reference itself: no gate"
+        runtime.clear()
+        with pytest.raises(EngineRefusedError, match="accuracy gate refused the torch bf16 engine"):
+            runtime.engine_for(model, sha, settings.model_copy(update={"gate_min_dice": 1.01}))
+    finally:
+        runtime.clear()
+    from segq.names import EXIT_CONFIG
+    from worker.steps import Outcome, outcome
+
+    assert outcome(EngineRefusedError("x")) is Outcome.EXIT and EXIT_CONFIG == 78

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from segq.errors import EngineError
+from segq.errors import EngineRefusedError
 from segq.modelspec import ModelSpec
 from segq.tiling import Slab, importance_map, pad_volume, plan_windows, weight_sum
 from worker.engines.base import Engine
@@ -78,14 +78,15 @@ def volume_probability(engine: Engine, volume: np.ndarray, spec: ModelSpec) -> n
 
 def check_accuracy(candidate: Engine, reference: Engine, spec: ModelSpec, volume: np.ndarray,
                    min_dice: float = 0.99) -> GateResult:
-    """Dice of ``candidate``'s mask against ``reference``'s; EngineError with the figure below ``min_dice``."""
+    """Dice of ``candidate``'s mask against ``reference``'s; EngineRefusedError with the figure below ``min_dice``."""
     ref_mask = volume_probability(reference, volume, spec) >= 0.5
     cand_mask = volume_probability(candidate, volume, spec) >= 0.5
     result = compare_masks(ref_mask, cand_mask)
     logger.info("accuracy gate: Dice %.5f, voxel agreement %.5f (%s %s vs %s %s)", result.dice, result.agreement,
                 candidate.backend, candidate.precision, reference.backend, reference.precision)
     if result.dice < min_dice:
-        raise EngineError(f"accuracy gate refused the {candidate.backend} {candidate.precision} engine: Dice "
-                          f"{result.dice:.4f} against the fp32 PyTorch mask (need >= {min_dice}); voxel agreement "
-                          f"{result.agreement:.4%}. Build in fp32, or check the ONNX export")
+        raise EngineRefusedError(
+            f"accuracy gate refused the {candidate.backend} {candidate.precision} engine: Dice {result.dice:.4f} "
+            f"against the fp32 PyTorch mask (need >= {min_dice}); voxel agreement {result.agreement:.4%}. "
+            f"{EngineRefusedError.HINT}")
     return result
