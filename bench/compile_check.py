@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from monai.networks.nets.swin_unetr import compute_mask, get_window_size
 
-from bench.attention_check import roi_batch
 from bench.common import emit
+from bench.gpu_engines import synthetic_volume
 from segq.modelspec import ModelSpec
+from segq.tiling import pad_volume, plan_windows
 from worker.engines.model import build_network
 from worker.engines.torch_engine import use_fused_attention
 
@@ -58,6 +59,15 @@ def inductor_settings(settings: dict[str, Any]) -> Iterator[None]:
 
     with config.patch(settings) if settings else contextlib.nullcontext():
         yield
+
+
+def roi_batch(spec: ModelSpec, batch: int, device: torch.device) -> torch.Tensor:
+    """The first ``batch`` windows of the BraTS-size synthetic volume, as one batch on ``device``."""
+    volume = synthetic_volume((240, 240, 155))
+    plan = plan_windows(volume.shape[1:], spec.roi, 0.5, spec.mode)
+    padded = torch.from_numpy(pad_volume(volume, plan))
+    rois = [padded[:, x:x + spec.roi[0], y:y + spec.roi[1], z:z + spec.roi[2]] for x, y, z in plan.starts[:batch]]
+    return torch.stack(rois).to(device)
 
 
 def compiled_run(module: torch.nn.Module, args: tuple[Any, ...], variant: str) -> tuple[Any, float]:
