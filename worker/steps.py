@@ -38,7 +38,15 @@ from celery.exceptions import Reject
 
 from segq import records, scheduler, storage
 from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
-from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN
+from segq.names import (
+    DELIVERIES_KEY,
+    EXIT_CONFIG,
+    EXIT_ENGINE_BROKEN,
+    FINISH_QUEUE,
+    GPU_QUEUE,
+    PREPARE_QUEUE,
+    consumed_queues,
+)
 from segq.settings import get_settings
 
 logger = logging.getLogger("segq.steps")
@@ -66,7 +74,9 @@ POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
 # What a CUDA context that can no longer run anything raises (an illegal access, a device-side assert, a
 # failed library handle): every later call fails too, so the process must go, not the job.
 DEVICE_BROKEN = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert")
-EXIT_DELAY_SECONDS = 0.5  # time for the worker to hand the message back before the process ends
+# Time for the worker to hand the message back and stop consuming before the process ends: longer than kombu's
+# Redis BRPOP timeout (1 s), so a message popped meanwhile is recorded as unacked (and comes back) rather than lost.
+EXIT_DELAY_SECONDS = 2.0
 
 
 @dataclass
@@ -202,9 +212,29 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
             logger.critical("engine broken, ending this worker process so a fresh one takes over: %s: %s",
                             step.what, describe(exc))
         code = EXIT_CONFIG if isinstance(exc, EngineRefusedError) else EXIT_ENGINE_BROKEN
+        stop_consuming(task)
         threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
     _fail(step, f"{step.what}: {describe(exc)}")
+
+
+def stop_consuming(task: Task) -> None:
+    """Ask this worker to stop taking messages from every segq queue before its process ends (a threads or
+    solo pool, where the task runs in the consumer's own process, as the launcher's device workers do).
+
+    Without it the dying worker keeps fetching and handing back messages until the exit, and the exit can
+    land between kombu's BRPOP and its unacked record, which loses that message (docs/RELIABILITY.md, 25
+    and 26). The request goes through the broker to this worker's own consumer thread."""
+    from billiard.process import current_process
+
+    hostname = task.request.hostname
+    if not hostname or current_process().name != "MainProcess":
+        return  # a prefork pool child: its parent, the consumer, lives on and starts a new child
+    try:
+        for queue in consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE):
+            task.app.control.cancel_consumer(queue, destination=[hostname])
+    except Exception:  # the broker away: the exit still happens; the delivery count bounds any loop
+        logger.exception("could not stop consuming before the exit")
 
 
 def _fail(step: Step, reason: str) -> None:
