@@ -4,6 +4,7 @@ reference, and workers whose backend cannot load failing their start with one li
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,40 @@ def test_a_worker_whose_backend_cannot_load_fails_its_start(fresh_stack: Stack, 
     log = str(info.value)
     assert line in log and "Traceback" not in log
     assert " ready." not in log
+
+
+def test_warm_engine_builds_and_gates_the_workers_engine_once(fresh_stack: Stack, unet_model: Path) -> None:
+    """`segq warm-engine` builds the engine the workers' settings name and runs its accuracy gate (bf16 on the
+    CPU is a mixed mode, so it is gated against fp32 eager); a compiled engine's cache would be left behind."""
+    env = {**fresh_stack.env, "SEGQ_PRECISION": "bf16", "SEGQ_DEVICE": "cpu"}
+    done = segq("warm-engine", "-m", str(unet_model), env=env)
+    assert "torch bf16 engine on cpu: ready in" in done.stdout
+    assert "accuracy gate passed: Dice" in done.stderr
+    missing = segq("warm-engine", "-m", str(unet_model.parent / "absent.toml"), env=env, check=False)
+    assert missing.returncode != 0 and "absent.toml" in missing.stderr + missing.stdout
+
+
+def test_a_worker_building_an_engine_is_listed_for_watch(fresh_stack: Stack) -> None:
+    """While an engine builds (a first torch.compile: minutes) its worker is listed in Redis; watch prints a
+    line for it; the listing goes when the build ends, whether it succeeded or not."""
+    from producer.watch import engines_loading, loading_lines
+    from segq.scheduler import loading
+    from segq.settings import Settings
+    from tests.helpers import environment
+
+    with environment(fresh_stack.env):
+        settings = Settings()
+        with loading("gpu0@host", "torch fp16, torch.compile default", settings):
+            listed = engines_loading(time.time() + 90)
+        assert engines_loading(time.time()) == {}
+        with pytest.raises(RuntimeError), loading("gpu1@host", "torch fp16", settings):
+            raise RuntimeError("compile failed")
+        assert engines_loading(time.time()) == {}
+    assert list(listed) == ["gpu0@host"] and listed["gpu0@host"][0] == "torch fp16, torch.compile default"
+    assert 89 <= listed["gpu0@host"][1] <= 120
+    from producer.watch import Snapshot
+
+    snap = Snapshot(total=0, counts={}, subtasks_done=0, subtasks_total=0, windows_done=0, windows_remaining=None,
+                    windows_per_second=0.0, volumes_per_hour=0.0, eta_seconds=None, loading=listed)
+    line = loading_lines(snap)[0]
+    assert line.startswith("gpu0@host: building the torch fp16, torch.compile default engine for 1m")
