@@ -180,6 +180,21 @@ def requeue_if(job_id: str, attempt: int) -> int | None:
         return _new_attempt(job)
 
 
+def awaited_parts() -> list[tuple[str, int, list[int], int]]:
+    """(job, attempt, parts not done, parts) of each running job whose volume is prepared: the messages it waits
+    on are those parts' or, once every part is done, its merge's (segq.deadworkers.lost_messages)."""
+    with session_scope() as s:
+        jobs = {(job_id, attempt): int(subtasks or 0) for job_id, attempt, subtasks in s.execute(
+            select(Job.id, Job.attempt, Job.subtasks).where(Job.status == Status.RUNNING, Job.subtasks.is_not(None)))}
+        waiting: dict[tuple[str, int], list[int]] = {key: [] for key in jobs}
+        for job_id, attempt, slab in s.execute(
+                select(Subtask.job_id, Subtask.attempt, Subtask.slab)
+                .join(Job, (Job.id == Subtask.job_id) & (Job.attempt == Subtask.attempt))
+                .where(Job.status == Status.RUNNING, Subtask.status != Status.DONE)):
+            waiting.setdefault((job_id, attempt), []).append(int(slab))
+    return [(job_id, attempt, sorted(waiting[(job_id, attempt)]), n) for (job_id, attempt), n in jobs.items()]
+
+
 def orphaned_subtasks(alive: set[str]) -> list[tuple[str, int, str, str]]:
     """(job, attempt, worker, priority) of each running subtask of a running job whose worker is not ``alive``."""
     with session_scope() as s:

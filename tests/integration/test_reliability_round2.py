@@ -339,3 +339,32 @@ def test_work_of_a_worker_killed_whole_is_requeued_without_a_user(tmp_path: Path
         assert Status.RUNNING not in left, left
     figure("24 worker killed whole", f"job re-queued and done {recovered:.1f} s after the kill (pings every 3 s, "
            "two missed; visibility timeout 300 s)")
+
+
+def test_a_part_whose_message_was_lost_is_requeued(tmp_path: Path, unet_model: Path) -> None:
+    """Scenario 27: a part's message vanishes from Redis, as when a worker is killed between kombu's BRPOP and
+    its unacked record (scenario 25's note). The sweep finds the running job waiting on a message that is in
+    no queue and not delivered, twice in a row, and re-queues the job as a new attempt, which completes."""
+    from segq.deadworkers import _message_id
+    from segq.names import GPU_QUEUE, slab_task_id
+
+    with deployment(tmp_path, SEGQ_DEAD_WORKER_INTERVAL="2") as dep:
+        dep.worker("coord", queues="finish.high,finish,finish.low,coordinator.high,coordinator,coordinator.low")
+        scan = write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1)
+        dep.submit([scan], tmp_path / "out", unet_model)
+        client = dep.redis.client(0)
+        wait_for(lambda: client.llen(GPU_QUEUE) == 3, 60, "the volume's three parts to wait in the gpu queue")
+        with session_scope() as s:
+            job_id = s.scalars(select(Job.id)).one()
+        [raw] = [m for m in client.lrange(GPU_QUEUE, 0, -1) if _message_id(m) == slab_task_id(job_id, 0, 1)]
+        assert client.lrem(GPU_QUEUE, 1, raw) == 1  # the message of part 1 is lost
+        lost = time.monotonic()
+        wait_for(lambda: "re-queued as attempt 1" in dep.log(), 30, "the sweep to re-queue the job")
+        found = time.monotonic() - lost
+        assert f"the message of {slab_task_id(job_id, 0, 1)} is in no queue and not delivered" in dep.log()
+        dep.worker("w1")
+        [row] = dep.wait(120)
+        assert row.status == "done" and row.attempt == 1, row
+        assert_nothing_lost(dep, unet_model, done={"a.nii.gz"})
+    figure("27 a part's message lost", f"job re-queued {found:.1f} s after the message vanished (sweep every 2 s, "
+           "missing twice); attempt 1 done")
