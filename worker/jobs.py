@@ -90,15 +90,6 @@ def check_output(job: JobView, settings: Settings) -> None:
         storage.require_output_inside(Path(job.output_path), Path(job.out_dir), settings.allowed_root_paths)
 
 
-def c_order(volume: np.ndarray) -> np.ndarray:
-    """A C-ordered copy of a (Fortran-ordered) NIfTI array, by torch's multithreaded copy (2-3x numpy's)."""
-    if volume.flags.c_contiguous:
-        return volume
-    import torch
-
-    return torch.from_numpy(np.asarray(volume)).contiguous().numpy()
-
-
 def f_order(array: np.ndarray) -> np.ndarray:
     """A Fortran-ordered copy, NIfTI's order on disk, by torch's multithreaded copy.
 
