@@ -63,9 +63,9 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
 def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
     """Refuse a reduced-precision or compiled engine whose masks disagree with fp32 eager PyTorch.
 
-    Run at worker start on the gate's synthetic reference volume, so a PyTorch or driver upgrade that
-    breaks the numerics of a mode is refused (EngineError, the worker exits) before it writes a mask. For
-    a compiled engine this is also where the compile happens.
+    Run when a worker loads the engine, on the gate's synthetic reference volume, so a PyTorch or driver
+    upgrade that breaks the numerics of a mode is refused (EngineRefusedError: the worker exits with 78 and is
+    not restarted) before it writes a mask. For a compiled engine this is also where the compile happens.
     """
     from segq import faults
     from worker.engines.gate import check_accuracy, reference_volume

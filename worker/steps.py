@@ -205,13 +205,11 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         return
     if result is Outcome.EXIT:
         _broken.set()
-        if isinstance(exc, EngineRefusedError):
-            logger.critical("engine refused, ending this worker process for good (exit code %d): %s: %s",
-                            EXIT_CONFIG, step.what, describe(exc))
-        else:
-            logger.critical("engine broken, ending this worker process so a fresh one takes over: %s: %s",
-                            step.what, describe(exc))
-        code = EXIT_CONFIG if isinstance(exc, EngineRefusedError) else EXIT_ENGINE_BROKEN
+        refused = isinstance(exc, EngineRefusedError)  # a new process would build the same engine
+        code = EXIT_CONFIG if refused else EXIT_ENGINE_BROKEN
+        logger.critical("engine %s, ending this worker process %s (exit code %d): %s: %s",
+                        "refused" if refused else "broken", "for good" if refused else "so a fresh one takes over",
+                        code, step.what, describe(exc))
         stop_consuming(task)
         threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
