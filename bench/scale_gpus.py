@@ -22,10 +22,13 @@ segq's own first arm. This process never initialises CUDA; only the workers and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -168,6 +171,16 @@ def engine_ready_seconds(log: Path) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(r"engine ready in ([0-9.]+) s", log.read_text(errors="replace"))]
 
 
+@contextlib.contextmanager
+def keep_log(log: Path, copy: Path) -> Iterator[None]:
+    """Copy the arm's worker log next to the results however the arm ends (a time limit included)."""
+    try:
+        yield
+    finally:
+        if log.exists():
+            shutil.copyfile(log, copy)
+
+
 def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: list[Path],
               inputs: list[Path], ct: list[Path], compile_mode: str) -> list[dict[str, Any]]:
     """The dataset and the CT latency on ``n`` GPUs, in one warm launcher."""
@@ -184,7 +197,8 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
     if args.coordinator_concurrency:
         worker_args += ["--coordinator-concurrency", str(args.coordinator_concurrency)]
     records = []
-    with launched(env, arm_root / "workers.log", worker_args, n + 1):
+    with keep_log(arm_root / "workers.log", args.out / f"workers-gpus{n}-{compile_mode}.log"), \
+            launched(env, arm_root / "workers.log", worker_args, n + 1):
         # Three full volumes a GPU: each worker thread loads the engine and autotunes cuDNN for the dataset's
         # batch shape (cuDNN's plans are per thread) before the clock starts, as the peer warms up on a volume.
         run_set(env, warmup[: 3 * n], arm_root / "warmup", model, "warmup", args.max_windows_per_subtask,
@@ -249,6 +263,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # `timeout` ends a run with SIGTERM: raise SystemExit instead, so the cleanups (worker logs kept, the
+    # launcher and redis-server stopped) run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_in_tempdir("segq-scale-", run, parse_args(argv), logger)
 
 
