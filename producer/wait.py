@@ -76,12 +76,12 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
 
                 display.update(render(snapshot(dataset_ids), title))
             else:
-                from producer.watch import engines_loading
+                from producer.watch import engines_loading, loading_line
 
-                for worker, (what, _seconds) in engines_loading(time.time()).items():
+                for worker, (what, seconds) in engines_loading(time.time()).items():
                     if worker not in loading_said:  # once: a log, not a display
                         loading_said.add(worker)
-                        say(f"{worker}: building the {what} engine (a first torch.compile takes minutes)")
+                        say(loading_line(worker, what, seconds))
             if states and len(reported) == len(states):
                 return _jobs([job_id for job_id, _ in states])
             if deadline is not None and time.monotonic() > deadline:

@@ -241,10 +241,14 @@ def snapshot(dataset_ids: Sequence[str], horizon: float = HORIZON_SECONDS) -> Sn
     return dataclasses.replace(snap, loading=engines_loading(now.timestamp()))
 
 
+def loading_line(worker: str, what: str, seconds: float) -> str:
+    """What a worker building its engine is doing: a first torch.compile keeps a GPU idle for minutes."""
+    return (f"{worker}: building the {what} engine for {format_seconds(seconds)} (a first torch.compile takes "
+            "minutes; later starts read inductor's cache)")
+
+
 def loading_lines(snap: Snapshot) -> list[str]:
-    """One line a worker that is building its engine: a first torch.compile keeps a GPU idle for minutes."""
-    return [f"{worker}: building the {what} engine for {format_seconds(seconds)} (a first torch.compile takes "
-            "minutes; later starts read inductor's cache)" for worker, (what, seconds) in sorted(snap.loading.items())]
+    return [loading_line(worker, what, seconds) for worker, (what, seconds) in sorted(snap.loading.items())]
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -13,20 +13,22 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
+from segq.settings import TorchCompile
 from worker.engines.model import TargetClassProbability, load_model
 from worker.engines.plans import Profile, chunk_batch
 
 logger = logging.getLogger("segq.engine.torch")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# The torch.compile modes by name: SEGQ_TORCH_COMPILE's values less its two switches.
+COMPILE_MODES = tuple(mode for mode in get_args(TorchCompile) if mode not in ("auto", "off"))
 
 
 def compile_options(mode: str | None) -> dict[str, str | int | bool | Callable[..., Any]]:
