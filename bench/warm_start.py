@@ -5,7 +5,7 @@ compile (or inductor's on-disk cache under SEGQ_ENGINE_DIR), and the accuracy ga
 For each ``--torch-compile`` mode the engine directory starts empty, so the first start is the cold one (what
 `segq warm-engine` pays once per machine) and the later ones are what every worker start then costs.
 
-    python -m bench.warm_start --torch-compile off,auto --starts 3 --out "$OUT"
+    python -m bench.warm_start --torch-compile off,default,aot --starts 3 --out "$OUT"
 
 JSON lines go to <out>/warm_start.jsonl: each start's process wall time and the engine's own "ready in" time.
 """
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace, root: Path) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = network_model(args, root)
     for mode in args.torch_compile:
-        engines = root / f"engines-{mode}"  # empty: the first start is this machine's first
+        engines = (args.engine_dir or root) / f"engines-{mode}"  # empty: the first start is this machine's first
+        if engines.exists() and any(engines.iterdir()):
+            raise SystemExit(f"{engines} is not empty: the first start would not be a cold one")
         for number in range(args.starts):
             figures = start(model, mode, engines, args.precision, args.out / f"warm-start-{mode}-{number}.log")
             record = {"bench": "warm_start", "arch": args.arch, "feature_size": args.feature_size, "roi": args.roi,
@@ -69,6 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="SEGQ_TORCH_COMPILE values, comma-separated; each gets an empty engine directory.")
     parser.add_argument("--starts", type=int, default=3, help="Starts per mode; the first is the cold one.")
     parser.add_argument("--model", type=Path, default=None, help="A model.toml to use instead of a random network.")
+    parser.add_argument("--engine-dir", type=Path, default=None,
+                        help="Keep each mode's engine directory here (engines-<mode>), e.g. for bench.engine_alone "
+                             "after; default: a temporary directory.")
     parser.add_argument("--out", type=Path, required=True, help="Directory for warm_start.jsonl and the start logs.")
     return parser.parse_args(argv)
 

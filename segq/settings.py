@@ -20,7 +20,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 # auto: torch.compile an fp16 network on a GPU (measured in process at 1.41-1.48x the tuned MONAI loop,
 # docs/BENCHMARKS.md), eager otherwise; off (the default until the queue with a compiled engine is measured on a
 # GPU); or a torch.compile mode by name (worker/engines/torch_engine.compile_options).
-TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot"]
 
 
 def _default_data_dir() -> Path:

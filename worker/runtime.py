@@ -52,7 +52,8 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
             started = time.perf_counter()
             slow = mode is not None or settings.backend != "torch"  # a compile, an ONNX export or a TensorRT build
             with loading(worker if slow else None, what, settings):
-                engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings)
+                engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings,
+                                       model_sha256)
                 if settings.backend == "torch" and (mode or settings.precision != "fp32"):
                     gate(engine, spec, settings)
             logger.info("engine ready in %.1f s", time.perf_counter() - started)
@@ -65,18 +66,27 @@ def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
 
     Run when a worker loads the engine, on the gate's synthetic reference volume, so a PyTorch or driver
     upgrade that breaks the numerics of a mode is refused (EngineRefusedError: the worker exits with 78 and is
-    not restarted) before it writes a mask. For a compiled engine this is also where the compile happens.
+    not restarted) before it writes a mask. For a compiled engine this is also where the compile happens. An AOT
+    package keeps its verdict (its name holds the model, GPU architecture and PyTorch build), so only its first
+    load runs the gate.
     """
     from segq import faults
     from worker.engines.gate import check_accuracy, reference_volume
     from worker.engines.torch_engine import TorchEngine
 
     faults.point("in_gate", precision=engine.precision)
+    recorded = getattr(engine, "accuracy", None)
+    if recorded is not None and recorded["dice"] >= settings.gate_min_dice:  # an AOT package gated when it was built for this model, GPU and PyTorch
+        logger.info("accuracy gate passed when the package was built: Dice %.5f, voxel agreement %.4f%% against "
+                    "fp32 eager", recorded["dice"], 100 * recorded["agreement"])
+        return
     reference = TorchEngine(spec, engine.device, "fp32")
     result = check_accuracy(engine, reference, spec, reference_volume(spec), settings.gate_min_dice)
     del reference
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()
+    if isinstance(engine, TorchEngine):
+        engine.record_accuracy(result.as_dict())
     logger.info("accuracy gate passed: Dice %.5f, voxel agreement %.4f%% against fp32 eager", result.dice,
                 100 * result.agreement)
 

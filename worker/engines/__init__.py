@@ -48,7 +48,7 @@ def create_engine(spec: ModelSpec, backend: str, precision: str, device: torch.d
         from worker.engines.torch_engine import TorchEngine
 
         return TorchEngine(spec, device, precision, compile=compile_mode is not None, compile_mode=compile_mode,
-                           cache_dir=(settings or get_settings()).engine_root / "inductor")
+                           engine_root=(settings or get_settings()).engine_root, model_sha256=model_sha256)
     settings = settings or get_settings()
     if backend == "onnxruntime":
         from worker.engines.cache import ensure_onnx

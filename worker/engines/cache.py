@@ -44,7 +44,7 @@ def onnx_file(root: Path, model_sha256: str, precision: str) -> Path:
     return model_dir(root, model_sha256) / f"model-{precision}.onnx"
 
 
-def _lock(path: Path) -> FileLock:
+def build_lock(path: Path) -> FileLock:
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT)
 
@@ -69,7 +69,7 @@ def ensure_onnx(spec: ModelSpec, precision: str, root: Path, model_sha256: str |
     from worker.engines.onnx_export import export_onnx
 
     try:
-        with _lock(path):
+        with build_lock(path):
             if not _onnx_fits(path, model_sha256, precision):  # another worker may have exported it meanwhile
                 logger.info("exporting %s ONNX for model %s to %s", precision, model_sha256[:12], path)
                 export_onnx(spec, path, precision)
@@ -137,7 +137,7 @@ def ensure_plan(spec: ModelSpec, precision: str, settings: Settings, device: tor
     onnx = ensure_onnx(spec, onnx_precision_for(precision, hasattr(trt.BuilderFlag, "FP16")), settings.engine_root,
                        model_sha256, settings.engine_build)
     try:
-        with _lock(plan):
+        with build_lock(plan):
             try:
                 return plan, check_plan(plan, target)  # built by another worker while we waited
             except PlanRefusedError:

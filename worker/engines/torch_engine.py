@@ -1,4 +1,4 @@
-"""PyTorch engine: the wrapped MONAI network in fp32, fp16 or bf16, optionally torch.compile'd.
+"""PyTorch engine: the wrapped MONAI network in fp32, fp16 or bf16, optionally torch.compile'd or AOT-compiled.
 
 On a GPU two switches make the same arithmetic faster without touching the weights: MONAI's fused
 window attention (``scaled_dot_product_attention`` instead of materialising every 343x343 attention
@@ -21,6 +21,7 @@ from torch import nn
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
 from segq.settings import TorchCompile
+from worker.engines import aot
 from worker.engines.model import TargetClassProbability, load_model
 from worker.engines.plans import Profile, chunk_batch
 
@@ -69,36 +70,66 @@ class TorchEngine:
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", compile: bool = False,
                  fused_attention: bool | None = None, cudnn_benchmark: bool | None = None,
                  channels_last: bool = False, model: TargetClassProbability | None = None,
-                 compile_mode: str | None = None, cache_dir: Path | None = None) -> None:
+                 compile_mode: str | None = None, engine_root: Path | None = None,
+                 model_sha256: str | None = None) -> None:
         if precision not in DTYPES:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
             raise EngineError("fp16 needs a CUDA device; on a CPU worker set SEGQ_PRECISION=fp32 or bf16")
+        if compile_mode == "aot" and engine_root is None:
+            raise EngineError("torch.compile mode 'aot' keeps its package in the engine directory: pass engine_root")
         on_gpu = device.type == "cuda"
         self.precision = precision
         self.device = device
         self.dtype = DTYPES[precision]
         self.channels_last = channels_last and on_gpu
-        wrapped = model if model is not None else load_model(spec)
-        wrapped.network.to(device=device, dtype=self.dtype)
-        if self.channels_last:
-            wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        if fused_attention if fused_attention is not None else on_gpu:
-            use_fused_attention(wrapped)
         if on_gpu and (cudnn_benchmark if cudnn_benchmark is not None else True):
             torch.backends.cudnn.benchmark = True
-        self.model: nn.Module = wrapped
+
+        def network() -> TargetClassProbability:
+            wrapped = model if model is not None else load_model(spec)
+            wrapped.network.to(device=device, dtype=self.dtype)
+            if self.channels_last:
+                wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+            if fused_attention if fused_attention is not None else on_gpu:
+                use_fused_attention(wrapped)
+            return wrapped
+
         # A compiled graph is specialised to one batch size: batches are padded or split to
         # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
         self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
         self.reuses_output = compile and compile_mode == "reduce-overhead"
+        # The AOT package, and the accuracy gate's verdict recorded with it (runtime.gate skips a recorded pass).
+        self.package: Path | None = None
+        self.accuracy: dict[str, Any] | None = None
+        if compile and compile_mode == "aot":
+            assert engine_root is not None
+            sha = model_sha256 or spec.checksum()
+            self.package = aot.package_path(engine_root, sha, precision, spec.sw_batch_size, device)
+            example = torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=self.dtype)
+            runner, meta = aot.ensure(self.package, sha, precision, spec.sw_batch_size, device, network, example,
+                                      compile_options("aot"))
+            self.model: Callable[[torch.Tensor], torch.Tensor] = runner
+            self.accuracy = meta.accuracy
+            return
+        self.model = network()
         if compile:
-            if cache_dir is not None:  # inductor's on-disk cache: compile once per machine, not per worker start
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+            if engine_root is not None:  # inductor's on-disk cache: kernels compiled once per machine
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(engine_root / "inductor"))
             logger.info("compiling the network with torch.compile (%s) on first use: minutes for SwinUNETR the "
-                        "first time on this machine, seconds from inductor's cache after", compile_mode or "default")
-            self.model = torch.compile(wrapped, dynamic=False,  # type: ignore[assignment]
+                        "first time on this machine, a minute and more from inductor's cache after (the 'aot' mode "
+                        "loads in seconds)", compile_mode or "default")
+            self.model = torch.compile(self.model, dynamic=False,  # type: ignore[assignment]
                                        options=compile_options(compile_mode))
+
+    def record_accuracy(self, result: dict[str, Any]) -> None:
+        """Keep a passed gate's verdict with the AOT package, so later starts load it without the gate."""
+        if self.package is None:
+            return
+        meta = aot.AotMeta.read(self.package)
+        if meta is not None:
+            meta.accuracy = result
+            meta.write(self.package)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
