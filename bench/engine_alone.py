@@ -27,8 +27,7 @@ def main(model_toml: Path, shape: tuple[int, int, int], overlap: float, precisio
     from worker.engines.torch_engine import TorchEngine
 
     spec = load_model_spec(model_toml).with_overrides(overlap=overlap)
-    engine = TorchEngine(spec, torch.device("cuda:0"), precision, compile=compile_mode is not None,
-                         compile_mode=compile_mode, engine_root=get_settings().engine_root)
+    engine = TorchEngine(spec, torch.device("cuda:0"), precision, compile_mode, engine_root=get_settings().engine_root)
     volume = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     plan = plan_windows(shape, spec.roi, spec.overlap, spec.mode)
     padded = pad_volume(volume, plan)

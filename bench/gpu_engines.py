@@ -202,10 +202,10 @@ def make_engine(spec: ModelSpec, network: torch.nn.Module, device: torch.device,
 
     wrapped = TargetClassProbability(copy.deepcopy(network), spec.target_class, spec.out_channels).eval()
     spec = spec.with_overrides(sw_batch_size=arm["batch"])  # a compiled engine's one batch size
-    return TorchEngine(spec, device, arm["precision"], compile=bool(arm.get("compile")),
-                       fused_attention=arm.get("fused_attention"), cudnn_benchmark=arm.get("cudnn_benchmark"),
-                       channels_last=bool(arm.get("channels_last")), model=wrapped,
-                       compile_mode=arm.get("compile_mode"))
+    mode = arm.get("compile_mode", "default") if arm.get("compile") else None
+    return TorchEngine(spec, device, arm["precision"], mode, fused_attention=arm.get("fused_attention"),
+                       cudnn_benchmark=arm.get("cudnn_benchmark"), channels_last=bool(arm.get("channels_last")),
+                       model=wrapped)
 
 
 def prepare(name: str, volumes: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:

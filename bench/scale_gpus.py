@@ -250,7 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lookahead", type=int, default=3)
     parser.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--torch-compile", default="off", type=lambda text: text.split(","),
+    parser.add_argument("--torch-compile", default="auto", type=lambda text: text.split(","),
                         help="SEGQ_TORCH_COMPILE for the segq arms; several, comma-separated, run one after another "
                              "(e.g. off,default: the queue's gain from compiling, in one run).")
     parser.add_argument("--coordinator-concurrency", type=int, default=None,

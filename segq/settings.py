@@ -17,9 +17,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "simulate"]
 Precision = Literal["fp32", "fp16", "bf16"]
-# auto: torch.compile an fp16 network on a GPU (measured in process at 1.41-1.48x the tuned MONAI loop,
-# docs/BENCHMARKS.md), eager otherwise; off (the default until the queue with a compiled engine is measured on a
-# GPU); or a torch.compile mode by name (worker/engines/torch_engine.compile_options).
+# auto (the default): torch.compile an fp16 network on a GPU (1.41-1.48x the tuned MONAI loop in process, 1.37x
+# segq's eager fp16 through the queue on an H200: docs/BENCHMARKS.md), eager otherwise; off; a torch.compile mode
+# by name (worker/engines/torch_engine.compile_options); or aot, an AOTInductor package (worker/engines/aot.py).
 TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot"]
 
 
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     simulate_devices: int = Field(default=1, ge=1)
     precision: Precision = "fp32"
     device: str = "auto"
-    torch_compile: TorchCompile = "off"
+    torch_compile: TorchCompile = "auto"
     # Inference engines (worker/engines): ONNX files and TensorRT plans are cached per model under
     # engine_dir (default <storage>/engines), so every worker on a machine loads what one built.
     engine_dir: Path | None = None

@@ -76,7 +76,8 @@ def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
 
     faults.point("in_gate", precision=engine.precision)
     recorded = getattr(engine, "accuracy", None)
-    if recorded is not None and recorded["dice"] >= settings.gate_min_dice:  # an AOT package gated when it was built for this model, GPU and PyTorch
+    # An AOT package passed the gate when it was built for this model, GPU and PyTorch (its name says so).
+    if recorded is not None and recorded["dice"] >= settings.gate_min_dice:
         logger.info("accuracy gate passed when the package was built: Dice %.5f, voxel agreement %.4f%% against "
                     "fp32 eager", recorded["dice"], 100 * recorded["agreement"])
         return

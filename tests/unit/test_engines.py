@@ -208,7 +208,7 @@ def test_compiled_torch_engine_pads_and_splits_to_its_one_batch_size(n: int, mon
         return run  # type: ignore[return-value]
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    engine = TorchEngine(spec, torch.device("cpu"), "fp32", compile=True, model=model)
+    engine = TorchEngine(spec, torch.device("cpu"), "fp32", "default", model=model)
     x = torch.randn(n, 1, 16, 16, 16)
     out = engine(x)
     assert out.shape == (n, 1, 16, 16, 16) and out.dtype == torch.float32

@@ -47,7 +47,7 @@ def create_engine(spec: ModelSpec, backend: str, precision: str, device: torch.d
     if backend == "torch":
         from worker.engines.torch_engine import TorchEngine
 
-        return TorchEngine(spec, device, precision, compile=compile_mode is not None, compile_mode=compile_mode,
+        return TorchEngine(spec, device, precision, compile_mode,
                            engine_root=(settings or get_settings()).engine_root, model_sha256=model_sha256)
     settings = settings or get_settings()
     if backend == "onnxruntime":

@@ -20,6 +20,9 @@ import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +33,7 @@ import torch
 from filelock import Timeout
 from torch import nn
 
-from segq.errors import EngineError
+from segq.errors import EngineError, EngineRefusedError
 from worker.engines.cache import LOCK_TIMEOUT, build_lock, model_dir
 
 logger = logging.getLogger("segq.engine.aot")
@@ -47,6 +50,9 @@ class AotMeta:
     torch_version: str
     build_seconds: float
     accuracy: dict[str, Any] | None = field(default=None)
+    # Whether a separate process loaded and ran the package (None: not tried yet); why it could not.
+    loads: bool | None = field(default=None)
+    load_error: str | None = field(default=None)
 
     @classmethod
     def read(cls, path: Path) -> AotMeta | None:
@@ -100,23 +106,65 @@ def load(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return runner
 
 
+# Run by `probe` in a process of its own: load the package and run it once on zeros of the example's shape.
+PROBE = """
+import sys, torch
+path, device, dtype, *shape = sys.argv[1:]
+runner = torch._inductor.aoti_load_package(path)
+runner(torch.zeros([int(n) for n in shape], device=device, dtype=getattr(torch, dtype)))
+"""
+PROBE_TIMEOUT = 600
+
+
+def probe(path: Path, example: torch.Tensor) -> str | None:
+    """Load and run the package in a child process first: None when it worked, else what went wrong.
+
+    A package that does not load can crash its process outright: PyTorch 2.11+cu130 on an H200 died with
+    SIGSEGV inside its package loader for every package, a tiny UNet's included
+    (bench/results/aot_load_check_h200.jsonl). In the worker that would be a crash on every start instead
+    of an error that says what to do.
+    """
+    argv = [sys.executable, "-c", PROBE, str(path), str(example.device), str(example.dtype).removeprefix("torch."),
+            *map(str, example.shape)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"loading it took over {PROBE_TIMEOUT} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"the process that loaded it died of {signal.Signals(-done.returncode).name}"
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return f"loading it failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+
+
 def ensure(path: Path, model_sha256: str, precision: str, batch: int, device: torch.device,
            network: Callable[[], nn.Module], example: torch.Tensor,
            options: dict[str, Any]) -> tuple[Callable[[torch.Tensor], torch.Tensor], AotMeta]:
     """The package at ``path`` loaded, built first (once, under a lock other workers wait on) when missing.
 
-    ``network`` builds the eager network; it is called only when the package has to be built.
+    ``network`` builds the eager network; it is called only when the package has to be built. A new package
+    is first loaded in a child process (``probe``); one that failed there is refused (EngineRefusedError: the
+    worker exits 78 and is not restarted) instead of being loaded here.
     """
     meta = fits(path, model_sha256, precision, batch, device)
-    if meta is None:
+    if meta is None or meta.loads is None:
         try:
             with build_lock(path):
                 meta = fits(path, model_sha256, precision, batch, device)  # another worker may have built it
                 if meta is None:
                     meta = _build(path, model_sha256, precision, batch, device, network(), example, options)
+                if meta.loads is None:  # once per package: its sidecar keeps the answer
+                    meta.load_error = probe(path, example)
+                    meta.loads = meta.load_error is None
+                    meta.write(path)
         except Timeout as exc:
             raise EngineError(f"waited {LOCK_TIMEOUT} s for the lock on {path}; remove {path}.lock if no "
                               "worker is building") from exc
+    if not meta.loads:
+        raise EngineRefusedError(f"the AOTInductor package {path} cannot be used with PyTorch {torch.__version__} on "
+                                 f"this machine: {meta.load_error}. Set SEGQ_TORCH_COMPILE=default (torch.compile) "
+                                 "or off (eager) instead")
     started = time.perf_counter()
     runner = load(path)
     logger.info("loaded the AOTInductor package %s in %.1f s", path.name, time.perf_counter() - started)

@@ -67,11 +67,13 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
 class TorchEngine:
     backend = "torch"
 
-    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32", compile: bool = False,
-                 fused_attention: bool | None = None, cudnn_benchmark: bool | None = None,
-                 channels_last: bool = False, model: TargetClassProbability | None = None,
-                 compile_mode: str | None = None, engine_root: Path | None = None,
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str = "fp32",
+                 compile_mode: str | None = None, fused_attention: bool | None = None,
+                 cudnn_benchmark: bool | None = None, channels_last: bool = False,
+                 model: TargetClassProbability | None = None, engine_root: Path | None = None,
                  model_sha256: str | None = None) -> None:
+        """``compile_mode``: None runs eager; a SEGQ_TORCH_COMPILE mode name compiles (``aot``: an AOTInductor
+        package under ``engine_root``, which torch.compile's modes use for inductor's cache)."""
         if precision not in DTYPES:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
@@ -97,12 +99,14 @@ class TorchEngine:
 
         # A compiled graph is specialised to one batch size: batches are padded or split to
         # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
-        self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compile else None
-        self.reuses_output = compile and compile_mode == "reduce-overhead"
+        self.compile_mode = compile_mode
+        compiled = compile_mode is not None
+        self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compiled else None
+        self.reuses_output = compile_mode == "reduce-overhead"
         # The AOT package, and the accuracy gate's verdict recorded with it (runtime.gate skips a recorded pass).
         self.package: Path | None = None
         self.accuracy: dict[str, Any] | None = None
-        if compile and compile_mode == "aot":
+        if compile_mode == "aot":
             assert engine_root is not None
             sha = model_sha256 or spec.checksum()
             self.package = aot.package_path(engine_root, sha, precision, spec.sw_batch_size, device)
@@ -113,13 +117,13 @@ class TorchEngine:
             self.accuracy = meta.accuracy
             return
         self.model = network()
-        if compile:
+        if compiled:
             if engine_root is not None:  # inductor's on-disk cache: kernels compiled once per machine
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(engine_root / "inductor"))
             logger.info("compiling the network with torch.compile (%s) on first use: minutes for SwinUNETR the "
                         "first time on this machine, a minute and more from inductor's cache after (the 'aot' mode "
-                        "loads in seconds)", compile_mode or "default")
-            self.model = torch.compile(self.model, dynamic=False,  # type: ignore[assignment]
+                        "loads in seconds)", compile_mode)
+            self.model = torch.compile(self.model, dynamic=False,
                                        options=compile_options(compile_mode))
 
     def record_accuracy(self, result: dict[str, Any]) -> None:
