@@ -47,16 +47,20 @@ def start(model: Path, mode: str, engines: Path, precision: str, log: Path) -> d
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
+    from segq.modelspec import load_model_spec
+
     args.out.mkdir(parents=True, exist_ok=True)
     model = network_model(args, root)
+    spec = load_model_spec(model)  # --model's network, or the one built from the options
     for mode in args.torch_compile:
         engines = (args.engine_dir or root) / f"engines-{mode}"  # empty: the first start is this machine's first
         if engines.exists() and any(engines.iterdir()):
             raise SystemExit(f"{engines} is not empty: the first start would not be a cold one")
         for number in range(args.starts):
             figures = start(model, mode, engines, args.precision, args.out / f"warm-start-{mode}-{number}.log")
-            record = {"bench": "warm_start", "arch": args.arch, "feature_size": args.feature_size, "roi": args.roi,
-                      "sw_batch_size": args.sw_batch_size, "precision": args.precision, "torch_compile": mode,
+            record = {"bench": "warm_start", "arch": spec.arch, "feature_size": spec.feature_size,
+                      "roi": spec.roi_size, "sw_batch_size": spec.sw_batch_size, "precision": args.precision,
+                      "torch_compile": mode,
                       "start": number, "cache": "cold" if number == 0 else "warm", **figures}
             emit(record, args.out / "warm_start.jsonl")
             print(f"{mode:>6} start {number} ({record['cache']}): process {figures['process_seconds']:6.1f} s, "
