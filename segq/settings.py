@@ -19,8 +19,10 @@ Backend = Literal["torch", "onnxruntime", "tensorrt", "simulate"]
 Precision = Literal["fp32", "fp16", "bf16"]
 # auto (the default): torch.compile an fp16 network on a GPU (1.41-1.48x the tuned MONAI loop in process, 1.37x
 # segq's eager fp16 through the queue on an H200: docs/BENCHMARKS.md), eager otherwise; off; a torch.compile mode
-# by name (worker/engines/torch_engine.compile_options); or aot, an AOTInductor package (worker/engines/aot.py).
-TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot"]
+# by name (worker/engines/torch_engine.compile_options); aot, an AOTInductor package; or precompile, torch.compile
+# with dynamo's result saved too (both in worker/engines/aot.py).
+TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot",
+                       "precompile"]
 
 
 def _default_data_dir() -> Path:

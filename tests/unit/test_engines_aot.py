@@ -1,5 +1,6 @@
-"""SEGQ_TORCH_COMPILE=aot: an AOTInductor package built once, probed in a child process, loaded by later
-starts without the eager network or the gate, and refused with a way out when it does not load."""
+"""SEGQ_TORCH_COMPILE=aot and precompile: a compiled network saved once, probed in a child process, loaded by
+later starts without compiling (aot: without even the eager network) or the gate, and refused with a way out
+when it does not load."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ from worker.engines.torch_engine import TorchEngine
 CPU = torch.device("cpu")
 
 
-def test_a_package_is_built_once_gated_once_and_loaded_after(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("kind", ["aot", "precompile"])
+def test_a_package_is_built_once_gated_once_and_loaded_after(kind: str, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real path on the CPU: export, inductor's C++ build, the probe in a child process, the gate against
-    fp32 eager; the second start loads the package (no eager network is built) and keeps the recorded verdict."""
+    """The real path on the CPU: the compile (inductor's C++ build), the probe in a child process, the gate
+    against fp32 eager; the second start loads the file without compiling (an AOT package without building the
+    eager network either) and keeps the recorded verdict."""
     toml = write_model(tmp_path / "m", "UNet", roi=32, feature_size=4, sw_batch_size=2)
     spec = load_model_spec(toml)
     model, sha = spec.to_dict(), spec.checksum()
-    settings = Settings(backend="torch", precision="fp32", device="cpu", torch_compile="aot",
+    settings = Settings(backend="torch", precision="fp32", device="cpu", torch_compile=kind,
                         engine_dir=tmp_path / "engines")
     runtime.clear()
     try:
@@ -38,14 +42,16 @@ def test_a_package_is_built_once_gated_once_and_loaded_after(tmp_path: Path, cap
         meta = aot.AotMeta.read(first.package)
         assert meta is not None and meta.loads is True and meta.load_error is None
         assert meta.accuracy is not None and meta.accuracy["dice"] >= settings.gate_min_dice
-        assert "building the AOTInductor package" in caplog.text and "accuracy gate passed: Dice" in caplog.text
+        assert f"building {first.package.name}" in caplog.text and "accuracy gate passed: Dice" in caplog.text
 
         x = torch.randn(3, spec.in_channels, *spec.roi)  # not the package's batch: padded and split to 2
         torch.testing.assert_close(first(x), TorchEngine(spec, CPU, "fp32")(x), atol=1e-4, rtol=0)
 
         runtime.clear()
         caplog.clear()
-        monkeypatch.setattr("worker.engines.torch_engine.load_model", _no_eager_network)
+        if kind == "aot":
+            monkeypatch.setattr("worker.engines.torch_engine.load_model", _no_eager_network)
+        monkeypatch.setattr(torch, "compile", _no_compile)
         with caplog.at_level(logging.INFO):
             _, second = runtime.engine_for(model, sha, settings)
         assert second is not first and "building" not in caplog.text
@@ -56,7 +62,11 @@ def test_a_package_is_built_once_gated_once_and_loaded_after(tmp_path: Path, cap
 
 
 def _no_eager_network(*_: object) -> None:
-    raise AssertionError("a start that finds its package must not build the eager network")
+    raise AssertionError("a start that finds its AOT package must not build the eager network")
+
+
+def _no_compile(*_: object, **__: object) -> None:
+    raise AssertionError("a start that finds its compiled network must not compile")
 
 
 def test_a_package_that_does_not_load_is_probed_once_and_refused_with_the_way_out(
@@ -88,13 +98,15 @@ def test_a_package_that_does_not_load_is_probed_once_and_refused_with_the_way_ou
 def test_a_crashing_probe_is_named_by_its_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the H200 machine's PyTorch 2.11 did: the loading process died of SIGSEGV (here it kills itself)."""
     monkeypatch.setattr(aot, "PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
-    assert aot.probe(tmp_path / "p.pt2", torch.zeros(1, 1, 2, 2, 2)) == "the process that loaded it died of SIGSEGV"
+    spec = load_model_spec(write_model(tmp_path / "m", "UNet", roi=32, feature_size=4))
+    assert aot.probe(tmp_path / "p.pt2", spec.to_dict(), CPU, "fp32") == "the process that loaded it died of SIGSEGV"
 
 
 def test_a_package_belongs_to_its_model_precision_batch_hardware_and_pytorch(tmp_path: Path) -> None:
     path = aot.package_path(tmp_path, "ab" * 32, "fp16", 16, CPU)
     assert path.parent == tmp_path / ("ab" * 8)
     assert path.name.startswith("aot-fp16-b16-cpu-torch") and path.suffix == ".pt2"
+    assert aot.package_path(tmp_path, "ab" * 32, "fp16", 16, CPU, "precompile").name.startswith("precompile-fp16-b16")
     path.parent.mkdir(parents=True)
     path.write_bytes(b"x")
     aot.AotMeta("ab" * 32, "fp16", 16, "cpu", torch.__version__, 1.0).write(path)

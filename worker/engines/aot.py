@@ -1,4 +1,5 @@
-"""AOTInductor packages: the compiled network built once per machine, loaded in seconds by each worker start.
+"""Compiled networks saved once per machine and loaded by each worker start: AOTInductor packages (``aot``)
+and dynamo's precompiled functions (``precompile``).
 
 ``torch.compile`` keeps its kernels in inductor's on-disk cache, but a worker start still traces the network
 with dynamo and rebuilds the graph: 86 s for SwinUNETR (fp16, batch 16) on an H200 with a warm cache
@@ -8,6 +9,11 @@ options as the other modes: comprehensive padding off), and stores it with a JSO
 ONNX exports and TensorRT plans, under ``SEGQ_ENGINE_DIR/<model>/``. Later starts load the shared library
 from the package; the eager network is not even built.
 
+``SEGQ_TORCH_COMPILE=precompile`` keeps torch.compile's own path (Python wrapper, Triton kernels) but saves
+dynamo's result too (``torch.compile(...).forward.aot_compile`` and ``save_compiled_function``, experimental
+in PyTorch): a start loads it with ``torch.compiler.load_compiled_function`` instead of tracing. The weights
+stay in the network, which a start still builds.
+
 The package is specific to the model, precision, ROI batch, GPU architecture and PyTorch build: all of them
 are in its name, so an upgrade or another GPU builds (and gates) a package of its own. The accuracy gate's
 verdict is written into the sidecar once the package has passed it, and a start that finds one does not run
@@ -16,6 +22,7 @@ the gate again (a TensorRT plan keeps its verdict the same way).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -80,9 +87,20 @@ def target(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
-def package_path(engine_root: Path, model_sha256: str, precision: str, batch: int, device: torch.device) -> Path:
+# Each kind's file suffix: an AOTInductor package is a .pt2 archive; a precompiled function, pickled bytes.
+KINDS = {"aot": ".pt2", "precompile": ".bin"}
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def package_path(engine_root: Path, model_sha256: str, precision: str, batch: int, device: torch.device,
+                 kind: str = "aot") -> Path:
     build = re.sub(r"[^A-Za-z0-9.]+", "_", torch.__version__)
-    return model_dir(engine_root, model_sha256) / f"aot-{precision}-b{batch}-{target(device)}-torch{build}.pt2"
+    name = f"{kind}-{precision}-b{batch}-{target(device)}-torch{build}{KINDS[kind]}"
+    return model_dir(engine_root, model_sha256) / name
+
+
+def kind_of(path: Path) -> str:
+    return path.name.split("-", 1)[0]
 
 
 def fits(path: Path, model_sha256: str, precision: str, batch: int, device: torch.device) -> AotMeta | None:
@@ -95,28 +113,49 @@ def fits(path: Path, model_sha256: str, precision: str, batch: int, device: torc
 
 
 def build(network: nn.Module, example: torch.Tensor, path: Path, options: dict[str, Any]) -> None:
-    """Export ``network`` at ``example``'s shape and compile it into the package ``path`` (minutes)."""
+    """Compile ``network`` for ``example``'s shape into ``path`` (minutes), as the path's kind says."""
+    if kind_of(path) == "precompile":
+        compiled = torch.compile(network, fullgraph=True, dynamic=False, options=options)
+        with torch.inference_mode():  # the mode the engine calls it in: dynamo's guards check it
+            function = compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined]
+        function.save_compiled_function(str(path))
+        return
     with torch.no_grad():
         program = torch.export.export(network, (example,), strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
 
 
-def load(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    runner: Callable[[torch.Tensor], torch.Tensor] = torch._inductor.aoti_load_package(str(path))
+def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
+    """The runner in ``path``; a precompiled function is bound to ``network()`` (it holds no weights)."""
+    if kind_of(path) == "precompile":
+        with open(path, "rb") as handle:
+            function = torch.compiler.load_compiled_function(handle)
+        # Dynamo's guards would also compare the input's dispatch keys (an inference tensor or not), which
+        # varies with where a batch was made; the engine alone calls it, always at the one shape, dtype and device.
+        function.disable_guard_check()
+        return functools.partial(function, network())
+    runner: Runner = torch._inductor.aoti_load_package(str(path))
     return runner
 
 
-# Run by `probe` in a process of its own: load the package and run it once on zeros of the example's shape.
+# Run by `probe` in a process of its own: load the file as a worker would and run it once on zeros.
 PROBE = """
-import sys, torch
-path, device, dtype, *shape = sys.argv[1:]
-runner = torch._inductor.aoti_load_package(path)
-runner(torch.zeros([int(n) for n in shape], device=device, dtype=getattr(torch, dtype)))
+import json, sys
+from pathlib import Path
+import torch
+from segq.modelspec import spec_from_dict
+from worker.engines import aot
+from worker.engines.torch_engine import DTYPES, prepared_network
+path, spec = Path(sys.argv[1]), spec_from_dict(json.loads(sys.argv[2]))
+device, dtype = torch.device(sys.argv[3]), DTYPES[sys.argv[4]]
+runner = aot.load(path, lambda: prepared_network(spec, device, dtype))
+with torch.inference_mode():
+    runner(torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=dtype))
 """
 PROBE_TIMEOUT = 600
 
 
-def probe(path: Path, example: torch.Tensor) -> str | None:
+def probe(path: Path, spec: dict[str, Any], device: torch.device, precision: str) -> str | None:
     """Load and run the package in a child process first: None when it worked, else what went wrong.
 
     A package that does not load can crash its process outright: PyTorch 2.11+cu130 on an H200 died with
@@ -124,8 +163,7 @@ def probe(path: Path, example: torch.Tensor) -> str | None:
     (bench/results/aot_load_check_h200.jsonl). In the worker that would be a crash on every start instead
     of an error that says what to do.
     """
-    argv = [sys.executable, "-c", PROBE, str(path), str(example.device), str(example.dtype).removeprefix("torch."),
-            *map(str, example.shape)]
+    argv = [sys.executable, "-c", PROBE, str(path), json.dumps(spec), str(device), precision]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -135,15 +173,17 @@ def probe(path: Path, example: torch.Tensor) -> str | None:
     if done.returncode < 0:
         return f"the process that loaded it died of {signal.Signals(-done.returncode).name}"
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return f"loading it failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+    errors = [line for line in lines if not line.startswith(" ") and "Error" in line.split(":", 1)[0]]
+    last = errors[-1] if errors else lines[-1] if lines else f"exit status {done.returncode}"
+    return f"loading it failed: {last[:500]}"
 
 
-def ensure(path: Path, model_sha256: str, precision: str, batch: int, device: torch.device,
-           network: Callable[[], nn.Module], example: torch.Tensor,
-           options: dict[str, Any]) -> tuple[Callable[[torch.Tensor], torch.Tensor], AotMeta]:
+def ensure(path: Path, spec: dict[str, Any], model_sha256: str, precision: str, batch: int, device: torch.device,
+           network: Callable[[], nn.Module], example: torch.Tensor, options: dict[str, Any]) -> tuple[Runner, AotMeta]:
     """The package at ``path`` loaded, built first (once, under a lock other workers wait on) when missing.
 
-    ``network`` builds the eager network; it is called only when the package has to be built. A new package
+    ``network`` builds the eager network: for an AOTInductor package only when it has to be built. ``spec`` (a
+    ModelSpec's dict) lets the probe build it in its own process. A new package
     is first loaded in a child process (``probe``); one that failed there is refused (EngineRefusedError: the
     worker exits 78 and is not restarted) instead of being loaded here.
     """
@@ -155,27 +195,27 @@ def ensure(path: Path, model_sha256: str, precision: str, batch: int, device: to
                 if meta is None:
                     meta = _build(path, model_sha256, precision, batch, device, network(), example, options)
                 if meta.loads is None:  # once per package: its sidecar keeps the answer
-                    meta.load_error = probe(path, example)
+                    meta.load_error = probe(path, spec, device, precision)
                     meta.loads = meta.load_error is None
                     meta.write(path)
         except Timeout as exc:
             raise EngineError(f"waited {LOCK_TIMEOUT} s for the lock on {path}; remove {path}.lock if no "
                               "worker is building") from exc
     if not meta.loads:
-        raise EngineRefusedError(f"the AOTInductor package {path} cannot be used with PyTorch {torch.__version__} on "
+        raise EngineRefusedError(f"the compiled network {path} cannot be used with PyTorch {torch.__version__} on "
                                  f"this machine: {meta.load_error}. Set SEGQ_TORCH_COMPILE=default (torch.compile) "
                                  "or off (eager) instead")
     started = time.perf_counter()
-    runner = load(path)
-    logger.info("loaded the AOTInductor package %s in %.1f s", path.name, time.perf_counter() - started)
+    runner = load(path, network)
+    logger.info("loaded %s in %.1f s", path.name, time.perf_counter() - started)
     return runner, meta
 
 
 def _build(path: Path, model_sha256: str, precision: str, batch: int, device: torch.device, network: nn.Module,
            example: torch.Tensor, options: dict[str, Any]) -> AotMeta:
-    logger.info("building the AOTInductor package %s: minutes for SwinUNETR, once per machine (or run "
-                "`segq warm-engine` before starting workers)", path.name)
-    candidate = path.with_name(f"{path.stem}.candidate-{os.getpid()}.pt2")
+    logger.info("building %s: minutes for SwinUNETR, once per machine (or run `segq warm-engine` before "
+                "starting workers)", path.name)
+    candidate = path.with_name(f"{path.stem}.candidate-{os.getpid()}{path.suffix}")
     started = time.perf_counter()
     try:
         build(network, example, candidate, options)
@@ -186,7 +226,7 @@ def _build(path: Path, model_sha256: str, precision: str, batch: int, device: to
     except EngineError:
         raise
     except Exception as exc:  # export and inductor raise many types; the worker needs one with a way out
-        raise EngineError(f"could not build the AOTInductor package {path.name}: {type(exc).__name__}: {exc}. "
+        raise EngineError(f"could not build {path.name}: {type(exc).__name__}: {exc}. "
                           "Set SEGQ_TORCH_COMPILE=default (torch.compile) or off (eager) instead") from exc
     finally:
         candidate.unlink(missing_ok=True)

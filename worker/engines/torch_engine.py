@@ -9,6 +9,7 @@ BraTS-sized volume on an H100; channels-last-3d layout made it slower (0.79 s) a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -64,6 +65,20 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     return changed
 
 
+def prepared_network(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+                     fused_attention: bool | None = None, channels_last: bool = False,
+                     model: TargetClassProbability | None = None) -> TargetClassProbability:
+    """The wrapped network (``model``, else the spec's checkpoint) on ``device`` in ``dtype``; MONAI's fused
+    window attention on a GPU unless ``fused_attention`` says otherwise."""
+    wrapped = model if model is not None else load_model(spec)
+    wrapped.network.to(device=device, dtype=dtype)
+    if channels_last:
+        wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    if fused_attention if fused_attention is not None else device.type == "cuda":
+        use_fused_attention(wrapped)
+    return wrapped
+
+
 class TorchEngine:
     backend = "torch"
 
@@ -78,8 +93,9 @@ class TorchEngine:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
             raise EngineError("fp16 needs a CUDA device; on a CPU worker set SEGQ_PRECISION=fp32 or bf16")
-        if compile_mode == "aot" and engine_root is None:
-            raise EngineError("torch.compile mode 'aot' keeps its package in the engine directory: pass engine_root")
+        if compile_mode in aot.KINDS and engine_root is None:
+            raise EngineError(f"torch.compile mode {compile_mode!r} keeps its file in the engine directory: pass "
+                              "engine_root")
         on_gpu = device.type == "cuda"
         self.precision = precision
         self.device = device
@@ -88,14 +104,9 @@ class TorchEngine:
         if on_gpu and (cudnn_benchmark if cudnn_benchmark is not None else True):
             torch.backends.cudnn.benchmark = True
 
+        @functools.cache  # built at most once, whether a package's build, its load or eager mode asks first
         def network() -> TargetClassProbability:
-            wrapped = model if model is not None else load_model(spec)
-            wrapped.network.to(device=device, dtype=self.dtype)
-            if self.channels_last:
-                wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-            if fused_attention if fused_attention is not None else on_gpu:
-                use_fused_attention(wrapped)
-            return wrapped
+            return prepared_network(spec, device, self.dtype, fused_attention, self.channels_last, model)
 
         # A compiled graph is specialised to one batch size: batches are padded or split to
         # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
@@ -103,23 +114,24 @@ class TorchEngine:
         compiled = compile_mode is not None
         self.static = Profile(spec.sw_batch_size, spec.sw_batch_size, spec.sw_batch_size) if compiled else None
         self.reuses_output = compile_mode == "reduce-overhead"
-        # The AOT package, and the accuracy gate's verdict recorded with it (runtime.gate skips a recorded pass).
+        # The saved compiled network (aot, precompile), and the accuracy gate's verdict recorded with it
+        # (runtime.gate skips a recorded pass).
         self.package: Path | None = None
         self.accuracy: dict[str, Any] | None = None
-        if compile_mode == "aot":
+        if compiled and engine_root is not None:  # inductor's on-disk cache: kernels compiled once per machine
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(engine_root / "inductor"))
+        if compile_mode in aot.KINDS:
             assert engine_root is not None
             sha = model_sha256 or spec.checksum()
-            self.package = aot.package_path(engine_root, sha, precision, spec.sw_batch_size, device)
+            self.package = aot.package_path(engine_root, sha, precision, spec.sw_batch_size, device, compile_mode)
             example = torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=self.dtype)
-            runner, meta = aot.ensure(self.package, sha, precision, spec.sw_batch_size, device, network, example,
-                                      compile_options("aot"))
+            runner, meta = aot.ensure(self.package, spec.to_dict(), sha, precision, spec.sw_batch_size, device, network,
+                                      example, compile_options(compile_mode))
             self.model: Callable[[torch.Tensor], torch.Tensor] = runner
             self.accuracy = meta.accuracy
             return
         self.model = network()
         if compiled:
-            if engine_root is not None:  # inductor's on-disk cache: kernels compiled once per machine
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(engine_root / "inductor"))
             logger.info("compiling the network with torch.compile (%s) on first use: minutes for SwinUNETR the "
                         "first time on this machine, a minute and more from inductor's cache after (the 'aot' mode "
                         "loads in seconds)", compile_mode)
