@@ -132,7 +132,7 @@ def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
             function = torch.compiler.load_compiled_function(handle)
         # Dynamo's guards would also compare the input's dispatch keys (an inference tensor or not), which
         # varies with where a batch was made; the engine alone calls it, always at the one shape, dtype and device.
-        function.disable_guard_check()  # type: ignore[attr-defined]  (an AOTCompiledFunction)
+        function.disable_guard_check()  # type: ignore[attr-defined]
         return functools.partial(function, network())
     runner: Runner = torch._inductor.aoti_load_package(str(path))
     return runner
