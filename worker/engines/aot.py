@@ -115,6 +115,7 @@ def fits(path: Path, model_sha256: str, precision: str, batch: int, device: torc
 def build(network: nn.Module, example: torch.Tensor, path: Path, options: dict[str, Any]) -> None:
     """Compile ``network`` for ``example``'s shape into ``path`` (minutes), as the path's kind says."""
     if kind_of(path) == "precompile":
+        skip_input_size_checks(network)
         compiled = torch.compile(network, fullgraph=True, dynamic=False, options=options)
         with torch.inference_mode():  # the mode the engine calls it in: dynamo's guards check it
             function = compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined]
@@ -123,6 +124,18 @@ def build(network: nn.Module, example: torch.Tensor, path: Path, options: dict[s
     with torch.no_grad():
         program = torch.export.export(network, (example,), strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
+
+
+def skip_input_size_checks(network: nn.Module) -> None:
+    """Turn off MONAI's own input-size check (SwinUNETR's ``_check_input_size``) in ``network``.
+
+    It runs numpy on the input's shape inside ``forward``, which dynamo cannot keep in one graph, and dynamo's
+    ahead-of-time compile takes only one graph. The rule it checks (a ROI divisible by 32) is checked when the
+    model file is read (ModelSpec.validate), and the compiled engine only ever sees that ROI.
+    """
+    for module in network.modules():
+        if hasattr(module, "_check_input_size"):
+            setattr(module, "_check_input_size", lambda spatial_shape: None)  # noqa: B010 (mypy: a Module attribute)
 
 
 def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
