@@ -193,12 +193,12 @@ def probe(path: Path, spec: dict[str, Any], device: torch.device, precision: str
 
 def ensure(path: Path, spec: dict[str, Any], model_sha256: str, precision: str, batch: int, device: torch.device,
            network: Callable[[], nn.Module], example: torch.Tensor, options: dict[str, Any]) -> tuple[Runner, AotMeta]:
-    """The package at ``path`` loaded, built first (once, under a lock other workers wait on) when missing.
+    """The compiled network at ``path`` loaded, built first (once, under a lock other workers wait on) if missing.
 
-    ``network`` builds the eager network: for an AOTInductor package only when it has to be built. ``spec`` (a
-    ModelSpec's dict) lets the probe build it in its own process. A new package
-    is first loaded in a child process (``probe``); one that failed there is refused (EngineRefusedError: the
-    worker exits 78 and is not restarted) instead of being loaded here.
+    ``network`` builds the eager network (for an AOTInductor package only when it has to be built); ``spec``, a
+    ModelSpec's dict, lets the probe build it in its own process. A new file is first loaded in a child process
+    (``probe``); one that failed there is refused (EngineRefusedError: the worker exits 78 and is not restarted)
+    instead of being loaded here.
     """
     meta = fits(path, model_sha256, precision, batch, device)
     if meta is None or meta.loads is None:
