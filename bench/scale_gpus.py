@@ -295,8 +295,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
             for mode in args.torch_compile:
                 argv = [sys.executable, "-m", "bench.engine_alone", str(model), *map(str, shape), str(overlap),
                         args.precision, engine_compile_mode(mode, args.precision)]
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0",
-                       "TORCHINDUCTOR_CACHE_DIR": str(root / "engines" / "inductor")}
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "SEGQ_ENGINE_DIR": str(root / "engines")}
                 line = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT,
                                       env=env).stdout.strip().splitlines()[-1]
                 results.append({**setting, "gpus": 1, **json.loads(line)})

@@ -115,3 +115,18 @@ def test_a_package_belongs_to_its_model_precision_batch_hardware_and_pytorch(tmp
     assert aot.fits(path, "ab" * 32, "fp16", 8, CPU) is None
     aot.AotMeta("ab" * 32, "fp16", 16, "cpu", "1.0.0", 1.0).write(path)  # built by another PyTorch
     assert aot.fits(path, "ab" * 32, "fp16", 16, CPU) is None
+
+
+def test_precompile_skips_only_monais_input_size_check_which_the_model_file_already_makes() -> None:
+    """Dynamo's ahead-of-time compile takes one graph; SwinUNETR's numpy size check in forward would break it."""
+    from segq.errors import InputError
+    from segq.modelspec import ModelSpec
+    from worker.engines.model import build_network
+
+    swin = build_network(ModelSpec("SwinUNETR", 1, 2, 64, 1, checkpoint=Path("unused.pt"), feature_size=12))
+    with pytest.raises(ValueError, match="divisible"):
+        swin._check_input_size((65, 64, 64))
+    aot.skip_input_size_checks(swin)
+    swin._check_input_size((65, 64, 64))  # a no-op now: the compiled engine sees only the model file's ROI
+    with pytest.raises(InputError, match="divisible by 32"):
+        ModelSpec("SwinUNETR", 1, 2, 80, 1, checkpoint=Path("unused.pt"), feature_size=12).validate()
