@@ -22,15 +22,15 @@ import faulthandler, sys, torch
 faulthandler.enable()
 from pathlib import Path
 from segq.modelspec import load_model_spec
-from worker.engines.torch_engine import TorchEngine
+from worker.engines.torch_engine import TorchEngine, prepared_network
 what, toml, precision, root = sys.argv[1:5]
 spec = load_model_spec(toml)
 device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 if what == "bare-load":
     from worker.engines import aot
     path = next(Path(root).rglob("*.pt2"))
-    runner = aot.load(path)
     dtype = torch.float16 if precision == "fp16" else torch.float32
+    runner = aot.load(path, lambda: prepared_network(spec, device, dtype))
     x = torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=dtype)
     print(runner(x).shape)
 else:

@@ -40,8 +40,10 @@ import torch
 from filelock import Timeout
 from torch import nn
 
+from segq import storage
 from segq.errors import EngineError, EngineRefusedError
 from worker.engines.cache import LOCK_TIMEOUT, build_lock, model_dir
+from worker.engines.plans import sidecar_path
 
 logger = logging.getLogger("segq.engine.aot")
 
@@ -64,19 +66,14 @@ class AotMeta:
     @classmethod
     def read(cls, path: Path) -> AotMeta | None:
         try:
-            return cls(**json.loads(sidecar(path).read_text()))
+            return cls(**json.loads(sidecar_path(path).read_text()))
         except (OSError, ValueError, TypeError):
             return None
 
     def write(self, path: Path) -> None:
         """Write the sidecar of ``path`` whole: a reader sees the old file or the new one."""
-        tmp = sidecar(path).with_name(sidecar(path).name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, sidecar(path))
-
-
-def sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
+        with storage.atomic_path(sidecar_path(path)) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2))
 
 
 def target(device: torch.device) -> str:
@@ -236,8 +233,6 @@ def _build(path: Path, model_sha256: str, precision: str, batch: int, device: to
                        round(time.perf_counter() - started, 1))
         meta.write(path)
         os.replace(candidate, path)
-    except EngineError:
-        raise
     except Exception as exc:  # export and inductor raise many types; the worker needs one with a way out
         raise EngineError(f"could not build {path.name}: {type(exc).__name__}: {exc}. "
                           "Set SEGQ_TORCH_COMPILE=default (torch.compile) or off (eager) instead") from exc
