@@ -22,7 +22,7 @@ from typing import Any
 
 from segq import records, scheduler
 from segq.db import get_engine
-from segq.names import FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues, merge_task_id, slab_task_id
+from segq.names import every_queue, merge_task_id, slab_task_id
 
 logger = logging.getLogger("segq.deadworkers")
 
@@ -43,7 +43,7 @@ def _message_id(raw: bytes | str) -> str | None:
 def broker_task_ids(client: Any) -> set[str]:
     """Ids of every task message in the broker: waiting in a segq queue, or delivered and not acknowledged."""
     ids: set[str] = set()
-    for queue in consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE):
+    for queue in every_queue():
         for key in [queue, *client.scan_iter(match=f"{queue}{PRIORITY_SEP}*")]:
             ids.update(filter(None, map(_message_id, client.lrange(key, 0, -1))))
     ids.update(filter(None, map(_message_id, client.hvals(UNACKED_KEY))))

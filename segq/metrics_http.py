@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from segq.db import ensure_schema, session_scope
 from segq.models import Dataset, Job, Status, Subtask, utcnow
-from segq.names import FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues
+from segq.names import every_queue
 from segq.settings import get_settings
 
 logger = logging.getLogger("segq.metrics")
@@ -110,7 +110,7 @@ def broker_metrics() -> str:
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-    queues = consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE)
+    queues = every_queue()
     return family("segq_queue_messages", "gauge", "Messages waiting in each broker queue.",
                   [({"queue": q}, float(client.llen(q))) for q in queues])
 

@@ -45,6 +45,11 @@ def consumed_queues(*bases: str) -> list[str]:
     return [queue_for(base, p) for base in bases for p in PRIORITIES]
 
 
+def every_queue() -> list[str]:
+    """All of segq's queues, in the order a plain ``segq worker`` polls them (merges first)."""
+    return consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE)
+
+
 def volume_task_id(job_id: str, attempt: int) -> str:
     return f"{TASK_ID_PREFIX}-{job_id}-a{attempt}-volume"
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from segq.names import FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues
+from segq.names import every_queue
 
 logger = logging.getLogger("segq.worker")
 
@@ -58,7 +58,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
 
     ensure_schema()
     # Finish before you start: merges, then GPU parts, then new volumes.
-    queue_list = queues or ",".join(consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE))
+    queue_list = queues or ",".join(every_queue())
     try:
         preflight(get_settings(), queue_list)  # a backend that cannot load fails the start, not every task
     except EngineError as exc:

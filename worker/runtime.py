@@ -66,9 +66,9 @@ def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
 
     Run when a worker loads the engine, on the gate's synthetic reference volume, so a PyTorch or driver
     upgrade that breaks the numerics of a mode is refused (EngineRefusedError: the worker exits with 78 and is
-    not restarted) before it writes a mask. For a compiled engine this is also where the compile happens. An AOT
-    package keeps its verdict (its name holds the model, GPU architecture and PyTorch build), so only its first
-    load runs the gate.
+    not restarted) before it writes a mask. For a compiled engine this is also where the compile happens. A saved
+    compiled network (``aot``, ``precompile``) keeps its verdict (its name holds the model, GPU architecture and
+    PyTorch build), so only its first load runs the gate.
     """
     from segq import faults
     from worker.engines.gate import check_accuracy, reference_volume
@@ -76,7 +76,7 @@ def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
 
     faults.point("in_gate", precision=engine.precision)
     recorded = getattr(engine, "accuracy", None)
-    # An AOT package passed the gate when it was built for this model, GPU and PyTorch (its name says so).
+    # A saved compiled network passed the gate on its first load for this model, GPU and PyTorch (its name says so).
     if recorded is not None and recorded["dice"] >= settings.gate_min_dice:
         logger.info("accuracy gate passed when the package was built: Dice %.5f, voxel agreement %.4f%% against "
                     "fp32 eager", recorded["dice"], 100 * recorded["agreement"])

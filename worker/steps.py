@@ -38,15 +38,7 @@ from celery.exceptions import Reject
 
 from segq import records, scheduler, storage
 from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
-from segq.names import (
-    DELIVERIES_KEY,
-    EXIT_CONFIG,
-    EXIT_ENGINE_BROKEN,
-    FINISH_QUEUE,
-    GPU_QUEUE,
-    PREPARE_QUEUE,
-    consumed_queues,
-)
+from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
 
 logger = logging.getLogger("segq.steps")
@@ -229,7 +221,7 @@ def stop_consuming(task: Task) -> None:
     if not hostname or current_process().name != "MainProcess":
         return  # a prefork pool child: its parent, the consumer, lives on and starts a new child
     try:
-        for queue in consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE):
+        for queue in every_queue():
             task.app.control.cancel_consumer(queue, destination=[hostname])
     except Exception:  # the broker away: the exit still happens; the delivery count bounds any loop
         logger.exception("could not stop consuming before the exit")
