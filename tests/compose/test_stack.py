@@ -63,7 +63,10 @@ class Compose:
         assert client is not None, "no compose client: scripts/compose-test.sh installs docker-compose"
         self.client = client
         self.data = data
-        self.env = {**os.environ, **SETTINGS, "SEGQ_HOST_DATA": str(data)}
+        # Removing a container on the vfs storage driver deletes a full copy of its image, which can take longer
+        # than docker-compose's 60 s default read timeout on a two-core machine (CI failed on it once).
+        self.env = {"COMPOSE_HTTP_TIMEOUT": "600", "DOCKER_CLIENT_TIMEOUT": "600",
+                    **os.environ, **SETTINGS, "SEGQ_HOST_DATA": str(data)}
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([*self.client, "-p", PROJECT, *FILES, *args], env=self.env, cwd=ROOT,
