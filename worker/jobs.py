@@ -21,7 +21,7 @@ from segq.modelspec import ModelSpec, file_sha256, spec_from_dict
 from segq.preprocess import STD_FLOOR
 from segq.records import JobView
 from segq.settings import Settings
-from segq.tiling import Slab, WindowPlan, importance_map, pad_volume, plan_windows, weight_sum
+from segq.tiling import Slab, WindowPlan, importance_map, plan_windows, weight_sum
 from segq.volumes import load_volume, read_header
 
 if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only when it needs it
@@ -29,7 +29,10 @@ if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only 
 
 logger = logging.getLogger("segq.jobs")
 
-INPUT = "input.npy"
+# The padded input as (C, Z, Y, X), C-ordered: each channel in NIfTI's own order (x fastest), so the
+# coordinator never transposes a volume; load_input gives the (C, X, Y, Z) view every index uses.
+INPUT = "input_zyx.npy"
+LEGACY_INPUT = "input.npy"  # (C, X, Y, Z) C-ordered, as segq wrote it before: a job prepared then still runs
 GZIP_THREADS = 2
 PLAN = "plan.json"
 
@@ -47,8 +50,9 @@ class Prepared:
     seconds: float
 
 
-def preprocess(volume: np.ndarray, method: str) -> np.ndarray:
-    """The network's input: a C-ordered float32 copy of the channel-first ``volume``, normalised by ``method``.
+def preprocess(volume: np.ndarray, method: str, inplace: bool = False) -> np.ndarray:
+    """The network's input: a C-ordered float32 copy of the channel-first ``volume``, normalised by ``method``;
+    with ``inplace``, a C-contiguous ``volume`` is normalised itself instead of copied.
 
     ``zscore`` is segq.preprocess.zscore_nonzero channel by channel (the training's own definition), computed
     with torch's threaded kernels in a pass for the statistics and one in place: on a 512x512x300 CT the
@@ -57,7 +61,7 @@ def preprocess(volume: np.ndarray, method: str) -> np.ndarray:
     import torch
 
     data = torch.from_numpy(np.asarray(volume, dtype=np.float32))
-    out = data.contiguous() if not data.is_contiguous() else data.clone()
+    out = (data if inplace else data.clone()) if data.is_contiguous() else data.contiguous()
     if method != "zscore":
         return out.numpy()
     for channel in out:
@@ -162,15 +166,35 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
         header = read_header(path, settings.max_voxels)
         check_memory(path, header.shape, np.dtype(header.dtype).itemsize, memory_headroom())
         volume, _affine, header = load_volume(path, spec.in_channels, settings.max_voxels)
-    volume = preprocess(volume, spec.preprocess)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
+    zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
     ws.mkdir(parents=True, exist_ok=True)
-    storage.save_array(ws / INPUT, pad_volume(volume, plan))
+    storage.save_array(ws / INPUT, zyx)
     document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def workspace_input(volume: np.ndarray, plan: WindowPlan, method: str, inplace: bool = False) -> np.ndarray:
+    """The channel-first ``volume`` (C, X, Y, Z) preprocessed and padded as the workspace stores it: (C, Z, Y, X).
+
+    That is NIfTI's order, in which a loaded volume already lies: its transpose is a C-contiguous view, so
+    it is normalised (in place if ``inplace``: a loaded volume is the caller's own array) and written as it
+    is. Transposing it to (C, X, Y, Z) first was a third of a CT's prepare.
+    """
+    zyx = preprocess(volume.transpose(0, 3, 2, 1), method, inplace=inplace)
+    if any(a or b for a, b in plan.pad):
+        zyx = np.pad(zyx, ((0, 0), *reversed(plan.pad)), mode="constant", constant_values=0)
+    return zyx
+
+
+def load_input(ws: Path) -> np.ndarray:
+    """The padded input, memory-mapped, as a (C, X, Y, Z) view (in NIfTI's memory order)."""
+    if not (ws / INPUT).exists() and (ws / LEGACY_INPUT).exists():
+        return storage.load_array(ws / LEGACY_INPUT, mmap=True)
+    return storage.load_array(ws / INPUT, mmap=True).transpose(0, 3, 2, 1)
 
 
 def load_plan(ws: Path) -> tuple[WindowPlan, list[Slab]]:
@@ -195,7 +219,7 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
         raise InputError(f"slab {index} does not exist: the plan has {len(slabs)} slabs")
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
-    volume = storage.load_array(ws / INPUT, mmap=True)
+    volume = load_input(ws)
     array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease)
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
@@ -223,7 +247,8 @@ _WEIGHT_CACHE_SIZE = 2
 
 
 def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
-    """The plan's summed importance map, kept for the next volume of the same shape.
+    """The plan's summed importance map in NIfTI's order (a job's partials'), kept for the next volume of
+    the same shape.
 
     A dataset's volumes usually share one shape (every BraTS case is 240x240x155), and the sum
     costs a pass over the volume per window; two entries bound the memory a coordinator keeps.
@@ -231,7 +256,7 @@ def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
     key = (plan.padded_shape, plan.roi, plan.mode, plan.sigma_scale, tuple(plan.starts))
     weights = _WEIGHT_CACHE.get(key)
     if weights is None:
-        weights = weight_sum(plan)
+        weights = weight_sum(plan, order="F")
         weights.flags.writeable = False
         _WEIGHT_CACHE[key] = weights
         while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:

@@ -10,8 +10,9 @@ from monai.inferers import sliding_window_inference
 from segq.modelspec import ModelSpec
 from segq.tiling import importance_map, pad_volume, plan_windows, scan_interval, weight_sum
 from worker.engines.base import Engine
-from worker.engines.inference import infer_slab, merge_partials
+from worker.engines.inference import infer_slab, merge_partials, nifti_order
 from worker.engines.model import TargetClassProbability, build_network
+from worker.jobs import workspace_input
 
 
 class ModuleEngine:
@@ -36,13 +37,21 @@ def tiny_unet(in_channels: int = 1) -> TargetClassProbability:
 
 
 def split_merge(volume: np.ndarray, roi: int, overlap: float, mode: str, max_windows: int, engine: Engine,
-                batch: int) -> np.ndarray:
+                batch: int, layout: str = "C") -> np.ndarray:
+    """The slab path on ``volume``, laid out in C order or as a job's workspace holds it (NIfTI's order)."""
     plan = plan_windows(volume.shape[1:], (roi,) * 3, overlap, mode)
-    padded = pad_volume(volume, plan)
+    if layout == "nifti":
+        loaded = np.ascontiguousarray(volume.transpose(0, 3, 2, 1)).transpose(0, 3, 2, 1)  # as load_volume gives it
+        padded = workspace_input(loaded, plan, "none").transpose(0, 3, 2, 1)  # what load_input gives
+        assert nifti_order(padded)
+    else:
+        padded = pad_volume(volume, plan)
     weights = importance_map(plan)
     partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch))
                 for s in plan.slabs(max_windows)]
-    return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights), plan.crop)
+    assert all(nifti_order(p) == (layout == "nifti") for _lo, p in partials)
+    order = "F" if layout == "nifti" else "C"
+    return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights, order=order), plan.crop)
 
 
 CASES = [
@@ -56,11 +65,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["C", "nifti"])
 @pytest.mark.parametrize(("shape", "roi", "overlap", "mode", "max_windows", "batch"), CASES)
-def test_split_merge_equals_sliding_window_inference(shape, roi, overlap, mode, max_windows, batch) -> None:
+def test_split_merge_equals_sliding_window_inference(shape, roi, overlap, mode, max_windows, batch, layout) -> None:
     module = tiny_unet(shape[0])
     volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-    ours = split_merge(volume, roi, overlap, mode, max_windows, ModuleEngine(module), batch)
+    ours = split_merge(volume, roi, overlap, mode, max_windows, ModuleEngine(module), batch, layout)
     with torch.inference_mode():
         reference = sliding_window_inference(torch.from_numpy(volume)[None], (roi,) * 3, batch, module,
                                              overlap=overlap, mode=mode)[0, 0].numpy()

@@ -23,14 +23,28 @@ def _batches(starts: Sequence[Vec3], size: int) -> Iterator[Sequence[Vec3]]:
         yield starts[i : i + size]
 
 
+def nifti_order(array: np.ndarray) -> bool:
+    """Whether a volume (C, X, Y, Z) or a partial (X, Y, Z) is laid out as NIfTI stores it: x fastest, z slowest.
+
+    A job's workspace keeps the input in that order (the file's own: no transposition on the coordinator),
+    and its partials and merge follow it; arrays in C order (tests, the gate, benchmarks) work unchanged.
+    """
+    return array.ndim >= 3 and array.strides[-3] < array.strides[-1]
+
+
 def read_slab(volume: np.ndarray, slab: Slab, device: torch.device) -> torch.Tensor:
     """The slab's rows ``[lo, hi)`` of the padded volume in host memory as float32 (pinned for a GPU).
 
-    This is the part of a slab that reads storage: it runs before the device is taken, so it overlaps
-    the step that holds the device.
+    One copy, in the volume's own memory order, straight into the (pinned) buffer; the tensor returned
+    is a view of the slab's shape over it. This is the part of a slab that reads storage: it runs
+    before the device is taken, so it overlaps the step that holds the device.
     """
-    host = read_only_tensor(np.ascontiguousarray(volume[:, slab.lo : slab.hi], dtype=np.float32))
-    return host.pin_memory() if device.type == "cuda" else host
+    rows = read_only_tensor(volume[:, slab.lo : slab.hi])
+    if nifti_order(volume):
+        rows = rows.permute(0, 3, 2, 1)  # (C, Z, Y, X): dense in memory
+    host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+    host.copy_(rows)
+    return host.permute(0, 3, 2, 1) if nifti_order(volume) else host
 
 
 def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, engine: Engine,
@@ -39,15 +53,24 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
     """Importance-weighted sum of the target probability over the slab's windows, in host memory.
 
     ``volume`` is the padded, channel-first input (memory-mapped); the result has shape
-    ``(hi - lo, Y, Z)``. Summing on the device means only one partial per slab leaves it, not one
-    output per window (about 8x less at overlap 0.5). The slab's rows go to the device once, as one
-    tensor every window is a view of; on a GPU the loop only queues kernels, so batches run back to
-    back. ``device_lock`` is held from the copy to the device to the copy back, and only then: reading
-    the input and writing the partial of one part overlap another part's inference.
+    ``(hi - lo, Y, Z)``, in the volume's memory order. Summing on the device means only one partial
+    per slab leaves it, not one output per window (about 8x less at overlap 0.5). The slab's rows go
+    to the device once, as one tensor every window is a view of; on a GPU the loop only queues
+    kernels, so batches run back to back. ``device_lock`` is held from the copy to the device to the
+    copy back, and only then: reading the input and writing the partial of one part overlap another
+    part's inference.
     """
     host = read_slab(volume, slab, engine.device)
     with device_lock or nullcontext():
-        return slab_partial(host, slab, volume.shape[2:], roi, weights, engine, batch_size, should_stop).cpu().numpy()
+        partial = slab_partial(host, slab, volume.shape[2:], roi, weights, engine, batch_size, should_stop)
+        return partial_to_host(partial, volume)
+
+
+def partial_to_host(partial: torch.Tensor, volume: np.ndarray) -> np.ndarray:
+    """A slab's partial in host memory, in the memory order of ``volume`` (transposed on the device)."""
+    if nifti_order(volume):
+        return partial.permute(2, 1, 0).contiguous().cpu().numpy().transpose(2, 1, 0)
+    return partial.cpu().numpy()
 
 
 def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec3, weights: np.ndarray,
@@ -55,7 +78,7 @@ def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec
     """:func:`infer_slab` on the device: ``rows`` (the slab's rows, as :func:`read_slab` gives them) in,
     the partial sum of shape ``(hi - lo, *rest)`` out, left on the engine's device."""
     device = engine.device
-    rows = rows.to(device, non_blocking=True)
+    rows = rows.to(device, non_blocking=True).contiguous()  # rows in NIfTI's order are transposed on the device
     partial = torch.zeros((slab.hi - slab.lo, *rest), dtype=torch.float32, device=device)
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
     rx, ry, rz = roi
@@ -78,12 +101,17 @@ def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]
                    crop: tuple[slice, ...]) -> np.ndarray:
     """Add slab partials at their offsets, divide by the summed importance map, crop the padding.
 
-    torch's threaded kernels do the adds and the division: on a CT they are passes over hundreds of MB.
+    The sum is kept in the partials' memory order (NIfTI's for a job), so no pass transposes; pass the
+    weight sum in that order too. torch's threaded kernels do the adds and the division: on a CT they
+    are passes over hundreds of MB.
     """
     if len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == padded_shape:
         total = torch.from_numpy(partials[0][1])  # one slab over the whole volume: divide it in place
     else:
-        total = torch.zeros(padded_shape, dtype=torch.float32)
+        if partials and nifti_order(partials[0][1]):
+            total = torch.zeros(tuple(reversed(padded_shape)), dtype=torch.float32).permute(2, 1, 0)
+        else:
+            total = torch.zeros(padded_shape, dtype=torch.float32)
         for lo, part in partials:
             total[lo : lo + part.shape[0]].add_(read_only_tensor(part))
     total.div_(read_only_tensor(weight_sum))
