@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,65 @@ def run_arm(args: argparse.Namespace, root: Path, kind: str, workers: int, model
     return record
 
 
+def ct_model(directory: Path, roi: int) -> Path:
+    """A tiny network's model.toml with ROI ``roi`` and z-score preprocessing (never run: the parts sleep)."""
+    import torch
+
+    from segq.modelspec import ModelSpec, write_model_toml
+    from worker.engines.model import build_network
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec("UNet", 1, 2, roi, 1, checkpoint=directory / "model.pt", feature_size=4, sw_batch_size=16,
+                     preprocess="zscore")
+    torch.manual_seed(0)
+    torch.save(build_network(spec).state_dict(), spec.checkpoint)
+    write_model_toml(directory / "model.toml", spec)
+    return directory / "model.toml"
+
+
+def ct_arm(args: argparse.Namespace, root: Path, devices: int, model: Path, scans: list[Path]) -> dict[str, Any]:
+    """One CT-size volume at a time on ``devices`` simulated GPUs: submit to mask, and where the time went.
+
+    The parts sleep ``--ct-gpu-seconds`` spread over the volume's windows; prepare, the chord, the merge,
+    Redis and SQLite are real. The first scan warms the processes up (imports, the weight sum); each scan
+    is a new volume, since a repeat of one would be copied from the first's mask.
+    """
+    import redis
+
+    from bench.scale_gpus import timeline_figures
+
+    arm = root / f"ct-{devices}"
+    arm.mkdir()
+    redis.Redis.from_url(args.broker).flushdb()
+    windows = args.ct_windows
+    env = {"SEGQ_BROKER_URL": args.broker, "SEGQ_DATABASE_URL": f"sqlite:///{arm / 'segq.db'}",
+           "SEGQ_DATA_DIR": str(arm / "data"), "SEGQ_STORAGE": str(arm / "storage"), "SEGQ_BACKEND": "simulate",
+           "SEGQ_PRECISION": "fp32", "SEGQ_SIMULATE_DEVICES": str(devices), "SEGQ_DEAD_WORKER_INTERVAL": "0",
+           "SEGQ_SIMULATE_SECONDS_PER_WINDOW": str(args.ct_gpu_seconds / windows)}
+    latencies = []
+    with ExitStack() as stack:
+        segq(env, "db", "upgrade")
+        stack.enter_context(worker_process(env, "coord", arm / "coord.log", "-Q", "finish,coordinator",
+                                           "-c", str(args.coordinator_concurrency)))
+        stack.enter_context(worker_process(env, "sim", arm / "sim.log", "-Q", "gpu", "-P", "threads",
+                                           "-c", str(devices)))
+        for k, scan in enumerate(scans):
+            name = f"ct{k}"
+            submitted = datetime.now(UTC)
+            segq(env, "submit", str(scan), "--out", str(arm / name), "--model", str(model), "--name", name,
+                 "--wait", "--timeout", str(args.timeout))
+            figures = timeline_figures(env, name, submitted)
+            if figures["parts"] == 0 or figures["queued_to_mask_seconds"] is None:
+                raise RuntimeError(f"{name} on {devices} simulated GPUs did not finish: see {arm}")
+            latencies.append({key: figures[key] for key in (
+                "queued_to_mask_seconds", "to_last_mask_seconds", "median_prepare_seconds",
+                "median_inference_seconds", "median_merge_seconds", "parts")})
+    steady = latencies[1:] or latencies
+    return {"bench": "simulate ct latency", "simulated_gpus": devices, "ct_gpu_seconds": args.ct_gpu_seconds,
+            "windows": windows, "cpus": os.cpu_count(), "runs": latencies,
+            "median_queued_to_mask_seconds": statistics.median(r["queued_to_mask_seconds"] for r in steady)}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,4", help="Simulated GPU worker processes per arm.")
@@ -183,6 +244,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/10", help="A Redis database this run may flush.")
     parser.add_argument("--postgres", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
                         help="A PostgreSQL server where the run may create and drop databases.")
+    parser.add_argument("--ct-latency", default="", help="Instead: one CT-size volume's latency on these "
+                        "simulated GPU counts (e.g. 1,4), each after a warm-up volume.")
+    parser.add_argument("--ct-gpu-seconds", type=float, default=5.64,
+                        help="GPU seconds of the whole CT-size volume (5.64: SwinUNETR fp16 on an H200, eager).")
+    parser.add_argument("--ct-windows", type=int, default=600, help="Windows of the CT-size volume (600: 512x512x300, "
+                        "ROI 96, overlap 0.5).")
+    parser.add_argument("--ct-repeats", type=int, default=3, help="Timed CT volumes per GPU count, after the warm-up.")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="Directory for simulate.jsonl.")
@@ -194,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
+    if args.ct_latency:
+        return run_ct(args, root)
     model = make_model(root / "model", "UNet", 4, 32, 1)
     inputs = make_volumes(root / "scans", args.volumes, (32, 32, 32))
     out = args.out / "simulate.jsonl" if args.out else None
@@ -210,5 +280,25 @@ def run(args: argparse.Namespace, root: Path) -> None:
               f"Redis {r['redis_commands_per_second']:.0f} cmd/s, DB {r['db_commits_per_second']} commits/s")
 
 
+def run_ct(args: argparse.Namespace, root: Path) -> None:
+    from bench import peer_folder
+
+    scans = peer_folder.make_volumes(root / "ct-scans", args.ct_repeats + 1, (512, 512, 300), seed=7, dtype="int16",
+                                     prefix="ct")
+    model = ct_model(root / "model", 96)
+    out = args.out / "simulate_ct.jsonl" if args.out else None
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for devices in (int(d) for d in args.ct_latency.split(",")):
+        results.append(ct_arm(args, root, devices, model, scans))
+        emit(results[-1], out)
+    base = results[0]["median_queued_to_mask_seconds"]
+    for r in results:
+        print(f"{r['simulated_gpus']:3d} simulated GPUs: one CT-size volume {r['median_queued_to_mask_seconds']:.2f} s "
+              f"from its job row to its mask, {base / r['median_queued_to_mask_seconds']:.2f}x the first arm")
+
+
 if __name__ == "__main__":
     main()
+

@@ -74,14 +74,15 @@ def preload_heavy_modules(**_: Any) -> None:
     Each pool process then starts with them loaded (copy-on-write) instead of paying several seconds
     of imports on its first task, which a dataset's first volumes would otherwise wait for. Importing
     torch does not initialise CUDA, so the parent still never holds a CUDA context. A simulated worker
-    (SEGQ_BACKEND=simulate, test only) imports none of them.
+    (SEGQ_BACKEND=simulate, test only) imports what prepare and merge use, not the networks and engines.
     """
+    import monai.data.utils  # noqa: F401
+    import torch  # noqa: F401
+
     if get_settings().backend == "simulate":
         return
-    import monai.data.utils  # noqa: F401
     import monai.inferers.utils  # noqa: F401
     import monai.networks.nets  # noqa: F401
-    import torch  # noqa: F401
 
     import worker.engines.inference  # noqa: F401
     import worker.engines.torch_engine  # noqa: F401
