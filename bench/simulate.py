@@ -228,7 +228,7 @@ def ct_arm(args: argparse.Namespace, root: Path, devices: int, model: Path, scan
                 "median_inference_seconds", "median_merge_seconds", "parts")})
     steady = latencies[1:] or latencies
     return {"bench": "simulate ct latency", "simulated_gpus": devices, "ct_gpu_seconds": args.ct_gpu_seconds,
-            "windows": windows, "cpus": os.cpu_count(), "runs": latencies,
+            "windows": windows, "cpus": os.cpu_count(), "label": args.label, "runs": latencies,
             "median_queued_to_mask_seconds": statistics.median(r["queued_to_mask_seconds"] for r in steady)}
 
 
@@ -251,6 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ct-windows", type=int, default=600, help="Windows of the CT-size volume (600: 512x512x300, "
                         "ROI 96, overlap 0.5).")
     parser.add_argument("--ct-repeats", type=int, default=3, help="Timed CT volumes per GPU count, after the warm-up.")
+    parser.add_argument("--label", default="", help="Recorded with each CT latency line (a commit, a machine).")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="Directory for simulate.jsonl.")
