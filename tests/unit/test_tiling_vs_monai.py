@@ -111,3 +111,23 @@ def test_vendored_scan_interval_is_monais(padded: tuple[int, ...], roi: tuple[in
     from monai.inferers.utils import _get_scan_interval
 
     assert scan_interval(padded, roi, overlap) == _get_scan_interval(padded, roi, 3, (overlap,) * 3)
+
+
+@pytest.mark.parametrize("layout", ["C", "nifti"])
+def test_merge_partials_copies_and_adds_like_a_sum_of_every_partial(layout: str) -> None:
+    """Overlapping bands, a part inside another's rows, rows no part covers, parts out of order."""
+    rng = np.random.default_rng(4)
+    shape = (30, 6, 5)
+    spans = [(12, 20), (0, 8), (5, 14), (14, 16), (24, 28)]  # rows 20-23 and 28-29 uncovered
+    parts = []
+    for lo, hi in spans:
+        part = rng.random((hi - lo, *shape[1:]), dtype=np.float32)
+        parts.append((lo, np.asfortranarray(part) if layout == "nifti" else part))
+    weights = rng.random(shape, dtype=np.float32) + 0.5
+    expected = np.zeros(shape, dtype=np.float32)
+    for lo, part in parts:
+        expected[lo : lo + part.shape[0]] += part
+    expected /= weights
+    crop = (slice(1, 29), slice(0, 6), slice(0, 4))
+    merged = merge_partials(shape, parts, np.asfortranarray(weights) if layout == "nifti" else weights, crop)
+    np.testing.assert_allclose(merged, expected[crop], rtol=1e-6, atol=0)
