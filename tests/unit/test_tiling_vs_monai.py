@@ -131,3 +131,26 @@ def test_merge_partials_copies_and_adds_like_a_sum_of_every_partial(layout: str)
     crop = (slice(1, 29), slice(0, 6), slice(0, 4))
     merged = merge_partials(shape, parts, np.asfortranarray(weights) if layout == "nifti" else weights, crop)
     np.testing.assert_allclose(merged, expected[crop], rtol=1e-6, atol=0)
+
+
+def test_a_device_without_room_for_the_transposed_copies_gives_the_same_partial(monkeypatch) -> None:
+    """The slab's rows and its partial are transposed on the device; out of memory there, the rows stay
+    strided and the partial is transposed on the host, with the same values and memory order."""
+    volume = np.random.default_rng(5).normal(size=(1, 40, 37, 23)).astype(np.float32)
+    plan = plan_windows(volume.shape[1:], (16, 16, 16), 0.5, "gaussian")
+    loaded = np.ascontiguousarray(volume.transpose(0, 3, 2, 1)).transpose(0, 3, 2, 1)
+    padded = workspace_input(loaded, plan, "none").transpose(0, 3, 2, 1)
+    engine, weights, slab = ModuleEngine(tiny_unet()), importance_map(plan), plan.slabs(5)[1]
+    roomy = infer_slab(padded, slab, plan.roi, weights, engine, 4)
+    contiguous, refused = torch.Tensor.contiguous, []
+
+    def full_device(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.dim() in (3, 4) and not self.is_contiguous():  # a slab's rows or partial, not a network batch
+            refused.append(tuple(self.shape))
+            raise torch.OutOfMemoryError("simulated: no room for the transposed copy")
+        return contiguous(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", full_device)
+    full = infer_slab(padded, slab, plan.roi, weights, engine, 4)
+    assert len(refused) == 2 and nifti_order(full)
+    np.testing.assert_array_equal(full, roomy)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 import numpy as np
@@ -67,10 +67,14 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
 
 
 def partial_to_host(partial: torch.Tensor, volume: np.ndarray) -> np.ndarray:
-    """A slab's partial in host memory, in the memory order of ``volume`` (transposed on the device)."""
-    if nifti_order(volume):
+    """A slab's partial in host memory, in the memory order of ``volume`` (transposed on the device, or on the
+    host when the device has no room for the transposed copy)."""
+    if not nifti_order(volume):
+        return partial.cpu().numpy()
+    try:
         return partial.permute(2, 1, 0).contiguous().cpu().numpy().transpose(2, 1, 0)
-    return partial.cpu().numpy()
+    except torch.OutOfMemoryError:  # a smaller ROI batch would not help: this is after the last one
+        return np.asfortranarray(partial.cpu().numpy())
 
 
 def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec3, weights: np.ndarray,
@@ -78,7 +82,11 @@ def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec
     """:func:`infer_slab` on the device: ``rows`` (the slab's rows, as :func:`read_slab` gives them) in,
     the partial sum of shape ``(hi - lo, *rest)`` out, left on the engine's device."""
     device = engine.device
-    rows = rows.to(device, non_blocking=True).contiguous()  # rows in NIfTI's order are transposed on the device
+    rows = rows.to(device, non_blocking=True)
+    # Rows in NIfTI's order are transposed on the device, once; with no room there for a second copy of the
+    # slab, each batch is gathered from the strided rows instead.
+    with suppress(torch.OutOfMemoryError):
+        rows = rows.contiguous()
     partial = torch.zeros((slab.hi - slab.lo, *rest), dtype=torch.float32, device=device)
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
     rx, ry, rz = roi
