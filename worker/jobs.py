@@ -38,8 +38,10 @@ GZIP_THREADS = 2
 PLAN = "plan.json"
 
 
-def slab_file(index: int) -> str:
-    return f"slab_{index:04d}.npy"
+def slab_file(index: int, divided: bool = True) -> str:
+    """A part's partial: divided by its rows' summed weights on the device (``part_``), or as segq wrote it
+    before, a plain weighted sum that merge divides (``slab_``). The name says which, for a redelivery."""
+    return f"part_{index:04d}.npy" if divided else f"slab_{index:04d}.npy"
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,11 @@ def load_plan(ws: Path) -> tuple[WindowPlan, list[Slab]]:
     return WindowPlan.from_json(document["plan"]), [Slab.from_json(s) for s in document["slabs"]]
 
 
-def slab_reference(slab: Slab, shape: tuple[int, ...], checksum: str, worker: str) -> dict[str, Any]:
-    """What crosses Redis for a slab: ids and a checksum, never the array."""
+def slab_reference(slab: Slab, shape: tuple[int, ...], checksum: str, worker: str,
+                   divided: bool = True) -> dict[str, Any]:
+    """What crosses Redis for a slab: ids, a checksum and whether it is divided already, never the array."""
     return {"slab": slab.index, "lo": slab.lo, "shape": list(shape), "checksum": checksum, "worker": worker,
-            "windows": len(slab.starts)}
+            "windows": len(slab.starts), "divided": divided}
 
 
 def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: int, worker: str,
@@ -241,7 +244,8 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
     volume = load_input(ws)
-    array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease)
+    array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease,
+                       starts=plan.starts)
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
     checksum = storage.array_checksum(array)
@@ -255,12 +259,13 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
 
 def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
     """The reference of a slab already written by an earlier delivery, if its file is whole."""
-    path = ws / slab_file(index)
-    if not path.is_file():
-        return None
-    _plan, slabs = load_plan(ws)
-    array = storage.load_array(path)
-    return slab_reference(slabs[index], array.shape, storage.array_checksum(array), worker)
+    for divided in (True, False):
+        path = ws / slab_file(index, divided)
+        if path.is_file():
+            _plan, slabs = load_plan(ws)
+            array = storage.load_array(path)
+            return slab_reference(slabs[index], array.shape, storage.array_checksum(array), worker, divided)
+    return None
 
 
 _WEIGHT_CACHE: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
@@ -339,12 +344,15 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
         raise InputError(f"merge is missing slab(s) {missing} of {len(slabs)}")
     partials = []
     for slab in slabs:
+        divided = bool(by_slab[slab.index].get("divided"))
         # Several parts are only read (added into one sum): map them instead of copying hundreds of MB first.
-        array = storage.load_array(ws / slab_file(slab.index), mmap=len(slabs) > 1)
+        array = storage.load_array(ws / slab_file(slab.index, divided), mmap=len(slabs) > 1)
         if storage.array_checksum(array) != by_slab[slab.index]["checksum"]:
             raise InputError(f"slab {slab.index}'s partial in {ws} does not match the checksum its subtask reported")
+        if not divided:  # written by a worker of an earlier segq: divide it here
+            array = array / cached_weight_sum(plan)[slab.lo : slab.lo + array.shape[0]]
         partials.append((slab.lo, array))
-    probability = merge_partials(plan.padded_shape, partials, cached_weight_sum(plan), plan.crop)
+    probability = merge_partials(plan.padded_shape, partials, None, plan.crop)
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     series = dicomseg.read_meta(ws)
     source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)

@@ -31,6 +31,7 @@ def run_part(ws: Path, index: int, worker: str,
     started = utcnow()
     time.sleep(len(slab.starts) * seconds_per_window)
     held = (started, utcnow())
-    array = np.zeros((slab.hi - slab.lo, *plan.padded_shape[1:]), dtype=np.float32, order="F")  # as a GPU part's
+    # as a GPU part's (zeros need no division by the rows' weights to count as divided)
+    array = np.zeros((slab.hi - slab.lo, *plan.padded_shape[1:]), dtype=np.float32, order="F")
     storage.save_array_once(ws / slab_file(index), array)
     return slab_reference(slab, array.shape, storage.array_checksum(array), worker), held

@@ -47,11 +47,13 @@ def split_merge(volume: np.ndarray, roi: int, overlap: float, mode: str, max_win
     else:
         padded = pad_volume(volume, plan)
     weights = importance_map(plan)
-    partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch))
-                for s in plan.slabs(max_windows)]
-    assert all(nifti_order(p) == (layout == "nifti") for _lo, p in partials)
-    order = "F" if layout == "nifti" else "C"
-    return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights, order=order), plan.crop)
+    if layout == "nifti":  # as a job runs: each partial divided on the device, the merge only adds
+        partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch, starts=plan.starts))
+                    for s in plan.slabs(max_windows)]
+        assert all(nifti_order(p) for _lo, p in partials)
+        return merge_partials(plan.padded_shape, partials, None, plan.crop)
+    partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch)) for s in plan.slabs(max_windows)]
+    return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights), plan.crop)
 
 
 CASES = [
