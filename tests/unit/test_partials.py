@@ -56,3 +56,23 @@ def test_merge_takes_divided_and_plain_partials_alike(tmp_path: Path, old: tuple
     expected = (total / weight_sum(plan))[plan.crop]
     np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-7)
     assert jobs.existing_reference(ws, 0, "w")["divided"] is (0 not in old)
+
+
+def test_a_device_without_room_for_the_divisor_divides_on_the_host(monkeypatch) -> None:
+    from worker.engines import inference
+
+    volume = np.random.default_rng(7).normal(size=(1, 40, 21, 19)).astype(np.float32)
+    plan = plan_windows(volume.shape[1:], (16, 16, 16), 0.5, "gaussian")
+    engine, weights, slab = ModuleEngine(tiny_unet()), importance_map(plan), plan.split(3)[1]
+    roomy = infer_slab(volume, slab, plan.roi, weights, engine, 4, starts=plan.starts)
+    real, calls = inference.row_weights, []
+
+    def full_once(*args, **kwargs):
+        calls.append(args[-1])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated: no room for the divisor")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "row_weights", full_once)
+    np.testing.assert_array_equal(infer_slab(volume, slab, plan.roi, weights, engine, 4, starts=plan.starts), roomy)
+    assert len(calls) == 2

@@ -68,7 +68,11 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
     with device_lock or nullcontext():
         partial = slab_partial(host, slab, volume.shape[2:], roi, weights, engine, batch_size, should_stop)
         if starts is not None:
-            partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, engine.device))
+            try:
+                partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, engine.device))
+            except torch.OutOfMemoryError:  # no room on the device for the divisor: divide on the host
+                partial = partial.cpu()
+                partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, partial.device))
         return partial_to_host(partial, volume)
 
 
