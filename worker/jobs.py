@@ -273,8 +273,8 @@ _WEIGHT_CACHE_SIZE = 2
 
 
 def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
-    """The plan's summed importance map in NIfTI's order (a job's partials'), kept for the next volume of
-    the same shape.
+    """The plan's summed importance map, kept for the next volume of the same shape: the divisor of a
+    partial from an earlier segq (a part now divides its own partial on the device).
 
     A dataset's volumes usually share one shape (every BraTS case is 240x240x155), and the sum
     costs a pass over the volume per window; two entries bound the memory a coordinator keeps.
@@ -282,7 +282,7 @@ def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
     key = (plan.padded_shape, plan.roi, plan.mode, plan.sigma_scale, tuple(plan.starts))
     weights = _WEIGHT_CACHE.get(key)
     if weights is None:
-        weights = weight_sum(plan, order="F")
+        weights = weight_sum(plan)
         weights.flags.writeable = False
         _WEIGHT_CACHE[key] = weights
         while len(_WEIGHT_CACHE) > _WEIGHT_CACHE_SIZE:

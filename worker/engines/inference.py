@@ -135,9 +135,8 @@ def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]
     """Add slab partials at their offsets, divide by the summed importance map (None: the partials were
     divided already, by :func:`infer_slab`), crop the padding.
 
-    The sum is kept in the partials' memory order (NIfTI's for a job), so no pass transposes; pass the
-    weight sum in that order too. torch's threaded kernels do the adds and the division: on a CT they
-    are passes over hundreds of MB.
+    The sum is kept in the partials' memory order (NIfTI's for a job), so no pass transposes. torch's
+    threaded kernels do the adds and the division: on a CT they are passes over hundreds of MB.
     """
     if len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == padded_shape:
         total = torch.from_numpy(partials[0][1])  # one slab over the whole volume: divide it in place
