@@ -352,7 +352,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
         if not divided:  # written by a worker of an earlier segq: divide it here
             array = array / cached_weight_sum(plan)[slab.lo : slab.lo + array.shape[0]]
         partials.append((slab.lo, array))
-    probability = merge_partials(plan.padded_shape, partials, None, plan.crop)
+    probability = merge_partials(plan.padded_shape, partials, plan.crop)
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     series = dicomseg.read_meta(ws)
     source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)

@@ -51,9 +51,13 @@ def split_merge(volume: np.ndarray, roi: int, overlap: float, mode: str, max_win
         partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch, starts=plan.starts))
                     for s in plan.slabs(max_windows)]
         assert all(nifti_order(p) for _lo, p in partials)
-        return merge_partials(plan.padded_shape, partials, None, plan.crop)
+        return merge_partials(plan.padded_shape, partials, plan.crop)
+    # as an earlier segq's parts: plain weighted sums, each divided by its rows of the whole weight sum
+    # (what jobs.merge does with them)
+    total = weight_sum(plan, weights)
     partials = [(s.lo, infer_slab(padded, s, plan.roi, weights, engine, batch)) for s in plan.slabs(max_windows)]
-    return merge_partials(plan.padded_shape, partials, weight_sum(plan, weights), plan.crop)
+    partials = [(lo, part / total[lo : lo + part.shape[0]]) for lo, part in partials]
+    return merge_partials(plan.padded_shape, partials, plan.crop)
 
 
 CASES = [
@@ -125,13 +129,11 @@ def test_merge_partials_copies_and_adds_like_a_sum_of_every_partial(layout: str)
     for lo, hi in spans:
         part = rng.random((hi - lo, *shape[1:]), dtype=np.float32)
         parts.append((lo, np.asfortranarray(part) if layout == "nifti" else part))
-    weights = rng.random(shape, dtype=np.float32) + 0.5
     expected = np.zeros(shape, dtype=np.float32)
     for lo, part in parts:
         expected[lo : lo + part.shape[0]] += part
-    expected /= weights
     crop = (slice(1, 29), slice(0, 6), slice(0, 4))
-    merged = merge_partials(shape, parts, np.asfortranarray(weights) if layout == "nifti" else weights, crop)
+    merged = merge_partials(shape, parts, crop)
     np.testing.assert_allclose(merged, expected[crop], rtol=1e-6, atol=0)
 
 

@@ -40,11 +40,12 @@ def read_slab(volume: np.ndarray, slab: Slab, device: torch.device) -> torch.Ten
     before the device is taken, so it overlaps the step that holds the device.
     """
     rows = read_only_tensor(volume[:, slab.lo : slab.hi])
-    if nifti_order(volume):
+    nifti = nifti_order(volume)
+    if nifti:
         rows = rows.permute(0, 3, 2, 1)  # (C, Z, Y, X): dense in memory
     host = torch.empty(rows.shape, dtype=torch.float32, pin_memory=device.type == "cuda")
     host.copy_(rows)
-    return host.permute(0, 3, 2, 1) if nifti_order(volume) else host
+    return host.permute(0, 3, 2, 1) if nifti else host
 
 
 def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, engine: Engine,
@@ -130,25 +131,22 @@ def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec
     return partial
 
 
-def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]], weight_sum: np.ndarray | None,
+def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]],
                    crop: tuple[slice, ...]) -> np.ndarray:
-    """Add slab partials at their offsets, divide by the summed importance map (None: the partials were
-    divided already, by :func:`infer_slab`), crop the padding.
+    """Add slab partials, each divided already (by :func:`infer_slab` on the device), at their offsets and
+    crop the padding.
 
     The sum is kept in the partials' memory order (NIfTI's for a job), so no pass transposes. torch's
-    threaded kernels do the adds and the division: on a CT they are passes over hundreds of MB.
+    threaded kernels do the adds: on a CT they are passes over hundreds of MB.
     """
     if len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == padded_shape:
-        total = torch.from_numpy(partials[0][1])  # one slab over the whole volume: divide it in place
+        return partials[0][1][crop]  # one slab over the whole volume: nothing to add
+    if partials and nifti_order(partials[0][1]):
+        total = torch.zeros(tuple(reversed(padded_shape)), dtype=torch.float32).permute(2, 1, 0)
     else:
-        if partials and nifti_order(partials[0][1]):
-            total = torch.zeros(tuple(reversed(padded_shape)), dtype=torch.float32).permute(2, 1, 0)
-        else:
-            total = torch.zeros(padded_shape, dtype=torch.float32)
-        for lo, part in partials:
-            total[lo : lo + part.shape[0]].add_(read_only_tensor(part))
-    if weight_sum is not None:
-        total.div_(read_only_tensor(weight_sum))
+        total = torch.zeros(padded_shape, dtype=torch.float32)
+    for lo, part in partials:
+        total[lo : lo + part.shape[0]].add_(read_only_tensor(part))
     return total.numpy()[crop]
 
 
