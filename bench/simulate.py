@@ -193,7 +193,7 @@ def ct_arm(args: argparse.Namespace, root: Path, devices: int, model: Path, scan
     """One CT-size volume at a time on ``devices`` simulated GPUs: submit to mask, and where the time went.
 
     The parts sleep ``--ct-gpu-seconds`` spread over the volume's windows; prepare, the chord, the merge,
-    Redis and SQLite are real. The first scan warms the processes up (imports, the weight sum); each scan
+    Redis and SQLite are real. The first scan warms the processes up (imports, first touch of memory); each scan
     is a new volume, since a repeat of one would be copied from the first's mask.
     """
     import redis
@@ -302,4 +302,3 @@ def run_ct(args: argparse.Namespace, root: Path) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -9,12 +9,13 @@ cores, with no GPU and no queue:
 - **part host**: what a GPU worker does around the device for one part: read its rows from the workspace
   into (pinned, where CUDA is present) memory, and write its partial (the partial's values are made up:
   its layout and size are the real ones);
-- **merge**: ``worker.jobs.merge`` (read and check the partials, add, divide by the weight sum, threshold,
-  write the .nii.gz mask).
+- **merge**: ``worker.jobs.merge`` (read and check the partials, add them, threshold, write the .nii.gz
+  mask; at commits before parts divided their partials on the device, also divide by the weight sum).
 
 One CT-size 512x512x300 int16 volume and one BraTS-size 240x240x155 float32 volume by default, made as
-``bench/peer_folder.py`` makes them. ``--repeats`` runs each; the first repeat of a shape also pays the
-weight sum, which later volumes of that shape find cached.
+``bench/peer_folder.py`` makes them. ``--repeats`` runs each; the first repeat is left out of the medians (it
+pays a process's first touch of memory and, at those earlier commits, the weight sum that later volumes of
+the same shape find cached).
 
     python -m bench.volume_costs --out bench/results
 """
