@@ -32,8 +32,8 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Directory for the <name>_seg.nii.gz masks.")
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="model.toml naming the network and checkpoint.")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="A model.toml naming the network and checkpoint, or a MONAI bundle (its folder or .zip).")
 @click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), help="Window overlap (wins over the file).")
 @click.option("--sw-batch-size", type=click.IntRange(min=1), help="ROIs per forward pass (wins over the file).")
 @click.option("--mode", type=click.Choice(MODES), help="Blending of overlapping windows (wins over the file).")
@@ -50,11 +50,14 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
               help="Take over output paths another dataset owns (its jobs for them are cancelled, saying why).")
 @click.option("--wait", is_flag=True, help="Return when every volume has finished, printing a line each.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--trust-model", is_flag=True,
+              help="Run a MONAI bundle's config as code: any _target_, $ expression and import it holds. Without it, "
+                   "only MONAI and torch.nn classes and literal expressions run (docs/MODELS.md).")
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
            sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
            max_windows_per_subtask: int | None, save_probabilities: bool, output_format: str, overwrite: bool,
            wait: bool,
-           timeout: float | None) -> None:
+           timeout: float | None, trust_model: bool) -> None:
     """Queue every NIfTI volume and DICOM series in INPUTS (files or directories) for segmentation.
 
     DICOM files are found by content (any name); each series is one volume. A DICOM file or series that
@@ -63,9 +66,12 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     """
     from producer.scan import collect
     from producer.submit import submit as submit_dataset
-    from segq.modelspec import load_model_spec
+    from segq.pipeline import load_pipeline
 
-    spec = load_model_spec(model_path).with_overrides(overlap, sw_batch_size, mode)
+    spec = load_pipeline(model_path, trust=trust_model).with_overrides(overlap, sw_batch_size, mode)
+    if save_probabilities and spec.is_bundle:
+        raise click.UsageError("--save-probabilities writes a model.toml's target probability; a bundle's "
+                               "postprocessing decides on its own grid, so it has none to save")
     collected = collect(list(inputs), out_dir.expanduser().resolve(), output_format)
     # every input refused: the error names each one
     submitted = submit_dataset(collected.inputs, out_dir, spec, name=name, priority=priority,

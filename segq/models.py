@@ -124,6 +124,11 @@ class Job(Base):
     modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
     source_files: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     output_format: Mapped[str | None] = mapped_column(String(16), nullable=True)  # nifti, dicom-seg, both
+    # A case of several files (nnU-Net's _0000.._000N, or a datalist): its channel files in channel order,
+    # input_path being the first. NULL for a one-file case.
+    channel_files: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Per label of the pipeline, once done: [{"value": 1, "name": "spleen", "voxels": n, "ml": v}, ...]
+    labels: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
     dataset: Mapped[Dataset] = relationship(back_populates="jobs")
     parts: Mapped[list[Subtask]] = relationship(back_populates="job", order_by="Subtask.slab")

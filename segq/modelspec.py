@@ -66,10 +66,33 @@ class ModelSpec:
     segment_category: str = "MorphologicallyAbnormalStructure"
     segment_type: str = "Neoplasm"
     path: Path | None = None
+    # The pipeline's format: "toml" (this file's: one target class, thresholded) or "bundle" (a MONAI bundle:
+    # its transforms run at prepare and merge, every output channel crosses the parts; segq.pipeline.bundle).
+    format: str = "toml"
+    bundle: str = ""  # a bundle's root folder (on the shared storage for an unpacked .zip)
+    roi_shape: tuple[int, ...] | None = None  # a bundle's ROI, which need not be a cube
+    sigma_scale: float = 0.125
+    padding_mode: str = "constant"  # MONAI's name: constant, replicate, reflect or circular
+    labels: dict[str, str] | None = None  # label value -> name, for a bundle (a TOML model's is segment_label)
+    trusted: bool = False  # a bundle run as code (--trust-model)
+    config_sha256: str = ""  # a bundle's config and metadata, in the checksum
 
     @property
     def roi(self) -> tuple[int, int, int]:
+        if self.roi_shape:
+            x, y, z = (int(v) for v in self.roi_shape)
+            return (x, y, z)
         return (self.roi_size,) * 3
+
+    @property
+    def is_bundle(self) -> bool:
+        return self.format == "bundle"
+
+    def label_names(self) -> dict[int, str]:
+        """Every label the output can hold, by value (0 is the background)."""
+        if self.labels:
+            return {int(k): v for k, v in self.labels.items()}
+        return {0: "background", 1: self.segment_label}
 
     def with_overrides(self, overlap: float | None = None, sw_batch_size: int | None = None,
                        mode: str | None = None) -> ModelSpec:
@@ -87,6 +110,9 @@ class ModelSpec:
 
     def validate(self) -> None:
         where = f"model file {self.path}" if self.path else "model spec"
+        if self.is_bundle:
+            self._validate_window(where)
+            return
         check_types({k: getattr(self, k) for k in FIELD_TYPES}, where)
         if self.arch not in ARCHS:
             raise InputError(f"{where}: arch = {self.arch!r} is not one of {', '.join(ARCHS)}")
@@ -99,10 +125,7 @@ class ModelSpec:
             raise InputError(f"{where}: SwinUNETR needs roi_size divisible by 32, got {self.roi_size}")
         if self.arch == "SwinUNETR" and self.roi_size < 64:
             raise InputError(f"{where}: SwinUNETR's deepest stage needs roi_size >= 64, got {self.roi_size}")
-        if not 0 <= self.overlap < 1:
-            raise InputError(f"{where}: overlap must be in [0, 1), got {self.overlap}")
-        if self.mode not in MODES:
-            raise InputError(f"{where}: mode = {self.mode!r} is not one of {', '.join(MODES)}")
+        self._validate_window(where)
         for name in ("segment_category", "segment_type"):
             try:
                 parse_code(str(getattr(self, name)))
@@ -113,8 +136,18 @@ class ModelSpec:
         if self.preprocess not in PREPROCESS:
             raise InputError(f"{where}: preprocess = {self.preprocess!r} is not one of {', '.join(PREPROCESS)}")
 
+    def _validate_window(self, where: str) -> None:
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"{where}: overlap must be in [0, 1), got {self.overlap}")
+        if self.mode not in MODES:
+            raise InputError(f"{where}: mode = {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.sw_batch_size < 1:
+            raise InputError(f"{where}: sw_batch_size must be a positive integer, got {self.sw_batch_size!r}")
+
     def network_config(self) -> dict[str, Any]:
         """What defines the network's weights and outputs (not how it is slid)."""
+        if self.is_bundle:  # the bundle's config and metadata say it all, with the weights
+            return {"format": "bundle", "config": self.config_sha256, "trusted": self.trusted}
         return {
             "arch": self.arch, "in_channels": self.in_channels, "out_channels": self.out_channels,
             "feature_size": self.feature_size, "roi_size": self.roi_size, "target_class": self.target_class,
@@ -135,6 +168,7 @@ class ModelSpec:
         data = asdict(self)
         data["checkpoint"] = str(self.checkpoint)
         data["path"] = str(self.path) if self.path else None
+        data["roi_shape"] = list(self.roi_shape) if self.roi_shape else None
         return data
 
 
@@ -153,6 +187,13 @@ def parse_code(text: str) -> tuple[str, str, str]:
         raise ValueError(f"{text!r} is neither a SNOMED CT keyword known to pydicom (e.g. Neoplasm, Liver) "
                          "nor SCHEME:VALUE:Meaning (e.g. SCT:108369006:Neoplasm)") from None
     return str(code.value), str(code.scheme_designator), str(code.meaning)
+
+
+def files_sha256(paths: list[Path] | tuple[Path, ...]) -> str:
+    """A case's content hash: one file's own sha256, or for several, the sha256 of their hashes in channel order."""
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -177,7 +218,7 @@ def load_model_spec(path: str | Path) -> ModelSpec:
                if key not in data]
     if missing:
         raise InputError(f"model file {path} lacks {', '.join(missing)}")
-    known = {f for f in ModelSpec.__dataclass_fields__ if f != "path"}
+    known = set(FIELD_TYPES) | {"segment_label", "segment_category", "segment_type"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InputError(
@@ -200,6 +241,8 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
     fields = dict(data)
     fields["checkpoint"] = Path(fields["checkpoint"])
     fields["path"] = Path(fields["path"]) if fields.get("path") else None
+    if fields.get("roi_shape"):
+        fields["roi_shape"] = tuple(int(v) for v in fields["roi_shape"])
     return ModelSpec(**fields)  # a spec recorded before the segment keys existed gets their defaults
 
 

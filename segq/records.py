@@ -38,6 +38,7 @@ class JobView:
     out_dir: str = ""  # the dataset's output directory: the output must still land inside it
     source_files: tuple[str, ...] = ()  # a DICOM series' files; empty for a NIfTI input
     output_format: str = "nifti"
+    channel_files: tuple[str, ...] = ()  # a case of several files, in channel order; empty for one file
 
     @property
     def active(self) -> bool:
@@ -52,7 +53,7 @@ def load_job(job_id: str) -> JobView | None:
         ds = job.dataset
         return JobView(job.id, job.dataset_id, job.attempt, job.status, job.input_path, job.output_path,
                        ds.params.get("model", {}), ds.model_sha256, ds.params, job.input_sha256, ds.out_dir,
-                       tuple(job.source_files or ()), job.output_format or "nifti")
+                       tuple(job.source_files or ()), job.output_format or "nifti", tuple(job.channel_files or ()))
 
 
 def job_status(job_id: str) -> tuple[Status, int] | None:
@@ -112,7 +113,8 @@ def subtask_done(job_id: str, attempt: int, slab: int) -> bool:
         return status == Status.DONE
 
 
-def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: float, merge_seconds: float) -> bool:
+def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: float, merge_seconds: float,
+               labels: list[dict[str, Any]] | None = None) -> bool:
     """Mark the job done with its figures; False (and nothing changed) if it is no longer this attempt's."""
     with session_scope() as s:
         job = s.get(Job, job_id, with_for_update=True)
@@ -121,6 +123,7 @@ def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: floa
         parts = list(s.scalars(select(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt)))
         job.status, job.error, job.finished_at = Status.DONE, None, utcnow()
         job.tumour_voxels, job.tumour_ml, job.merge_seconds = tumour_voxels, tumour_ml, merge_seconds
+        job.labels = labels
         job.inference_seconds = round(sum(p.seconds or 0.0 for p in parts), 3)
         job.workers = sorted({p.worker for p in parts if p.worker})
         return True
@@ -164,6 +167,7 @@ def _new_attempt(job: Job) -> int:
     job.status, job.error, job.queued_at = Status.QUEUED, None, utcnow()
     job.started_at = job.finished_at = job.admitted_at = None
     job.tumour_voxels = job.tumour_ml = job.windows = job.subtasks = None
+    job.labels = None
     job.inference_seconds = job.merge_seconds = job.preprocess_seconds = None
     job.workers = None
     return job.attempt

@@ -149,7 +149,7 @@ def _version() -> str:
         return "0"
 
 
-def write_seg(mask: np.ndarray, meta: SeriesMeta, output: Path) -> None:
+def write_seg(mask: np.ndarray, meta: SeriesMeta, output: Path, names: dict[int, str] | None = None) -> None:
     """Write the SEG atomically (temp name, fsync, rename)."""
     seg = build_seg(mask, meta)
     with storage.atomic_path(output) as tmp:

@@ -18,7 +18,7 @@ import numpy as np
 
 from segq import faults, storage
 from segq.errors import CancelledError, InputError
-from segq.modelspec import ModelSpec, file_sha256, spec_from_dict
+from segq.modelspec import ModelSpec, files_sha256, spec_from_dict
 from segq.preprocess import STD_FLOOR
 from segq.records import JobView
 from segq.settings import Settings
@@ -33,7 +33,9 @@ logger = logging.getLogger("segq.jobs")
 # The padded input as (C, Z, Y, X), C-ordered: each channel in NIfTI's own order (x fastest), so the
 # coordinator never transposes a volume; load_input gives the (C, X, Y, Z) view every index uses.
 INPUT = "input_zyx.npy"
-LEGACY_INPUT = "input.npy"  # (C, X, Y, Z) C-ordered, as segq wrote it before: a job prepared then still runs
+# The input as (C, X, Y, Z), C-ordered: a bundle's model-grid array (MONAI's order), and what segq wrote
+# before the NIfTI-order workspace (a job prepared then still runs).
+CXYZ_INPUT = "input.npy"
 GZIP_THREADS = 2
 PLAN = "plan.json"
 
@@ -91,18 +93,25 @@ def checked_input(job: JobView, settings: Settings) -> Iterator[Path]:
     otherwise a tenth of its prepare, ahead of everything else. A file that changed is reported as changed,
     also when the body failed to read it.
     """
-    path = storage.require_allowed(Path(job.input_path), settings.allowed_root_paths, "input")
+    files = case_files(job, settings)
+    path = files[0]
     if not job.input_sha256:
         yield path
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segq-input-hash") as pool:
-        digest = pool.submit(file_sha256, path)
+        digest = pool.submit(files_sha256, files)
         try:
             yield path
         except InputError:
             _require_submitted(job, digest.result())
             raise
         _require_submitted(job, digest.result())
+
+
+def case_files(job: JobView, settings: Settings) -> list[Path]:
+    """The case's files in channel order (one, or a multi-file case's), each still inside the allowed roots."""
+    names = job.channel_files or (job.input_path,)
+    return [storage.require_allowed(Path(name), settings.allowed_root_paths, "input") for name in names]
 
 
 def _require_submitted(job: JobView, sha256: str) -> None:
@@ -180,6 +189,8 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     spec = spec_from_dict(job.model)
     faults.point("in_prepare", input=Path(job.input_path).name)
     ws = storage.workspace(settings.storage_root, job.id, job.attempt)
+    if spec.is_bundle:
+        return prepare_bundle_case(job, settings, parts, spec, ws, started)
     if job.source_files:  # a DICOM series
         from worker.dicomseg import prepare_series
 
@@ -188,12 +199,64 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
         with checked_input(job, settings) as path:
             header = read_header(path, settings.max_voxels)
             check_memory(path, header.shape, np.dtype(header.dtype).itemsize, memory_headroom())
-            volume, _affine, header = load_volume(path, spec.in_channels, settings.max_voxels)
+            volume, header = load_case(job, settings, path, spec.in_channels)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
     zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
     ws.mkdir(parents=True, exist_ok=True)
     storage.save_array(ws / INPUT, zyx)
+    document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
+    with storage.atomic_path(ws / PLAN) as tmp:
+        tmp.write_text(json.dumps(document))
+    return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def load_case(job: JobView, settings: Settings, path: Path, channels: int) -> tuple[np.ndarray, Any]:
+    """A case's channels as one (C, X, Y, Z) volume: one file's, or a multi-file case's stacked in order."""
+    if not job.channel_files:
+        volume, _affine, header = load_volume(path, channels, settings.max_voxels)
+        return volume, header
+    volumes = [load_volume(f, 1, settings.max_voxels)[0] for f in case_files(job, settings)]
+    if len(volumes) != channels:
+        raise InputError(f"{path}: the case has {len(volumes)} channel files; the model takes {channels}")
+    header = read_header(path, settings.max_voxels)
+    return np.concatenate(volumes, axis=0), header
+
+
+def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int], int], spec: ModelSpec, ws: Path,
+                        started: float) -> Prepared:
+    """A bundle's case: its preprocessing onto the model's grid; the padded array, the plan and the trace that
+    inverts it go to the workspace."""
+    from segq.pipeline import bundle, bundle_stages
+
+    ws.mkdir(parents=True, exist_ok=True)
+    if job.source_files:  # a DICOM series: the bundle's LoadImaged reads it as the NIfTI prepare writes
+        from worker.dicomseg import nifti_source, prepare_series, read_meta
+
+        series_volume, header = prepare_series(job, settings, ws)
+        meta = read_meta(ws)
+        assert meta is not None
+        files = [ws / "series.nii"]
+        source = nifti_source(meta)
+        _write_nifti(series_volume[0], source, files[0])
+        del series_volume
+    else:
+        with checked_input(job, settings) as path:
+            files = case_files(job, settings)
+            header = read_header(path, settings.max_voxels)
+            check_memory(path, header.shape, np.dtype(header.dtype).itemsize * len(files), memory_headroom())
+            for other in files[1:]:
+                read_header(other, settings.max_voxels)
+            model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
+    if job.source_files:
+        model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
+    plan = plan_windows(model_grid.shape[1:], spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
+    slabs = plan.split(parts(len(plan.starts)))
+    if any(a or b for a, b in plan.pad):
+        mode = bundle.PADDING_MODES[spec.padding_mode]
+        model_grid = np.pad(model_grid, ((0, 0), *plan.pad), mode=mode)  # type: ignore[call-overload]
+    storage.save_array(ws / CXYZ_INPUT, model_grid)
+    bundle_stages.save_context(ws, meta_dict, operations)
     document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
@@ -215,8 +278,8 @@ def workspace_input(volume: np.ndarray, plan: WindowPlan, method: str, inplace: 
 
 def load_input(ws: Path) -> np.ndarray:
     """The padded input, memory-mapped, as a (C, X, Y, Z) view (in NIfTI's memory order)."""
-    if not (ws / INPUT).exists() and (ws / LEGACY_INPUT).exists():
-        return storage.load_array(ws / LEGACY_INPUT, mmap=True)
+    if not (ws / INPUT).exists() and (ws / CXYZ_INPUT).exists():
+        return storage.load_array(ws / CXYZ_INPUT, mmap=True)
     return storage.load_array(ws / INPUT, mmap=True).transpose(0, 3, 2, 1)
 
 
@@ -292,7 +355,7 @@ def cached_weight_sum(plan: WindowPlan) -> np.ndarray:
     return weights
 
 
-def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
+def _write_nifti(array: np.ndarray, source: Any, output: Path, extension: Any = None) -> None:
     """Write ``array`` as NIfTI beside ``output`` and rename it into place.
 
     The file handles are ours and closed by ``with`` even when a write fails: given a file name, nibabel
@@ -307,6 +370,8 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
     header.set_data_shape(array.shape)
     image = nib.Nifti1Image(array, source.affine, header)
     image.header.set_slope_inter(1, 0)
+    if extension is not None:
+        image.header.extensions.append(extension)
     with storage.disk_errors(output), storage.atomic_path(output) as tmp:
         with open(tmp, "wb") as raw:
             if output.name.endswith(".gz"):
@@ -320,15 +385,32 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path) -> None:
         faults.point("before_merge_rename", output=output.name)
 
 
-def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
-          save_probabilities: bool = False) -> tuple[int, float]:
-    """Add the partials, divide by the summed weights, threshold at 0.5 and write the mask atomically.
+def outputs_of(output: Path) -> list[Path]:
+    """Every file a job's merge may write: the mask, its label sidecar, the probability map and the DICOM SEG."""
+    from segq import labelmaps
+    from segq.dicom import seg_output
 
-    Returns the tumour voxel count and volume in mL (from the input's voxel spacing). For a DICOM series
-    (prepare left its description in ``ws``) the mask is written as NIfTI, DICOM SEG or both.
+    return [output, labelmaps.sidecar_path(output), storage.probability_path(output), seg_output(output)]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    voxels: int  # every labelled voxel (label > 0)
+    ml: float
+    labels: list[dict[str, Any]]  # per label: value, name, voxels, ml
+
+
+def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
+          save_probabilities: bool = False, spec: ModelSpec | None = None) -> MergeResult:
+    """Add the partials and decide: a model.toml's target probability thresholded at 0.5 into a binary mask, or a
+    bundle's logits through its own postprocessing into a label map on the scan's grid. Writes it atomically.
+
+    Returns the labelled voxels and their volume in mL (from the input's voxel spacing), in all and per label.
+    For a DICOM series (prepare left its description in ``ws``) the output is NIfTI, DICOM SEG or both.
     """
     import nibabel as nib
 
+    from segq import labelmaps
     from segq.dicom import seg_output
     from worker import dicomseg
     from worker.engines.inference import merge_partials
@@ -353,18 +435,33 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
             array = array / cached_weight_sum(plan)[slab.lo : slab.lo + array.shape[0]]
         partials.append((slab.lo, array))
     probability = merge_partials(plan.padded_shape, partials, plan.crop)
-    mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     series = dicomseg.read_meta(ws)
     source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)
-    if save_probabilities:
-        _write_nifti(f_order(probability), source, storage.probability_path(output))
+    bundle = spec is not None and spec.is_bundle
+    if bundle:
+        assert spec is not None
+        from segq.pipeline import bundle_stages
+
+        shape = nib.load(str(ws / "series.nii")).shape[:3] if series is not None else source.shape[:3]
+        decided = bundle_stages.postprocess(spec, probability, ws, tuple(shape))
+        del probability
+        mask = labelmaps.as_label_map(decided)
+    else:
+        mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
+        if save_probabilities:
+            _write_nifti(f_order(probability), source, storage.probability_path(output))
+    names = spec.label_names() if spec is not None else {0: "background", 1: "tumour"}
     ordered = f_order(mask)  # NIfTI's order on disk; its transpose is the SEG's (slice, row, column), copy-free
+    extension = labelmaps.nifti_extension(names) if bundle else None
     if series is None or series.writes_nifti:
-        _write_nifti(ordered, source, output)
+        _write_nifti(ordered, source, output, extension)
+        if bundle:
+            labelmaps.write_sidecar(output, names)
     if series is not None and series.writes_seg:
         seg = seg_output(output)
         storage.remove_stale_temps(seg)
-        dicomseg.write_seg(ordered, series, seg)
-    voxels = int(np.count_nonzero(mask))
-    spacing = np.prod(source.header.get_zooms()[:3])
-    return voxels, round(float(voxels * spacing) / 1000.0, 4)
+        dicomseg.write_seg(ordered, series, seg, names if bundle else None)
+    spacing = float(np.prod(source.header.get_zooms()[:3]))
+    stats = labelmaps.label_volumes(mask, names, spacing / 1000.0)
+    voxels = sum(int(s["voxels"]) for s in stats)
+    return MergeResult(voxels, round(voxels * spacing / 1000.0, 4), stats)

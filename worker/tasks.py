@@ -19,6 +19,7 @@ from segq import records, scheduler, storage
 from segq.celery_app import app
 from segq.errors import CancelledError
 from segq.models import Status, utcnow
+from segq.modelspec import spec_from_dict
 from segq.names import (
     FINISH_QUEUE,
     GPU_QUEUE,
@@ -188,14 +189,16 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
     ws = storage.require_workspace(storage.workspace(settings.storage_root, job.id, job.attempt), _worker(task))
     parts = refs if isinstance(refs, list) else [refs] if refs else []
     jobs.check_output(job, settings)
-    voxels, ml = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path),
-                            bool(job.params.get("save_probabilities")))
+    result = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path),
+                        bool(job.params.get("save_probabilities")), spec_from_dict(job.model))
+    voxels, ml = result.voxels, result.ml
     if not records.finish_job(job.id, job.attempt, tumour_voxels=voxels, tumour_ml=ml,
-                              merge_seconds=round(time.perf_counter() - clock, 3)):
+                              merge_seconds=round(time.perf_counter() - clock, 3), labels=result.labels):
         # Cancelled or failed while merging: an output must exist only for a job that is done.
         state = records.job_status(job.id)
         if state is None or state[0] != Status.DONE:
-            Path(job.output_path).unlink(missing_ok=True)
+            for written in jobs.outputs_of(Path(job.output_path)):
+                written.unlink(missing_ok=True)
         raise CancelledError("the job ended while it was merged")
     storage.remove_tree(storage.job_dir(settings.storage_root, job.id))
     records.record_step(job.id, job.attempt, "merge", _worker(task), started)

@@ -51,7 +51,7 @@ def compare_masks(reference: np.ndarray, candidate: np.ndarray) -> GateResult:
 def reference_volume(spec: ModelSpec, scale: float = 1.5, seed: int = 0) -> np.ndarray:
     """A deterministic synthetic volume (C, X, Y, Z) of ``scale`` ROIs a side: smooth blobs over noise,
     so the mask has structure rather than coin flips. Pass a real scan for a trained model."""
-    side = int(round(spec.roi_size * scale))
+    side = int(round(max(spec.roi) * scale))
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, side, dtype=np.float32),) * 3, indexing="ij"))
     volume = rng.normal(scale=0.3, size=(side,) * 3).astype(np.float32)
@@ -73,14 +73,23 @@ def volume_probability(engine: Engine, volume: np.ndarray, spec: ModelSpec) -> n
     rows = read_slab(padded, slab, engine.device)
     total = slab_partial(rows, slab, padded.shape[2:], plan.roi, weights, engine, spec.sw_batch_size)
     total = total / torch.from_numpy(weight_sum(plan, weights)).to(total.device)
-    return total.cpu().numpy()[plan.crop]
+    crop = plan.crop if total.ndim == 3 else (slice(None), *plan.crop)
+    return total.cpu().numpy()[crop]
+
+
+def decision(probability: np.ndarray) -> np.ndarray:
+    """What a job would make of an engine's output: the target probability at 0.5, or for every channel of a
+    bundle's network, the foreground of the channels' argmax (its logits' ranking, before its postprocessing)."""
+    if probability.ndim == 4:
+        return np.argmax(probability, axis=0) > 0
+    return probability >= 0.5
 
 
 def check_accuracy(candidate: Engine, reference: Engine, spec: ModelSpec, volume: np.ndarray,
                    min_dice: float = 0.99) -> GateResult:
     """Dice of ``candidate``'s mask against ``reference``'s; EngineRefusedError with the figure below ``min_dice``."""
-    ref_mask = volume_probability(reference, volume, spec) >= 0.5
-    cand_mask = volume_probability(candidate, volume, spec) >= 0.5
+    ref_mask = decision(volume_probability(reference, volume, spec))
+    cand_mask = decision(volume_probability(candidate, volume, spec))
     result = compare_masks(ref_mask, cand_mask)
     logger.info("accuracy gate: Dice %.5f, voxel agreement %.5f (%s %s vs %s %s)", result.dice, result.agreement,
                 candidate.backend, candidate.precision, reference.backend, reference.precision)

@@ -95,7 +95,7 @@ def row_weights(starts: Sequence[Vec3], slab: Slab, rest: tuple[int, ...], roi: 
 def partial_to_host(partial: torch.Tensor, volume: np.ndarray) -> np.ndarray:
     """A slab's partial in host memory, in the memory order of ``volume`` (transposed on the device, or on the
     host when the device has no room for the transposed copy)."""
-    if not nifti_order(volume):
+    if not nifti_order(volume) or partial.ndim == 4:
         return partial.cpu().numpy()
     try:
         return partial.permute(2, 1, 0).contiguous().cpu().numpy().transpose(2, 1, 0)
@@ -106,16 +106,17 @@ def partial_to_host(partial: torch.Tensor, volume: np.ndarray) -> np.ndarray:
 def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec3, weights: np.ndarray,
                  engine: Engine, batch_size: int, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """:func:`infer_slab` on the device: ``rows`` (the slab's rows, as :func:`read_slab` gives them) in,
-    the partial sum of shape ``(hi - lo, *rest)`` out, left on the engine's device."""
+    the partial sum of shape ``(hi - lo, *rest)`` (one output channel) or ``(K, hi - lo, *rest)`` out, left on
+    the engine's device."""
     device = engine.device
     rows = rows.to(device, non_blocking=True)
     # Rows in NIfTI's order are transposed on the device, once; with no room there for a second copy of the
     # slab, each batch is gathered from the strided rows instead.
     with suppress(torch.OutOfMemoryError):
         rows = rows.contiguous()
-    partial = torch.zeros((slab.hi - slab.lo, *rest), dtype=torch.float32, device=device)
     w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
     rx, ry, rz = roi
+    partial: torch.Tensor | None = None  # (K, rows, *rest): K output channels, known from the first batch
     for starts in _batches(slab.starts, batch_size):
         if should_stop is not None and should_stop():
             break
@@ -126,27 +127,43 @@ def slab_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec
             crops += crops[-1:] * (batch_size - len(crops))
         faults.point("in_engine_batch", batch=len(crops))
         probs = engine(torch.stack(crops))
-        for p, (x, y, z) in zip(probs[: len(starts), 0], starts, strict=True):
-            partial[x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz].addcmul_(p, w)
-    return partial
+        if partial is None:
+            partial = torch.zeros((probs.shape[1], slab.hi - slab.lo, *rest), dtype=torch.float32, device=device)
+        for p, (x, y, z) in zip(probs[: len(starts)], starts, strict=True):
+            partial[:, x - slab.lo : x - slab.lo + rx, y : y + ry, z : z + rz].addcmul_(p, w)
+    if partial is None:  # stopped before the first batch: the caller discards it
+        partial = torch.zeros((1, slab.hi - slab.lo, *rest), dtype=torch.float32, device=device)
+    # One channel (a model.toml's target probability) keeps its partial's shape (rows, *rest); a bundle's
+    # every channel gives (K, rows, *rest).
+    return partial[0] if partial.shape[0] == 1 else partial
 
 
 def merge_partials(padded_shape: Vec3, partials: Sequence[tuple[int, np.ndarray]],
                    crop: tuple[slice, ...]) -> np.ndarray:
     """Add slab partials, each divided already (by :func:`infer_slab` on the device), at their offsets and
-    crop the padding.
+    crop the padding. Partials of one channel are (rows, Y, Z); of K channels (K, rows, Y, Z), in float32
+    or float16 (added in float32).
 
     The sum is kept in the partials' memory order (NIfTI's for a job), so no pass transposes. torch's
     threaded kernels do the adds: on a CT they are passes over hundreds of MB.
     """
-    if len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == padded_shape:
+    channels = partials[0][1].shape[0] if partials and partials[0][1].ndim == 4 else None
+    lead = () if channels is None else (channels,)
+    if channels is not None:
+        crop = (slice(None), *crop)
+    one = len(partials) == 1 and partials[0][0] == 0 and partials[0][1].shape == (*lead, *padded_shape)
+    if one and partials[0][1].dtype == np.float32:
         return partials[0][1][crop]  # one slab over the whole volume: nothing to add
-    if partials and nifti_order(partials[0][1]):
+    if partials and channels is None and nifti_order(partials[0][1]):
         total = torch.zeros(tuple(reversed(padded_shape)), dtype=torch.float32).permute(2, 1, 0)
     else:
-        total = torch.zeros(padded_shape, dtype=torch.float32)
+        total = torch.zeros((*lead, *padded_shape), dtype=torch.float32)
     for lo, part in partials:
-        total[lo : lo + part.shape[0]].add_(read_only_tensor(part))
+        rows = read_only_tensor(part)
+        if channels is None:
+            total[lo : lo + part.shape[0]].add_(rows)
+        else:
+            total[:, lo : lo + part.shape[1]].add_(rows)
     return total.numpy()[crop]
 
 

@@ -47,8 +47,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} is not a plain PyTorch state_dict loadable with weights_only=True "
             f"({_gist(exc)}); save it with torch.save(model.state_dict(), path)"
         ) from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model"):  # a training checkpoint, or the {"model": ...} MONAI's CheckpointLoader takes
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict of tensors")
     return state
@@ -76,6 +78,22 @@ class TargetClassProbability(nn.Module):
         return torch.softmax(logits, dim=1)[:, t : t + 1]
 
 
+class AllChannels(nn.Module):
+    """Every output channel, as the network gives it (logits), in float32: a bundle's postprocessing applies
+    its own activation after the windows are summed, as ``sliding_window_inference`` then its evaluator do."""
+
+    def __init__(self, network: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.network = network
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        if isinstance(out, list | tuple):  # deep supervision heads: the first is the prediction
+            out = out[0]
+        return out.float()
+
+
 def _mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     """One line naming how the checkpoint differs from the network, or None when it fits.
 
@@ -93,12 +111,26 @@ def _mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     return "; ".join(parts) or None
 
 
+def checked_load(network: nn.Module, state: dict[str, torch.Tensor], weights: Path, where: str) -> nn.Module:
+    """``network`` with ``state`` loaded strictly; InputError in one line when they do not fit."""
+    problem = _mismatch(network, state)
+    if problem:
+        raise InputError(f"checkpoint {weights} does not fit the network of {where}: {problem}; "
+                         "use the matching checkpoint")
+    network.load_state_dict(state, strict=True)
+    return network
+
+
 def build_checked(spec: ModelSpec) -> nn.Module:
     """The bare network with the spec's checkpoint loaded; InputError in one line when either does not fit.
 
     Submit calls this once on the CPU, so a checkpoint that does not fit its model file is refused before
     anything is queued, not by every volume on the workers.
     """
+    if spec.is_bundle:
+        from segq.pipeline.bundle_stages import build_network as build_bundle_network
+
+        return build_bundle_network(spec)  # type: ignore[no-any-return]
     where = f"model file {spec.path}" if spec.path else f"{spec.arch} spec"
     try:
         network = build_network(spec)
@@ -116,6 +148,9 @@ def build_checked(spec: ModelSpec) -> nn.Module:
 
 
 def load_model(spec: ModelSpec) -> TargetClassProbability:
-    """The wrapped network with the spec's checkpoint loaded, in eval mode, on the CPU."""
+    """The wrapped network with the spec's checkpoint loaded, in eval mode, on the CPU: the target class's
+    probability for a model.toml, every channel's logits for a bundle."""
     network = build_checked(spec)
+    if spec.is_bundle:
+        return AllChannels(network, spec.out_channels).eval()  # type: ignore[return-value]
     return TargetClassProbability(network, spec.target_class, spec.out_channels).eval()

@@ -1,0 +1,174 @@
+"""A MONAI bundle's stages, as segq runs them: read at submit, network on the worker, preprocessing at
+prepare, postprocessing (with the inversion back to the scan's grid) at merge.
+
+Where each runs, and why: preprocessing (orientation, spacing, intensity) runs on the coordinator's CPU
+with the bundle's own MONAI transforms. They are the bundle's definition of its input, their trace is
+what ``Invertd`` needs, and a part then reads the model-grid array it would otherwise have to rebuild.
+bench/volume_costs.py times each step. Postprocessing runs at merge on the summed logits, as the bundle's
+evaluator runs it on ``sliding_window_inference``'s output: activation, inversion and argmax or
+threshold in the bundle's own order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segq.errors import InputError
+from segq.modelspec import ModelSpec
+from segq.pipeline import bundle, trace
+
+logger = logging.getLogger("segq.bundle")
+
+IMAGE_KEY = "image"
+PRED_KEY = "pred"
+
+
+def load_bundle(path: Path, *, trust: bool = False, unpack_into: Path | None = None) -> ModelSpec:
+    """The pipeline of a bundle folder or .zip, checked against segq's policy unless ``trust``."""
+    if path.suffix == ".zip":
+        if unpack_into is None:
+            from segq.settings import get_settings
+
+            unpack_into = get_settings().storage_root / "bundles"
+        unpack_into.mkdir(parents=True, exist_ok=True)
+        path = bundle.unpack(path, unpack_into)
+    files = bundle.find_files(path)
+    config = bundle.placed_config(bundle.read_config(files.config), path)
+    parser = bundle.parsed(config, files, trust)
+    arch, in_channels, out_channels = bundle.network_channels(parser, path)
+    window = bundle.inferer_settings(parser, config, path)
+    import hashlib
+
+    config_sha = hashlib.sha256(files.config.read_bytes() + (files.metadata.read_bytes() if files.metadata else b""))
+    spec = ModelSpec(
+        arch=arch, in_channels=in_channels, out_channels=out_channels, roi_size=max(window["roi"]),
+        target_class=0, checkpoint=files.weights, preprocess="bundle", overlap=window["overlap"],
+        sw_batch_size=window["sw_batch_size"], mode=window["mode"], path=path, format="bundle",
+        bundle=str(path), roi_shape=tuple(window["roi"]), sigma_scale=window["sigma_scale"],
+        padding_mode=window["padding_mode"], labels=bundle.labels_from_metadata(files.metadata, out_channels),
+        trusted=trust, config_sha256=config_sha.hexdigest(),
+    )
+    spec.validate()
+    return spec
+
+
+def _parser(spec: ModelSpec) -> Any:
+    root = Path(spec.bundle)
+    files = bundle.find_files(root)
+    config = bundle.placed_config(bundle.read_config(files.config), root)
+    return bundle.parsed(config, files, spec.trusted)
+
+
+def _image_key(parser: Any) -> str:
+    """The data key the bundle's preprocessing reads the scan from: its first transform's keys."""
+    first = (parser.get("preprocessing#transforms") or [{}])[0]
+    keys = first.get("keys", IMAGE_KEY) if isinstance(first, dict) else IMAGE_KEY
+    if isinstance(keys, str) and keys.startswith("@"):
+        keys = parser.get_parsed_content(keys[1:])
+    if isinstance(keys, list | tuple):
+        keys = keys[0]
+    return str(keys)
+
+
+def build_network(spec: ModelSpec) -> Any:
+    """The bundle's network with its weights, on the CPU in eval mode.
+
+    ``models/model.pt`` is a state dict or the ``{"model": state_dict}`` that MONAI's CheckpointLoader
+    takes, loaded with ``weights_only=True``; ``models/model.ts`` is TorchScript, the network itself.
+    """
+    import torch
+
+    from worker.engines.model import checked_load, load_state_dict
+
+    weights = Path(spec.checkpoint)
+    if weights.suffix == ".ts":
+        try:
+            return torch.jit.load(str(weights), map_location="cpu").eval()
+        except RuntimeError as exc:
+            raise InputError(f"bundle weights {weights} are not a TorchScript archive ({str(exc)[:200]})") from exc
+    parser = _parser(spec)
+    try:
+        network = parser.get_parsed_content("network_def")
+    except Exception as exc:  # MONAI's own checks of the network's arguments
+        raise InputError(f"bundle {spec.bundle}: network_def cannot be built ({' '.join(str(exc).split())[:300]})"
+                         "; fix the bundle's network_def") from None
+    state = load_state_dict(weights)
+    return checked_load(network, state, weights, f"bundle {spec.bundle}").eval()
+
+
+def preprocess_case(spec: ModelSpec, files: list[Path]) -> tuple[np.ndarray, dict[str, Any], list[Any]]:
+    """The case on the model's grid, (C, X, Y, Z) float32, with the meta and trace that invert it."""
+    import torch
+
+    parser = _parser(spec)
+    key = _image_key(parser)
+    transform = parser.get_parsed_content("preprocessing")
+    source: Any = [str(p) for p in files] if len(files) > 1 else str(files[0])
+    try:
+        data = transform({key: source})
+    except Exception as exc:  # MONAI wraps a transform's failure in a RuntimeError naming the transform
+        raise InputError(f"{files[0]}: the bundle's preprocessing failed ({' '.join(str(exc).split())[-300:]})") from exc
+    image = data[key]
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim != 4 or array.shape[0] != spec.in_channels:
+        raise InputError(f"{files[0]}: the bundle's preprocessing gave an array of shape {list(array.shape)}; the "
+                         f"network takes {spec.in_channels} channel(s) of a 3D volume")
+    meta = dict(getattr(image, "meta", {}) or {})
+    operations = list(getattr(image, "applied_operations", []) or [])
+    return np.ascontiguousarray(array, dtype=np.float32), meta, operations
+
+
+def save_context(ws: Path, meta: dict[str, Any], operations: list[Any]) -> None:
+    trace.save(ws / "trace.json", meta, operations)
+
+
+def postprocess(spec: ModelSpec, logits: np.ndarray, ws: Path, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """The bundle's postprocessing over the merged logits (K, X, Y, Z): the label map on the scan's grid."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.utils import TraceKeys
+
+    meta, operations = trace.load(ws / "trace.json")
+    for operation in _walk_operations(operations):
+        operation[TraceKeys.ID] = TraceKeys.NONE  # the transforms are rebuilt here, not the objects that ran
+    parser = _parser(spec)
+    key = _image_key(parser)
+    image = MetaTensor(torch.zeros(1), meta=dict(meta), applied_operations=operations)
+    pred = MetaTensor(torch.from_numpy(logits), meta=dict(meta))
+    data: dict[str, Any] = {key: image, PRED_KEY: pred}
+    if parser.get("postprocessing") is not None:
+        post = parser.get_parsed_content("postprocessing")
+        try:
+            data = post(data)
+        except Exception as exc:
+            raise InputError(f"the bundle's postprocessing failed ({' '.join(str(exc).split())[-300:]})") from exc
+    out = data[PRED_KEY]
+    labels = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    if labels.ndim == 4 and labels.shape[0] == 1:
+        labels = labels[0]
+    if labels.ndim == 4 and labels.shape[0] == logits.shape[0] and logits.shape[0] > 1:
+        raise InputError(f"the bundle's postprocessing leaves {labels.shape[0]} channels, not one label map: add "
+                         "AsDiscreted(argmax=True) or a mapping of channels to labels to its postprocessing")
+    if tuple(labels.shape) != tuple(spatial_shape):
+        raise InputError(f"the bundle's postprocessing gives a label map of shape {list(labels.shape)}, not the "
+                         f"scan's {list(spatial_shape)}: its postprocessing needs an Invertd of its preprocessing")
+    return labels
+
+
+def _walk_operations(operations: list[Any]) -> list[dict[str, Any]]:
+    """Every traced operation, including those nested in a Compose's or a lazy transform's extra info."""
+    found: list[dict[str, Any]] = []
+    stack: list[Any] = list(operations)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "id" in item and "class" in item:
+                found.append(item)
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
