@@ -146,8 +146,8 @@ class ModelSpec:
 
     def network_config(self) -> dict[str, Any]:
         """What defines the network's weights and outputs (not how it is slid)."""
-        if self.is_bundle:  # the bundle's config and metadata say it all, with the weights
-            return {"format": "bundle", "config": self.config_sha256, "trusted": self.trusted}
+        if self.is_bundle:  # the bundle's config and metadata (read again: a change is a new model), with the weights
+            return {"format": "bundle", "config": bundle_config_sha256(Path(self.bundle)), "trusted": self.trusted}
         return {
             "arch": self.arch, "in_channels": self.in_channels, "out_channels": self.out_channels,
             "feature_size": self.feature_size, "roi_size": self.roi_size, "target_class": self.target_class,
@@ -187,6 +187,15 @@ def parse_code(text: str) -> tuple[str, str, str]:
         raise ValueError(f"{text!r} is neither a SNOMED CT keyword known to pydicom (e.g. Neoplasm, Liver) "
                          "nor SCHEME:VALUE:Meaning (e.g. SCT:108369006:Neoplasm)") from None
     return str(code.value), str(code.scheme_designator), str(code.meaning)
+
+
+def bundle_config_sha256(root: Path) -> str:
+    """sha256 over a bundle's inference config and metadata, as they are now."""
+    digest = hashlib.sha256()
+    for name in ("inference.json", "inference.yaml", "inference.yml", "metadata.json"):
+        path = root / "configs" / name
+        digest.update(name.encode() + (file_sha256(path).encode() if path.is_file() else b"-"))
+    return digest.hexdigest()
 
 
 def files_sha256(paths: list[Path] | tuple[Path, ...]) -> str:

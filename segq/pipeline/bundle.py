@@ -9,7 +9,6 @@ become the plan's. What of the config runs is decided by segq.pipeline.policy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -36,7 +35,7 @@ PADDING_MODES = {"constant": "constant", "replicate": "edge", "reflect": "reflec
 PLACEABLE = frozenset({
     "Activationsd", "Invertd", "AsDiscreted", "KeepLargestConnectedComponentd", "Lambdad", "EnsureTyped",
     "CastToTyped", "SqueezeDimd", "FillHolesd", "RemoveSmallObjectsd", "LabelFilterd", "MapLabelValued",
-    "CopyItemsd", "DeleteItemsd", "ToDeviced", "ToTensord", "EnsureTyped", "Identityd",
+    "CopyItemsd", "DeleteItemsd", "ToDeviced", "ToTensord", "Identityd",
 })
 # Postprocessing that segq's own machinery replaces: dropped, and said so.
 REPLACED = {"SaveImaged": "segq writes the label map itself (uint8 NIfTI on the input's grid, label names "
@@ -49,15 +48,6 @@ class BundleFiles:
     config: Path
     metadata: Path | None
     weights: Path
-
-    def checksum(self) -> str:
-        """sha256 over the config, the metadata and the weights: names the exact model that ran."""
-        from segq.modelspec import file_sha256
-
-        digest = hashlib.sha256()
-        for path in (self.config, self.metadata, self.weights):
-            digest.update((file_sha256(path) if path is not None else "-").encode())
-        return digest.hexdigest()
 
 
 def is_bundle(path: Path) -> bool:
@@ -144,7 +134,7 @@ def placed_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
     for index, transform in enumerate(_transforms(config, "postprocessing")):
         name = _name(transform)
         if name in REPLACED:
-            logger.info("bundle %s: postprocessing#transforms#%d %s is not run: %s", where, index, name, REPLACED[name])
+            logger.debug("bundle %s: postprocessing#transforms#%d %s is not run: %s", where, index, name, REPLACED[name])
             continue
         if name not in PLACEABLE:
             raise InputError(f"bundle {where}: postprocessing#transforms#{index} {name or transform!r} is not a "

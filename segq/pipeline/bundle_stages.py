@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from segq.errors import InputError
-from segq.modelspec import ModelSpec
+from segq.modelspec import ModelSpec, bundle_config_sha256
 from segq.pipeline import bundle, trace
 
 logger = logging.getLogger("segq.bundle")
@@ -41,16 +41,13 @@ def load_bundle(path: Path, *, trust: bool = False, unpack_into: Path | None = N
     parser = bundle.parsed(config, files, trust)
     arch, in_channels, out_channels = bundle.network_channels(parser, path)
     window = bundle.inferer_settings(parser, config, path)
-    import hashlib
-
-    config_sha = hashlib.sha256(files.config.read_bytes() + (files.metadata.read_bytes() if files.metadata else b""))
     spec = ModelSpec(
         arch=arch, in_channels=in_channels, out_channels=out_channels, roi_size=max(window["roi"]),
         target_class=0, checkpoint=files.weights, preprocess="bundle", overlap=window["overlap"],
         sw_batch_size=window["sw_batch_size"], mode=window["mode"], path=path, format="bundle",
         bundle=str(path), roi_shape=tuple(window["roi"]), sigma_scale=window["sigma_scale"],
         padding_mode=window["padding_mode"], labels=bundle.labels_from_metadata(files.metadata, out_channels),
-        trusted=trust, config_sha256=config_sha.hexdigest(),
+        trusted=trust, config_sha256=bundle_config_sha256(path),
     )
     spec.validate()
     return spec
@@ -111,7 +108,8 @@ def preprocess_case(spec: ModelSpec, files: list[Path]) -> tuple[np.ndarray, dic
     try:
         data = transform({key: source})
     except Exception as exc:  # MONAI wraps a transform's failure in a RuntimeError naming the transform
-        raise InputError(f"{files[0]}: the bundle's preprocessing failed ({' '.join(str(exc).split())[-300:]})") from exc
+        reason = " ".join(str(exc).split())[-300:]
+        raise InputError(f"{files[0]}: the bundle's preprocessing failed ({reason})") from exc
     image = data[key]
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim != 4 or array.shape[0] != spec.in_channels:

@@ -130,7 +130,7 @@ def build_checked(spec: ModelSpec) -> nn.Module:
     if spec.is_bundle:
         from segq.pipeline.bundle_stages import build_network as build_bundle_network
 
-        return build_bundle_network(spec)  # type: ignore[no-any-return]
+        return build_bundle_network(spec)
     where = f"model file {spec.path}" if spec.path else f"{spec.arch} spec"
     try:
         network = build_network(spec)
