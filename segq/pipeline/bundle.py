@@ -35,7 +35,7 @@ PADDING_MODES = {"constant": "constant", "replicate": "edge", "reflect": "reflec
 PLACEABLE = frozenset({
     "Activationsd", "Invertd", "AsDiscreted", "KeepLargestConnectedComponentd", "Lambdad", "EnsureTyped",
     "CastToTyped", "SqueezeDimd", "FillHolesd", "RemoveSmallObjectsd", "LabelFilterd", "MapLabelValued",
-    "CopyItemsd", "DeleteItemsd", "ToDeviced", "ToTensord", "Identityd",
+    "CopyItemsd", "DeleteItemsd", "ToDeviced", "ToTensord", "ToNumpyd", "Identityd",
 })
 # Postprocessing that segq's own machinery replaces: dropped, and said so.
 REPLACED = {"SaveImaged": "segq writes the label map itself (uint8 NIfTI on the input's grid, label names "

@@ -8,8 +8,10 @@ and data loader never run. Within those sections, by default:
 
 - ``_target_`` must name a class of MONAI (a bare name MONAI's ComponentLocator finds, or ``monai.…``)
   or of ``torch.nn``;
-- a ``$`` expression must be a literal (``$[1, 2]``, ``$0.5``) or a dtype (``$numpy.float32``,
-  ``$torch.float16``);
+- a ``$`` expression must be plain arithmetic over literals and ``@`` references: numbers, strings,
+  lists, comparisons, ``x if c else y``, ``+``, subscripts, a dtype (``$numpy.float32``, ``$torch.float16``),
+  ``torch.device(...)`` and ``torch.cuda.is_available()``; no other call, no attribute, no ``lambda``,
+  no ``import``, no ``**``;
 - ``_requires_``, ``_mode_: debug``, ``%`` macros and relative ``@#`` references are refused.
 
 Anything else is refused at submit, naming the config key, unless the user passes ``--trust-model``,
@@ -45,14 +47,52 @@ def allowed_target(target: str) -> bool:
     return target.startswith(("monai.", "torch.nn."))
 
 
+# The only attribute chains and calls a safe expression may name.
+SAFE_ATTRIBUTES = {("torch", "device"), ("torch", "cuda", "is_available")}
+SAFE_CALLS = SAFE_ATTRIBUTES
+_SAFE_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set, ast.BinOp, ast.UnaryOp,
+               ast.BoolOp, ast.Compare, ast.IfExp, ast.Subscript, ast.Slice, ast.Load, ast.operator, ast.unaryop,
+               ast.boolop, ast.cmpop, ast.keyword)
+_REF_NAME = "_segq_ref_"
+
+
+def _chain(node: ast.AST) -> tuple[str, ...] | None:
+    """``("torch", "cuda", "is_available")`` for ``torch.cuda.is_available``; None for anything but names."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return (node.id, *reversed(parts))
+
+
+def _safe(node: ast.AST) -> bool:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        return False  # 10 ** 10 ** 10 would hang the submit
+    if isinstance(node, ast.Call):
+        return (_chain(node.func) in SAFE_CALLS and all(_safe(a) for a in node.args)
+                and all(_safe(k.value) for k in node.keywords))
+    if isinstance(node, ast.Attribute):
+        chain = _chain(node)
+        return chain in SAFE_ATTRIBUTES or bool(chain and DTYPE_EXPRESSION.match("$" + ".".join(chain)))
+    if isinstance(node, ast.Name):
+        return node.id.startswith(_REF_NAME) or node.id in ("True", "False", "None")
+    if not isinstance(node, _SAFE_NODES):
+        return False
+    return all(_safe(child) for child in ast.iter_child_nodes(node))
+
+
 def allowed_expression(text: str) -> bool:
+    """Whether a ``$`` expression is in the safe subset (module docstring); MONAI still evaluates it."""
     if DTYPE_EXPRESSION.match(text):
         return True
+    source = REFERENCE.sub(lambda m: _REF_NAME + str(abs(hash(m.group(1)))), text[1:].strip())
     try:
-        ast.literal_eval(text[1:].strip())
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        tree = ast.parse(source, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
-    return True
+    return _safe(tree)
 
 
 def _refuse(key: str, what: str) -> None:
