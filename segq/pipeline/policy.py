@@ -6,8 +6,9 @@ with Python's ``eval``, a ``%`` macro reads another file. segq reads only the se
 they reference; nothing else of the config is parsed, so its ``imports``, ``evaluator``, ``handlers``
 and data loader never run. Within those sections, by default:
 
-- ``_target_`` must name a class of MONAI (a bare name MONAI's ComponentLocator finds, or ``monai.…``)
-  or of ``torch.nn``;
+- ``_target_`` must name a class of MONAI or ``torch.nn`` (a bare name MONAI's ComponentLocator finds, or
+  ``monai.…``, ``torch.nn.…``) that is a transform, a network (``torch.nn.Module``) or an inferer; not a
+  function (the locator also finds ``run`` and ``download_url``), and not a writer (``Save…``);
 - a ``$`` expression must be plain arithmetic over literals and ``@`` references: numbers, strings,
   lists, comparisons, ``x if c else y``, ``+``, subscripts, a dtype (``$numpy.float32``, ``$torch.float16``),
   ``torch.device(...)`` and ``torch.cuda.is_available()``; no other call, no attribute, no ``lambda``,
@@ -35,16 +36,40 @@ class PolicyError(InputError):
     """A bundle config that segq will run only with --trust-model."""
 
 
-def _monai_component(name: str) -> bool:
+def _resolve(target: str) -> Any:
+    """The object a ``_target_`` names, as MONAI's ComponentLocator would find it; None where it finds none."""
+    import importlib
+
     from monai.bundle.config_item import ComponentLocator
 
-    return ComponentLocator().get_component_module_name(name) is not None
+    if "." in target:
+        module_name, _, attr = target.rpartition(".")
+    else:
+        found = ComponentLocator().get_component_module_name(target)
+        if found is None:
+            return None
+        module_name, attr = (found[0] if isinstance(found, list) else found), target
+    try:
+        return getattr(importlib.import_module(module_name), attr, None)
+    except ImportError:
+        return None
 
 
 def allowed_target(target: str) -> bool:
-    if "." not in target:
-        return _monai_component(target)
-    return target.startswith(("monai.", "torch.nn."))
+    """A MONAI transform, a network (a ``torch.nn.Module``) of MONAI or torch.nn, or MONAI's inferer or Compose:
+    classes only (MONAI's locator also finds functions, e.g. ``run`` and ``download_url``), and no writer."""
+    if not target.startswith(("monai.", "torch.nn.")) and "." in target:
+        return False
+    found = _resolve(target)
+    if not isinstance(found, type) or not found.__module__.startswith(("monai.", "torch.nn.")):
+        return False
+    import torch
+    from monai.inferers import Inferer
+    from monai.transforms import Transform
+
+    if found.__name__.startswith("Save") or "Writer" in found.__name__ or "Saver" in found.__name__:
+        return False
+    return issubclass(found, Transform | torch.nn.Module | Inferer)
 
 
 # The only attribute chains and calls a safe expression may name.
@@ -116,7 +141,7 @@ def _check_node(node: Any, key: str, follow: list[str]) -> None:
     elif isinstance(node, dict):
         target = node.get("_target_")
         if target is not None and (not isinstance(target, str) or not allowed_target(target)):
-            _refuse(f"{key}#_target_", f"{target!r} is not a class of MONAI or torch.nn")
+            _refuse(f"{key}#_target_", f"{target!r} is not a MONAI or torch.nn transform, network or inferer")
         if "_requires_" in node:
             _refuse(f"{key}#_requires_", "it runs other config items first")
         if node.get("_mode_") == "debug":

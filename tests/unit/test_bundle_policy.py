@@ -33,7 +33,12 @@ def test_only_reached_items_are_kept_and_unreached_code_never_parsed() -> None:
 
 
 @pytest.mark.parametrize(("patch", "key", "what"), [
-    ({"network_def": {"_target_": "my_package.Net"}}, "network_def#_target_", "not a class of MONAI"),
+    ({"network_def": {"_target_": "my_package.Net"}}, "network_def#_target_", "not a MONAI or torch.nn"),
+    ({"network_def": {"_target_": "run", "config_file": "x.json"}}, "network_def#_target_", "not a MONAI"),
+    ({"network_def": {"_target_": "monai.apps.download_url", "url": "http://x"}}, "network_def#_target_",
+     "not a MONAI"),
+    ({"preprocessing": {"_target_": "Compose", "transforms": [{"_target_": "SaveImaged", "keys": "image"}]}},
+     "preprocessing#transforms#0#_target_", "not a MONAI"),
     ({"preprocessing": {"_target_": "Compose", "transforms": [{"_target_": "Lambdad", "keys": "image",
                                                                 "func": "$lambda x: x * 2"}]}},
      "preprocessing#transforms#0#func", "is Python code"),
@@ -62,6 +67,15 @@ def test_a_reference_into_an_item_keeps_only_that_part() -> None:
     config = {"shown": {"sw": 4, "evil": "$__import__('os')"}, "inferer": {"sw_batch_size": "@shown#sw"}}
     kept = policy.reachable(config, ["inferer#sw_batch_size"], trusted=False)
     assert kept == {"inferer": {"sw_batch_size": "@shown#sw"}, "shown": {"sw": 4}}
+
+
+@pytest.mark.parametrize(("target", "allowed"), [
+    ("UNet", True), ("SegResNet", True), ("monai.networks.nets.SwinUNETR", True), ("Compose", True),
+    ("Spacingd", True), ("SlidingWindowInferer", True), ("torch.nn.Identity", True), ("run", False),
+    ("os.system", False), ("monai.bundle.scripts.run", False), ("SaveImage", False), ("NoSuchThing", False),
+])
+def test_targets(target: str, allowed: bool) -> None:
+    assert policy.allowed_target(target) is allowed
 
 
 @pytest.mark.parametrize(("text", "allowed"), [
