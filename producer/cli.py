@@ -29,7 +29,7 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Directory for the <name>_seg.nii.gz masks.")
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
@@ -53,17 +53,24 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
 @click.option("--trust-model", is_flag=True,
               help="Run a MONAI bundle's config as code: any _target_, $ expression and import it holds. Without it, "
                    "only MONAI and torch.nn classes and literal expressions run (docs/MODELS.md).")
+@click.option("--datalist", type=click.Path(path_type=Path, dir_okay=False),
+              help="A JSON (as MONAI writes it) or CSV file naming cases and their channel files, relative to its "
+                   "folder; masks go to <out>/<case>_seg.nii.gz. INPUTS are then optional.")
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
            sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
            max_windows_per_subtask: int | None, save_probabilities: bool, output_format: str, overwrite: bool,
            wait: bool,
-           timeout: float | None, trust_model: bool) -> None:
-    """Queue every NIfTI volume and DICOM series in INPUTS (files or directories) for segmentation.
+           timeout: float | None, trust_model: bool, datalist: Path | None) -> None:
+    """Queue every NIfTI volume and DICOM series in INPUTS (files or directories), and every case of --datalist,
+    for segmentation.
 
-    DICOM files are found by content (any name); each series is one volume. A DICOM file or series that
+    DICOM files are found by content (any name); each series is one volume. For a model of several channels,
+    files named <case>_0000.nii.gz to _000N are one case per directory. A DICOM file or series, or a case, that
     cannot be segmented is refused with one line on stderr and the rest is queued; with --wait the exit
     status is then 1.
     """
+    if not inputs and datalist is None:
+        raise click.UsageError("pass INPUTS (NIfTI files, DICOM series or directories), --datalist FILE, or both")
     from producer.scan import collect
     from producer.submit import submit as submit_dataset
     from segq.pipeline import load_pipeline
@@ -72,7 +79,8 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     if save_probabilities and spec.is_bundle:
         raise click.UsageError("--save-probabilities writes a model.toml's target probability; a bundle's "
                                "postprocessing decides on its own grid, so it has none to save")
-    collected = collect(list(inputs), out_dir.expanduser().resolve(), output_format)
+    collected = collect(list(inputs), out_dir.expanduser().resolve(), output_format, in_channels=spec.in_channels,
+                        datalist=datalist)
     # every input refused: the error names each one
     submitted = submit_dataset(collected.inputs, out_dir, spec, name=name, priority=priority,
                                max_windows_per_subtask=max_windows_per_subtask,
@@ -137,8 +145,11 @@ def status(dataset: str | None, limit: int) -> None:
               help="Add a summary line (counts, wall and median times, throughput): on stderr for csv and json, "
                    "so stdout stays machine-readable; as the last line for the table.")
 def results(dataset: str | None, fmt: str, summary: bool) -> None:
-    """One row per volume: paths, status, tumour volume, windows, subtasks, times, workers, backend."""
-    from producer.results import rows, summarize, summary_line, to_csv, to_json
+    """One row per volume: paths, status, tumour volume, windows, subtasks, times, workers, backend.
+
+    A label map's dataset adds each label's voxels, mL and Dice (the table shows its mL, and Dice once scored).
+    """
+    from producer.results import rows, summarize, summary_line, table_columns, to_csv, to_json
     from segq import records
     from segq.db import ensure_schema
 
@@ -159,8 +170,7 @@ def results(dataset: str | None, fmt: str, summary: bool) -> None:
         from rich.table import Table
 
         table = Table()
-        shown = ["input", "status", "tumour_voxels", "tumour_ml", "windows", "subtasks", "inference_seconds",
-                 "workers", "dice", "error"]
+        shown = table_columns(data, found)
         for column in shown:
             table.add_column(column, overflow="fold")
         for row in data:

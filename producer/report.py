@@ -3,7 +3,9 @@
 The page holds the summary, the results table, three plots (per-volume time, tumour volume
 histogram, per-worker throughput), the timeline of every step with each GPU's busy fraction
 (segq/timeline.py) and, for each done volume, the middle slice through its mask overlaid on the
-input. matplotlib draws off-screen (Agg); nothing here imports torch.
+input. A bundle's label map is drawn one colour per label (LABEL_COLOURS, by label value, so a label keeps its
+colour on every volume) with a legend of the label names, and a table of each label's volumes. matplotlib draws
+off-screen (Agg); nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import and_, func, select
 
-from producer.results import job_elapsed, rows, summarize, summary_line
+from producer.results import job_elapsed, label_names, rows, summarize, summary_line
 from segq import records
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
@@ -42,7 +44,16 @@ th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.8rem}
 figcaption{font-size:.75rem;color:#555;word-break:break-all} img{max-width:100%;height:auto}
 .note{color:#777;font-style:italic}
+.legend{display:flex;flex-wrap:wrap;gap:.3rem 1rem;list-style:none;padding:0;margin:.5rem 0;font-size:.85rem}
+.swatch{display:inline-block;width:.9rem;height:.9rem;margin-right:.35rem;vertical-align:-.1rem;
+border:1px solid #0003}
 """
+# matplotlib's tab20 with its ten strong colours first, so labels 1..10 (most bundles have fewer) are far apart;
+# label v takes LABEL_COLOURS[(v - 1) % 20]. Written out so the legend needs no matplotlib.
+LABEL_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+                 "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+LABEL_ALPHA = 0.55
 
 
 @dataclass(frozen=True)
@@ -99,16 +110,17 @@ def time_plot(jobs: list[Job]) -> str | None:
     return _png(fig)
 
 
-def tumour_plot(jobs: list[Job]) -> str | None:
+def tumour_plot(jobs: list[Job], what: str = "tumour") -> str | None:
+    """Histogram of the done volumes' masked mL; ``what`` names it ("labelled" for label maps: all labels)."""
     volumes = [j.tumour_ml for j in jobs if j.status == Status.DONE and j.tumour_ml is not None]
     if not volumes:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=90)
     ax.hist(volumes, bins=min(30, max(5, len(volumes) // 2)), color="#ee5253")
-    ax.set_xlabel("tumour volume (mL)")
+    ax.set_xlabel(f"{what} volume (mL)")
     ax.set_ylabel("volumes")
-    ax.set_title("Tumour volume")
+    ax.set_title(f"{what.capitalize()} volume")
     return _png(fig)
 
 
@@ -176,8 +188,24 @@ def _slice_index(mask: np.ndarray) -> int:
     return int((hits[0] + hits[-1]) // 2) if hits.size else mask.shape[-1] // 2
 
 
-def overlay_png(input_path: Path, mask_path: Path, size: float = 2.6, source_files: list[str] | None = None) -> str:
-    """The input's middle slice in grey with the mask in red, as a data: URI (``source_files``: a DICOM series)."""
+def label_colour(value: int) -> str:
+    """The colour of label ``value`` (> 0) in the overlays and the legend."""
+    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
+
+
+def label_rgba(labels: np.ndarray) -> np.ndarray:
+    """A 2D label map as RGBA floats: each label its colour at LABEL_ALPHA, the background transparent."""
+    palette = np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] + [LABEL_ALPHA] for c in LABEL_COLOURS])
+    values = labels.astype(np.int64, copy=False)
+    rgba = palette[(values - 1) % len(LABEL_COLOURS)]
+    rgba[values == 0] = 0.0
+    return rgba
+
+
+def overlay_png(input_path: Path, mask_path: Path, size: float = 2.6, source_files: list[str] | None = None,
+                labels: bool = False) -> str:
+    """The input's middle slice in grey with the mask in red, as a data: URI (``source_files``: a DICOM series);
+    ``labels``: the mask is a label map, each label in its colour (label_colour)."""
     import nibabel as nib
 
     if mask_path.name.endswith(".dcm"):
@@ -196,8 +224,11 @@ def overlay_png(input_path: Path, mask_path: Path, size: float = 2.6, source_fil
     fig, ax = plt.subplots(figsize=(size, size), dpi=80)
     lo, hi = np.percentile(picture, [1, 99]) if picture.size else (0.0, 1.0)
     ax.imshow(picture.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
-    ax.imshow(np.ma.masked_equal(mask[:, :, z].T, 0), cmap="autumn", alpha=0.45, origin="lower",
-              interpolation="nearest")
+    if labels:
+        ax.imshow(label_rgba(mask[:, :, z].T), origin="lower", interpolation="nearest")
+    else:
+        ax.imshow(np.ma.masked_equal(mask[:, :, z].T, 0), cmap="autumn", alpha=0.45, origin="lower",
+                  interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(f"slice {z}", fontsize=7)
     return _png(fig)
@@ -225,6 +256,59 @@ def _cell(column: str, value: Any) -> str:
     return html.escape(str(value))
 
 
+def legend_html(names: dict[int, str]) -> str:
+    """The label names, each beside a swatch of its overlay colour."""
+    items = "".join(f'<li><span class="swatch" style="background:{label_colour(value)}"></span>'
+                    f"{html.escape(name)}</li>" for value, name in sorted(names.items()) if value > 0)
+    return f'<ul class="legend">{items}</ul>'
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def label_table(dataset: Dataset, names: dict[int, str]) -> str:
+    """Per label of a label-map dataset: the done volumes holding it, its median and total mL, its mean Dice."""
+    done = [job for job in dataset.jobs if job.status == Status.DONE]
+    lines = []
+    for value, name in sorted(names.items()):
+        entries = [e for job in done for e in job.labels or [] if int(e["value"]) == value]
+        ml = [float(e["ml"]) for e in entries if e.get("ml") is not None]
+        scores = [float(e["dice"]) for e in entries if e.get("dice") is not None]
+        cells = [f'<span class="swatch" style="background:{label_colour(value)}"></span>{html.escape(name)}',
+                 str(value), f"{sum(1 for e in entries if e.get('voxels'))} of {len(done)}",
+                 _number(_median(ml)), _number(round(sum(ml), 4) if ml else None),
+                 _number(round(sum(scores) / len(scores), 4) if scores else None)]
+        lines.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    head = "".join(f"<th>{c}</th>" for c in ("label", "value", "volumes holding it", "median mL", "total mL",
+                                              "mean Dice"))
+    return (f'<table class="labels" id="labels-{html.escape(dataset.id)}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(lines)}</tbody></table>")
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _labels_section(datasets: list[Dataset], names: dict[str, dict[int, str] | None]) -> str:
+    """Each label-map dataset's legend and label table; nothing for binary masks."""
+    parts = []
+    for ds in datasets:
+        found = names.get(ds.id)
+        if found is None:
+            continue
+        if len(datasets) > 1:
+            parts.append(f"<h3>{html.escape(ds.name)} ({html.escape(ds.id)})</h3>")
+        parts.append(legend_html(found) + label_table(ds, found))
+    return "<h2>Labels</h2>\n" + "\n".join(parts) + "\n" if parts else ""
+
+
+def _legends(datasets: list[Dataset], names: dict[str, dict[int, str] | None]) -> str:
+    """One legend per distinct set of label names, above the mid-slices."""
+    distinct = list({tuple(sorted(found.items())): found for ds in datasets if (found := names.get(ds.id))}.values())
+    return "".join(legend_html(found) for found in distinct)
+
+
 def _figure(uri: str | None, alt: str) -> str:
     if uri is None:
         return f'<p class="note">{html.escape(alt)}: no data yet</p>'
@@ -237,6 +321,8 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
     ``steps`` is the datasets' timeline (segq.timeline)."""
     steps = steps or []
     jobs = [job for ds in datasets for job in ds.jobs]
+    labelled = {ds.id: label_names(ds) for ds in datasets}
+    label_maps = all(found is not None for found in labelled.values())
     data = rows(datasets)
     names = ", ".join(f"{ds.name} ({ds.id})" for ds in datasets)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
@@ -261,7 +347,7 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
 <h2>Plots</h2>
 <div class="plots">
 {_figure(time_plot(jobs), "per-volume time")}
-{_figure(tumour_plot(jobs), "tumour volume histogram")}
+{_figure(tumour_plot(jobs, "labelled" if label_maps else "tumour"), "tumour volume histogram")}
 {_figure(worker_plot(stats), "per-worker throughput")}
 </div>
 <h2>Where the time went</h2>
@@ -272,20 +358,23 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
 <tbody>
 {body}
 </tbody></table>
-<h2>Mid-slices with the mask</h2>
-<div class="gallery">
+{_labels_section(datasets, labelled)}<h2>Mid-slices with the mask</h2>
+{_legends(datasets, labelled)}<div class="gallery">
 {"".join(gallery) or '<p class="note">no done volumes</p>'}
 </div>
 </body></html>
 """
 
 
-def _overlays(jobs: list[Job], limit: int | None) -> dict[str, str | None]:
+def _overlays(jobs: list[Job], limit: int | None, label_maps: set[str] | None = None) -> dict[str, str | None]:
+    """Each done job's mid-slice (at most ``limit``); ``label_maps``: the ids of the datasets whose masks are
+    label maps."""
     done = [j for j in jobs if j.status == Status.DONE]
     found: dict[str, str | None] = {}
     for job in done[:limit] if limit is not None else done:
         try:
-            found[job.id] = overlay_png(Path(job.input_path), Path(job.output_path), source_files=job.source_files)
+            found[job.id] = overlay_png(Path(job.input_path), Path(job.output_path), source_files=job.source_files,
+                                        labels=job.dataset_id in (label_maps or set()))
         except (OSError, ValueError, IndexError, InputError) as exc:  # a moved or unreadable file: say so on the page
             logger.warning("no mid-slice for %s: %s", job.input_path, exc)
             found[job.id] = None
@@ -314,7 +403,8 @@ def write_report(dataset: str, output: Path, *, max_images: int | None = None) -
     from segq.timeline import load_steps
 
     steps = load_steps([ds.id for ds in datasets])
-    page = build_html(datasets, worker_stats([j.id for j in jobs]), _overlays(jobs, max_images), steps)
+    label_maps = {ds.id for ds in datasets if label_names(ds) is not None}
+    page = build_html(datasets, worker_stats([j.id for j in jobs]), _overlays(jobs, max_images, label_maps), steps)
     output = output.expanduser().resolve()
     with atomic_path(output) as tmp:
         tmp.write_text(page, encoding="utf-8")

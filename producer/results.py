@@ -2,6 +2,10 @@
 
 The rows stay a plain list in every format, so CSV and JSON remain machine-readable; the summary is
 a separate dict (printed on stderr for csv/json, as the last line for the table).
+
+A bundle's label map adds three columns per label, ``<name>_voxels``, ``<name>_ml`` and ``<name>_dice``
+(the name made a safe column name: letters, digits and ``_``, lower case). A model.toml's binary mask adds
+none: its rows are today's, column for column.
 """
 
 from __future__ import annotations
@@ -9,11 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from segq.models import Dataset, Job, Status
+from segq.modelspec import spec_from_dict
 
 COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
@@ -21,6 +28,76 @@ COLUMNS = [
     "model_sha256", "dice", "volume_error_ml", "seconds", "preprocess_seconds", "merge_seconds", "elapsed_seconds",
     "modality", "study_uid", "series_uid", "output_format",
 ]
+# What `segq results --format table` shows of a row (the label columns follow: see table_columns)
+TABLE_COLUMNS = ["input", "status", "tumour_voxels", "tumour_ml", "windows", "subtasks", "inference_seconds",
+                 "workers", "dice", "error"]
+LABEL_FIELDS = ("voxels", "ml", "dice")  # what a job's ``labels`` entries hold, each a column per label
+
+
+@dataclass(frozen=True)
+class LabelColumn:
+    """One label's columns: ``name`` as the pipeline names it, ``key`` the prefix of its column names."""
+
+    name: str
+    key: str
+
+    @property
+    def columns(self) -> list[str]:
+        return [f"{self.key}_{field}" for field in LABEL_FIELDS]
+
+
+def label_names(dataset: Dataset) -> dict[int, str] | None:
+    """A bundle dataset's labels by value, background left out, with any value its jobs found unnamed
+    (``label N``); None for a model.toml's binary mask (or a dataset recorded before models were stored)."""
+    model = (dataset.params or {}).get("model")
+    spec = spec_from_dict(model) if model else None
+    if spec is None or not spec.is_bundle:
+        return None
+    names = {value: name for value, name in spec.label_names().items() if value != 0}
+    for job in dataset.jobs:
+        for entry in job.labels or []:
+            names.setdefault(int(entry["value"]), str(entry["name"]))
+    return dict(sorted(names.items()))
+
+
+def column_key(name: str) -> str:
+    """A label name as a column-name prefix: runs of anything but letters and digits become one ``_``.
+
+    The key can then never open with ``=``, ``+``, ``-`` or ``@``, which spreadsheets run as a formula.
+    """
+    return re.sub(r"[\W_]+", "_", name).strip("_").lower()
+
+
+def label_columns(datasets: list[Dataset]) -> list[LabelColumn]:
+    """The label columns of these datasets: one set per label name, in the order first met (dataset, then value).
+
+    A name whose key is taken (by a column of every row, or by another name with the same key) gets its
+    value appended: a bundle label named ``tumour`` becomes ``tumour_1_voxels`` beside ``tumour_voxels``.
+    """
+    found: dict[str, LabelColumn] = {}
+    taken = set(COLUMNS)
+    for dataset in datasets:
+        for value, name in (label_names(dataset) or {}).items():
+            if name in found:
+                continue
+            key = column_key(name) or f"label_{value}"
+            base, n = key, 0
+            while any(column in taken for column in LabelColumn(name, key).columns):
+                n += 1
+                key = f"{base}_{value}" if n == 1 else f"{base}_{value}_{n}"
+            found[name] = LabelColumn(name, key)
+            taken.update(found[name].columns)
+    return list(found.values())
+
+
+def label_cells(job: Job, columns: list[LabelColumn]) -> dict[str, Any]:
+    """The job's per-label voxels, mL and Dice under its label columns (None where it has no such label)."""
+    by_name = {str(entry["name"]): entry for entry in job.labels or []}
+    cells: dict[str, Any] = {}
+    for column in columns:
+        entry = by_name.get(column.name, {})
+        cells.update({key: entry.get(field) for key, field in zip(column.columns, LABEL_FIELDS, strict=True)})
+    return cells
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -75,15 +152,34 @@ def job_seconds(job: Job) -> float | None:
 
 
 def rows(datasets: list[Dataset]) -> list[dict[str, Any]]:
-    return [job_row(ds, job) for ds in datasets for job in ds.jobs]
+    """One row per job. When any dataset has a label map, every row gets every label's columns (None where its
+    dataset lacks the label), so CSV and JSON rows keep one shape."""
+    columns = label_columns(datasets)
+    return [{**job_row(ds, job), **label_cells(job, columns)} for ds in datasets for job in ds.jobs]
+
+
+def row_columns(data: list[dict[str, Any]]) -> list[str]:
+    """COLUMNS, then the label columns the rows carry, in their order."""
+    extra = dict.fromkeys(key for row in data for key in row if key not in COLUMNS)
+    return COLUMNS + list(extra)
+
+
+def table_columns(data: list[dict[str, Any]], datasets: list[Dataset]) -> list[str]:
+    """What the terminal table shows: TABLE_COLUMNS, then each label's mL, and its Dice once one is stored."""
+    extra: list[str] = []
+    for column in label_columns(datasets):
+        _, ml, dice = column.columns
+        extra += [ml, dice] if any(row.get(dice) is not None for row in data) else [ml]
+    return TABLE_COLUMNS + extra
 
 
 def to_csv(data: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    columns = row_columns(data)
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in data:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     return buffer.getvalue()
 
 

@@ -2,8 +2,11 @@
 
 prepare leaves ``series.json`` in the workspace (the files, the grid's affine, the output format and the
 segment description); merge finds it there, so the tasks pass nothing new. The SEG is written with
-highdicom: binary, one segment, referencing the source series, each source instance and the Frame of
-Reference, with its label and codes from the model file.
+highdicom: binary, referencing the source series, each source instance and the Frame of Reference. A
+model.toml's mask is one segment, with its label and codes from the model file; a bundle's label map is one
+segment per label, named from the bundle's metadata, in value order (segment numbers 1..N, as the SEG requires,
+whatever the label values), with a generic code (GENERIC_CATEGORY, GENERIC_TYPE) since a bundle names its labels
+but does not code them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ logger = logging.getLogger("segq.dicomseg")
 
 META = "series.json"
 SEG_SERIES_NUMBER = 9901  # far from a scanner's own series numbers
+# A bundle label's codes: pydicom codes.SCT keywords, SCT 85756007 "Tissue" (a category of CID 7150) and
+# SCT 91772007 "Organ". Most bundle labels are organs; what a label is exactly, only its name says.
+GENERIC_CATEGORY = "Tissue"
+GENERIC_TYPE = "Organ"
+LO_MAX = 64  # characters in a Long String: SegmentLabel, ContentDescription, SeriesDescription
 
 
 @dataclass(frozen=True)
@@ -108,36 +116,80 @@ def _code(text: str) -> Any:
     return CodedConcept(value, scheme, meaning)
 
 
-def build_seg(mask: np.ndarray, meta: SeriesMeta) -> Any:
-    """The mask (columns, rows, slices) as a binary highdicom Segmentation of the source series."""
+def long_string(text: str) -> str:
+    """``text`` as a DICOM Long String: no backslash (the value separator) or control characters, at most
+    64 bytes in UTF-8 (what dciodvfy counts; 64 characters for ASCII), cut between characters; a name left
+    empty becomes "unnamed"."""
+    cleaned = "".join(" " if ch.isspace() or not ch.isprintable() else ch for ch in text.replace("\\", "/"))
+    cut = " ".join(cleaned.split()).encode()[:LO_MAX].decode(errors="ignore")
+    return cut.strip() or "unnamed"
+
+
+def segments(mask: np.ndarray, names: dict[int, str]) -> list[tuple[int, str]]:
+    """(label value, segment label) per segment, in value order: every named label but the background, empty
+    or not, so a label has one segment number across a dataset's SEGs; a value the mask holds that the names
+    lack is a segment ``label N``, as in the job's ``labels``."""
+    present = np.flatnonzero(np.bincount(mask.ravel(order="K")))
+    values = sorted({v for v in names if v > 0} | {int(v) for v in present if v > 0})
+    return [(v, long_string(names.get(v, f"label {v}"))) for v in values]
+
+
+def numbered(grid: np.ndarray, values: list[int]) -> np.ndarray:
+    """The label map with each label value replaced by its segment number (1..N, in the order of ``values``)."""
+    lookup = np.zeros(max(max(values, default=0), int(grid.max(initial=0))) + 1,
+                      np.uint8 if len(values) < 256 else np.uint16)
+    lookup[values] = np.arange(1, len(values) + 1)
+    return lookup[grid]
+
+
+def _description(hd: Any, number: int, label: str, category: str, kind: str, algorithm: Any) -> Any:
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label, segmented_property_category=_code(category),
+        segmented_property_type=_code(kind), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+
+
+def build_seg(mask: np.ndarray, meta: SeriesMeta, names: dict[int, str] | None = None) -> Any:
+    """The mask (columns, rows, slices) as a binary highdicom Segmentation of the source series: one segment,
+    or with ``names`` (a label map's, by value; 0 the background) one segment per label (see segments)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     sources = read_datasets([Path(f) for f in meta.files], pixels=False)
     # back to highdicom's (slice, row, column): free for a Fortran-ordered mask, as merge passes it
-    grid = np.ascontiguousarray(mask.transpose(2, 1, 0), dtype=np.uint8)
-    volume = hd.Volume(grid, np.asarray(meta.lps_affine), coordinate_system="PATIENT",
-                       frame_of_reference_uid=meta.frame_of_reference_uid)
+    grid = mask.transpose(2, 1, 0)
     label, category, kind = meta.segment
     name, version = meta.algorithm
     algorithm = hd.AlgorithmIdentificationSequence(name=name, version=version,
                                                    family=codes.cid7162.ArtificialIntelligence)
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=label, segmented_property_category=_code(category),
-        segmented_property_type=_code(kind), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm)
+    if names is None:
+        grid = np.ascontiguousarray(grid, dtype=np.uint8)
+        descriptions = [_description(hd, 1, label, category, kind, algorithm)]
+        content, title = label[:LO_MAX], f"segq {label}"[:LO_MAX]
+    else:
+        found = segments(mask, names)
+        grid = numbered(np.ascontiguousarray(grid), [value for value, _ in found])
+        descriptions = [_description(hd, number, text, GENERIC_CATEGORY, GENERIC_TYPE, algorithm)
+                        for number, (_, text) in enumerate(found, start=1)]
+        content = long_string(", ".join(text for _, text in found))
+        title = long_string(f"segq {len(found)} labels")
+    volume = hd.Volume(grid, np.asarray(meta.lps_affine), coordinate_system="PATIENT",
+                       frame_of_reference_uid=meta.frame_of_reference_uid)
+    texts = [content, title] + [str(d.SegmentLabel) for d in descriptions]
+    # highdicom keeps the source's character set (ASCII when it names none); a label name beyond ASCII needs UTF-8
+    charset: dict[str, Any] = {} if all(t.isascii() for t in texts) else {"specific_character_set": "ISO_IR 192"}
     source_series = str(sources[0].SeriesInstanceUID)
     # The same series through the same model gives the same UIDs: a re-run replaces, it does not add.
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=volume, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
+        segment_descriptions=descriptions,
         series_instance_uid=generate_uid(entropy_srcs=[source_series, version, "segq-seg-series"]),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=generate_uid(entropy_srcs=[source_series, version, "segq-seg-instance"]),
         instance_number=1, manufacturer="segq", manufacturer_model_name=name, software_versions=_version(),
-        device_serial_number="0", content_label="SEGQ", content_description=label[:64],
-        series_description=f"segq {label}"[:64])
+        device_serial_number="0", content_label="SEGQ", content_description=content, series_description=title,
+        **charset)
 
 
 def _version() -> str:
@@ -150,7 +202,7 @@ def _version() -> str:
 
 
 def write_seg(mask: np.ndarray, meta: SeriesMeta, output: Path, names: dict[int, str] | None = None) -> None:
-    """Write the SEG atomically (temp name, fsync, rename)."""
-    seg = build_seg(mask, meta)
+    """Write the SEG atomically (temp name, fsync, rename); ``names``: the mask is a label map (see build_seg)."""
+    seg = build_seg(mask, meta, names)
     with storage.atomic_path(output) as tmp:
         seg.save_as(tmp)

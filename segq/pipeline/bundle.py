@@ -134,7 +134,8 @@ def placed_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
     for index, transform in enumerate(_transforms(config, "postprocessing")):
         name = _name(transform)
         if name in REPLACED:
-            logger.debug("bundle %s: postprocessing#transforms#%d %s is not run: %s", where, index, name, REPLACED[name])
+            logger.debug("bundle %s: postprocessing#transforms#%d %s is not run: %s", where, index, name,
+                         REPLACED[name])
             continue
         if name not in PLACEABLE:
             raise InputError(f"bundle {where}: postprocessing#transforms#{index} {name or transform!r} is not a "
