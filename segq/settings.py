@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     simulate_seconds_per_window: float = Field(default=0.0094, ge=0)
     simulate_devices: int = Field(default=1, ge=1)
     precision: Precision = "fp32"
+    # A bundle's partials carry every output channel (105 for wholeBody_ct_segmentation): float16 halves what
+    # each part writes and merge reads, and merge adds them in float32 (docs/MODELS.md gives the agreement).
+    # A model.toml's one-channel partials stay float32: that path's masks are pinned to MONAI's.
+    partial_dtype: Literal["float16", "float32"] = "float16"
     device: str = "auto"
     torch_compile: TorchCompile = "auto"
     # Inference engines (worker/engines): ONNX files and TensorRT plans are cached per model under

@@ -297,8 +297,9 @@ def slab_reference(slab: Slab, shape: tuple[int, ...], checksum: str, worker: st
 
 def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: int, worker: str,
              should_stop: Callable[[], bool] | None = None,
-             lease: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
-    """Run one slab's windows and write its partial sum; returns the slab's reference."""
+             lease: AbstractContextManager[Any] | None = None, partial_dtype: str = "float32") -> dict[str, Any]:
+    """Run one slab's windows and write its partial sum; returns the slab's reference. A partial of several
+    channels is written as ``partial_dtype``."""
     from worker.engines.inference import infer_slab
 
     plan, slabs = load_plan(ws)
@@ -307,8 +308,10 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
     volume = load_input(ws)
+    import torch
+
     array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease,
-                       starts=plan.starts)
+                       starts=plan.starts, channels_dtype=getattr(torch, partial_dtype))
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
     checksum = storage.array_checksum(array)

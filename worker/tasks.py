@@ -168,7 +168,8 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     step.batch_size = spec.sw_batch_size
     started, clock = utcnow(), time.perf_counter()
     lease = DeviceLease(engine)
-    ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease)
+    ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease,
+                        settings.partial_dtype)
     records.finish_subtask(job.id, job.attempt, slab, round(time.perf_counter() - clock, 3), step.batch_size,
                            lease.peak_bytes)
     records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device=lease.label,
