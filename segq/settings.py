@@ -57,10 +57,11 @@ class Settings(BaseSettings):
     simulate_seconds_per_window: float = Field(default=0.0094, ge=0)
     simulate_devices: int = Field(default=1, ge=1)
     precision: Precision = "fp32"
-    # A bundle's partials carry every output channel (105 for wholeBody_ct_segmentation): float16 halves what
-    # each part writes and merge reads, and merge adds them in float32 (docs/MODELS.md gives the agreement).
-    # A model.toml's one-channel partials stay float32: that path's masks are pinned to MONAI's.
-    partial_dtype: Literal["float16", "float32"] = "float16"
+    # A bundle's partials carry every output channel (105 for wholeBody_ct_segmentation). float16 halves what
+    # each part writes and merge reads (merge adds in float32), but moved labels at near-ties: 0.9990 to 0.99993
+    # of voxels equal to monai.bundle run's against 1.0 for float32 (docs/MODELS.md). So float32 by default.
+    # A model.toml's one-channel partials are always float32.
+    partial_dtype: Literal["float16", "float32"] = "float32"
     device: str = "auto"
     torch_compile: TorchCompile = "auto"
     # Inference engines (worker/engines): ONNX files and TensorRT plans are cached per model under
