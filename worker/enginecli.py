@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 @click.command("export-onnx")
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="model.toml naming the network and checkpoint.")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="A model.toml naming the network and checkpoint, or a MONAI bundle (folder or .zip).")
+@click.option("--trust-model", is_flag=True, help="Run a MONAI bundle's config as code (see segq submit).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="ONNX file to write (a sidecar <output>.json records the model and the check).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
@@ -25,13 +26,14 @@ if TYPE_CHECKING:
                    "which builds only strongly typed networks.")
 @click.option("--check-batch", type=click.IntRange(min=1), default=2, show_default=True,
               help="ROIs in the random batch run in ONNX Runtime and PyTorch to check the export.")
-def export_onnx(model_path: Path, output: Path, precision: str, check_batch: int) -> None:
-    """Export the model (target-class softmax inside the graph, dynamic batch) and check it in ONNX Runtime."""
-    from segq.modelspec import load_model_spec
+def export_onnx(model_path: Path, output: Path, precision: str, check_batch: int, trust_model: bool) -> None:
+    """Export the model (a model.toml's target-class softmax, or a bundle's every channel, inside the graph;
+    dynamic batch) and check it in ONNX Runtime."""
+    from segq.pipeline import load_pipeline
     from worker.engines.onnx_export import TOLERANCE
     from worker.engines.onnx_export import export_onnx as run_export
 
-    spec = load_model_spec(model_path)
+    spec = load_pipeline(model_path, trust=trust_model)
     meta = run_export(spec, output.expanduser().resolve(), precision, check_batch)
     click.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB, opset {meta.opset}, {precision}, "
                f"input {meta.input_name} [batch, {meta.in_channels}, {', '.join(map(str, meta.roi))}])")
@@ -130,23 +132,24 @@ def build_engine(onnx_path: Path, fp16: bool, min_batch: int, opt_batch: int, ma
 
 
 @click.command("warm-engine")
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="model.toml naming the network and checkpoint.")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="A model.toml naming the network and checkpoint, or a MONAI bundle (folder or .zip).")
+@click.option("--trust-model", is_flag=True, help="Run a MONAI bundle's config as code (see segq submit).")
 @click.option("--sw-batch-size", type=click.IntRange(min=1), default=None,
               help="The ROI batch the datasets will use (default: the model's); a compiled engine is built per batch.")
-def warm_engine(model_path: Path, sw_batch_size: int | None) -> None:
+def warm_engine(model_path: Path, sw_batch_size: int | None, trust_model: bool) -> None:
     """Build the engine this machine's workers will load (SEGQ_BACKEND, SEGQ_PRECISION, SEGQ_TORCH_COMPILE),
     run its accuracy gate, and leave it in the engine cache: run once per machine after an install or upgrade,
     so no worker pays the first compile (about 100 s for SwinUNETR on an H200). A torch.compile start from
     inductor's cache still traces the network (about 85 s there); an AOT package loads in seconds."""
     import time
 
-    from segq.modelspec import load_model_spec
+    from segq.pipeline import load_pipeline
     from segq.settings import get_settings
     from worker.runtime import engine_for
 
     settings = get_settings()
-    spec = load_model_spec(model_path)
+    spec = load_pipeline(model_path, trust=trust_model)
     started = time.perf_counter()
     spec, engine = engine_for(spec.to_dict(), spec.checksum(), settings, sw_batch_size)
     mode = getattr(engine, "compile_mode", None)
