@@ -58,9 +58,11 @@ def evaluate(dataset: str, truth_dir: Path, replace: bool) -> None:
     table = Table(title=f"dataset {found.id} against {truth_dir}", title_justify="left")
     for column in ("input", "Dice", "volume error mL", "note"):
         table.add_column(column)
-    for s in scores:
-        table.add_row(Path(s.input_path).name, "" if s.dice is None else f"{s.dice:.4f}",
-                      "" if s.volume_error_ml is None else f"{s.volume_error_ml:+.2f}", s.note)
+    from rich.markup import escape
+
+    for s in scores:  # names are the user's (files, a bundle's labels): shown as text, never as markup
+        table.add_row(escape(Path(s.input_path).name), "" if s.dice is None else f"{s.dice:.4f}",
+                      "" if s.volume_error_ml is None else f"{s.volume_error_ml:+.2f}", escape(s.note))
     console().print(table)
     values = [s.dice for s in scores if s.dice is not None]
     if values:

@@ -165,12 +165,10 @@ def row_columns(data: list[dict[str, Any]]) -> list[str]:
 
 
 def table_columns(data: list[dict[str, Any]], datasets: list[Dataset]) -> list[str]:
-    """What the terminal table shows: TABLE_COLUMNS, then each label's mL, and its Dice once one is stored."""
-    extra: list[str] = []
-    for column in label_columns(datasets):
-        _, ml, dice = column.columns
-        extra += [ml, dice] if any(row.get(dice) is not None for row in data) else [ml]
-    return TABLE_COLUMNS + extra
+    """What the terminal table shows: TABLE_COLUMNS, then each label's mL and, once any label was scored, Dice."""
+    columns = label_columns(datasets)
+    scored = any(row.get(c.columns[2]) is not None for row in data for c in columns)
+    return TABLE_COLUMNS + [name for c in columns for name in (c.columns[1:] if scored else c.columns[1:2])]
 
 
 def to_csv(data: list[dict[str, Any]]) -> str:

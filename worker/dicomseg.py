@@ -35,7 +35,7 @@ SEG_SERIES_NUMBER = 9901  # far from a scanner's own series numbers
 # SCT 91772007 "Organ". Most bundle labels are organs; what a label is exactly, only its name says.
 GENERIC_CATEGORY = "Tissue"
 GENERIC_TYPE = "Organ"
-LO_MAX = 64  # characters in a Long String: SegmentLabel, ContentDescription, SeriesDescription
+LO_MAX = 64  # the longest Long String (SegmentLabel, ContentDescription, SeriesDescription)
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,34 @@ def _description(hd: Any, number: int, label: str, category: str, kind: str, alg
         algorithm_identification=algorithm)
 
 
+@dataclass(frozen=True)
+class SegContent:
+    """What a SEG holds: its pixels on highdicom's (slice, row, column) grid, valued by segment number, and
+    the segments' descriptions; the content and series descriptions that name it."""
+
+    grid: np.ndarray
+    descriptions: list[Any]
+    content: str
+    title: str
+
+
+def seg_content(mask: np.ndarray, meta: SeriesMeta, algorithm: Any, names: dict[int, str] | None) -> SegContent:
+    """One segment from the model file's label and codes; with ``names``, one per label (see segments)."""
+    import highdicom as hd
+
+    # back to highdicom's (slice, row, column): free for a Fortran-ordered mask, as merge passes it
+    grid = np.ascontiguousarray(mask.transpose(2, 1, 0))
+    label, category, kind = meta.segment
+    if names is None:
+        return SegContent(grid.astype(np.uint8, copy=False), [_description(hd, 1, label, category, kind, algorithm)],
+                          label[:LO_MAX], f"segq {label}"[:LO_MAX])
+    found = segments(mask, names)
+    descriptions = [_description(hd, number, text, GENERIC_CATEGORY, GENERIC_TYPE, algorithm)
+                    for number, (_, text) in enumerate(found, start=1)]
+    return SegContent(numbered(grid, [value for value, _ in found]), descriptions,
+                      long_string(", ".join(text for _, text in found)), long_string(f"segq {len(found)} labels"))
+
+
 def build_seg(mask: np.ndarray, meta: SeriesMeta, names: dict[int, str] | None = None) -> Any:
     """The mask (columns, rows, slices) as a binary highdicom Segmentation of the source series: one segment,
     or with ``names`` (a label map's, by value; 0 the background) one segment per label (see segments)."""
@@ -157,39 +185,26 @@ def build_seg(mask: np.ndarray, meta: SeriesMeta, names: dict[int, str] | None =
     from pydicom.uid import generate_uid
 
     sources = read_datasets([Path(f) for f in meta.files], pixels=False)
-    # back to highdicom's (slice, row, column): free for a Fortran-ordered mask, as merge passes it
-    grid = mask.transpose(2, 1, 0)
-    label, category, kind = meta.segment
     name, version = meta.algorithm
     algorithm = hd.AlgorithmIdentificationSequence(name=name, version=version,
                                                    family=codes.cid7162.ArtificialIntelligence)
-    if names is None:
-        grid = np.ascontiguousarray(grid, dtype=np.uint8)
-        descriptions = [_description(hd, 1, label, category, kind, algorithm)]
-        content, title = label[:LO_MAX], f"segq {label}"[:LO_MAX]
-    else:
-        found = segments(mask, names)
-        grid = numbered(np.ascontiguousarray(grid), [value for value, _ in found])
-        descriptions = [_description(hd, number, text, GENERIC_CATEGORY, GENERIC_TYPE, algorithm)
-                        for number, (_, text) in enumerate(found, start=1)]
-        content = long_string(", ".join(text for _, text in found))
-        title = long_string(f"segq {len(found)} labels")
-    volume = hd.Volume(grid, np.asarray(meta.lps_affine), coordinate_system="PATIENT",
+    parts = seg_content(mask, meta, algorithm, names)
+    volume = hd.Volume(parts.grid, np.asarray(meta.lps_affine), coordinate_system="PATIENT",
                        frame_of_reference_uid=meta.frame_of_reference_uid)
-    texts = [content, title] + [str(d.SegmentLabel) for d in descriptions]
+    texts = [parts.content, parts.title] + [str(d.SegmentLabel) for d in parts.descriptions]
     # highdicom keeps the source's character set (ASCII when it names none); a label name beyond ASCII needs UTF-8
     charset: dict[str, Any] = {} if all(t.isascii() for t in texts) else {"specific_character_set": "ISO_IR 192"}
     source_series = str(sources[0].SeriesInstanceUID)
     # The same series through the same model gives the same UIDs: a re-run replaces, it does not add.
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=volume, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
+        segment_descriptions=parts.descriptions,
         series_instance_uid=generate_uid(entropy_srcs=[source_series, version, "segq-seg-series"]),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=generate_uid(entropy_srcs=[source_series, version, "segq-seg-instance"]),
         instance_number=1, manufacturer="segq", manufacturer_model_name=name, software_versions=_version(),
-        device_serial_number="0", content_label="SEGQ", content_description=content, series_description=title,
-        **charset)
+        device_serial_number="0", content_label="SEGQ", content_description=parts.content,
+        series_description=parts.title, **charset)
 
 
 def _version() -> str:
