@@ -151,6 +151,13 @@ def postprocess(spec: ModelSpec, logits: np.ndarray, ws: Path, spatial_shape: tu
     if labels.ndim == 4 and labels.shape[0] == logits.shape[0] and logits.shape[0] > 1:
         raise InputError(f"the bundle's postprocessing leaves {labels.shape[0]} channels, not one label map: add "
                          "AsDiscreted(argmax=True) or a mapping of channels to labels to its postprocessing")
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels != np.rint(labels)).any():
+        # An Invertd with bilinear interpolation after the argmax (prostate_mri_anatomy's order) resamples the
+        # label values themselves: the bundle's own SaveImaged writes those fractions as float32. A label map
+        # holds whole labels, so each voxel takes the nearest one.
+        logger.info("the bundle's postprocessing left fractional label values (an Invertd with nearest_interp "
+                    "false after the argmax): rounded to the nearest label")
+        labels = np.rint(labels)
     if tuple(labels.shape) != tuple(spatial_shape):
         raise InputError(f"the bundle's postprocessing gives a label map of shape {list(labels.shape)}, not the "
                          f"scan's {list(spatial_shape)}: its postprocessing needs an Invertd of its preprocessing")
