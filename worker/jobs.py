@@ -198,7 +198,8 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     else:
         with checked_input(job, settings) as path:
             header = read_header(path, settings.max_voxels)
-            check_memory(path, header.shape, np.dtype(header.dtype).itemsize, memory_headroom())
+            shape = (*header.shape[:3], len(job.channel_files)) if job.channel_files else header.shape
+            check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
             volume, header = load_case(job, settings, path, spec.in_channels)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
@@ -244,7 +245,8 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
         with checked_input(job, settings) as path:
             files = case_files(job, settings)
             header = read_header(path, settings.max_voxels)
-            check_memory(path, header.shape, np.dtype(header.dtype).itemsize * len(files), memory_headroom())
+            shape = (*header.shape[:3], len(files)) if len(files) > 1 else header.shape
+            check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
             for other in files[1:]:
                 read_header(other, settings.max_voxels)
             model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
