@@ -44,10 +44,10 @@ def test_the_workspace_keeps_a_loaded_volume_in_nifti_order_and_load_input_index
 def test_a_workspace_written_before_the_nifti_order_still_loads(tmp_path) -> None:
     from segq import storage
     from worker.engines.inference import nifti_order
-    from worker.jobs import LEGACY_INPUT, load_input
+    from worker.jobs import CXYZ_INPUT, load_input
 
     legacy = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)  # (C, X, Y, Z), C-ordered
-    storage.save_array(tmp_path / LEGACY_INPUT, legacy)
+    storage.save_array(tmp_path / CXYZ_INPUT, legacy)
     view = load_input(tmp_path)
     assert not nifti_order(view)
     np.testing.assert_array_equal(view, legacy)
