@@ -111,6 +111,7 @@ def status(dataset: str | None, limit: int) -> None:
     """Show datasets and their jobs: queued, running, done, failed (with the error)."""
     from rich.table import Table
 
+    from producer.cases import shown_input
     from segq import records
     from segq.db import ensure_schema
 
@@ -129,7 +130,8 @@ def status(dataset: str | None, limit: int) -> None:
         for column in ("job", "input", "status", "windows", "subtasks", "tumour mL", "workers", "error"):
             table.add_column(column, overflow="fold")
         for job in ds.jobs:
-            table.add_row(job.id, Path(job.input_path).name, f"[{styles[job.status.value]}]{job.status.value}",
+            table.add_row(job.id, shown_input(job.input_path, job.output_path, job.channel_files),
+                          f"[{styles[job.status.value]}]{job.status.value}",
                           str(job.windows or ""), str(job.subtasks or ""),
                           "" if job.tumour_ml is None else f"{job.tumour_ml:.2f}", ",".join(job.workers or []),
                           job.error or "")
@@ -149,7 +151,7 @@ def results(dataset: str | None, fmt: str, summary: bool) -> None:
 
     A label map's dataset adds each label's voxels, mL and Dice (the table shows its mL, and Dice once scored).
     """
-    from producer.results import rows, summarize, summary_line, table_columns, to_csv, to_json
+    from producer.results import input_shown, rows, summarize, summary_line, table_columns, to_csv, to_json
     from segq import records
     from segq.db import ensure_schema
 
@@ -174,7 +176,7 @@ def results(dataset: str | None, fmt: str, summary: bool) -> None:
         for column in shown:
             table.add_column(column, overflow="fold")
         for row in data:
-            table.add_row(*[Path(str(row[c])).name if c == "input" else "" if row[c] is None else str(row[c])
+            table.add_row(*[input_shown(row) if c == "input" else "" if row[c] is None else str(row[c])
                             for c in shown])
         console().print(table)
         if summary:

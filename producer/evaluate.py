@@ -16,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from producer.cases import job_case
 from producer.results import label_names
 from segq.db import session_scope
 from segq.errors import InputError
@@ -42,14 +43,26 @@ class Score:
     labels: tuple[LabelScore, ...] = ()  # a label map's, per label; empty for a binary mask
 
 
-def find_truth(truth_dir: Path, input_path: Path) -> Path | None:
-    """The ground-truth file with the input's name (any NIfTI suffix) in ``truth_dir``."""
-    stem = strip_nifti_suffix(input_path.name)
-    for suffix in NIFTI_SUFFIXES:
-        for name in (stem + suffix, stem + "_truth" + suffix, stem + "_seg" + suffix):
-            if (truth_dir / name).is_file():
-                return truth_dir / name
+def find_truth(truth_dir: Path, input_path: Path, case: str | None = None) -> Path | None:
+    """The ground-truth file with the input's name (any NIfTI suffix) in ``truth_dir``.
+
+    A case of several files is looked up by its name first (nnU-Net's ``BRATS_001.nii.gz`` for ``BRATS_001_0000``
+    to ``_0003``), then by its first file's name.
+    """
+    stems = [strip_nifti_suffix(input_path.name)]
+    if case is not None:
+        stems.insert(0, case)
+    for stem in dict.fromkeys(stems):
+        for suffix in NIFTI_SUFFIXES:
+            for name in (stem + suffix, stem + "_truth" + suffix, stem + "_seg" + suffix):
+                if (truth_dir / name).is_file():
+                    return truth_dir / name
     return None
+
+
+def job_truth(truth_dir: Path, job: Job) -> Path | None:
+    """The job's ground truth in ``truth_dir``: by its case's name for a case of several files, else its file's."""
+    return find_truth(truth_dir, Path(job.input_path), job_case(job.output_path, job.channel_files))
 
 
 def label_counts(values: np.ndarray, where: str) -> np.ndarray:
@@ -121,7 +134,7 @@ def _score_labels(job: Job, pred: np.ndarray, truth: np.ndarray, truth_path: Pat
 
 def score_job(job: Job, truth_dir: Path, names: dict[int, str] | None = None) -> Score:
     """Score one job; ``names`` (a label map's labels, background left out) scores it label by label."""
-    truth_path = find_truth(truth_dir, Path(job.input_path))
+    truth_path = job_truth(truth_dir, job)
     if job.status != Status.DONE:
         return Score(job.id, job.input_path, None, None, f"not scored: {job.status.value}")
     if truth_path is None:
@@ -162,6 +175,13 @@ def _changes(job: Job, score: Score) -> bool:
     return job.dice != score.dice or (bool(new) and _stored_label_dice(job) != new)
 
 
+def _looked_for(job: Job) -> str:
+    """The names find_truth tried first for the job, for a message."""
+    case = job_case(job.output_path, job.channel_files)
+    first = strip_nifti_suffix(Path(job.input_path).name)
+    return f"{case}.nii.gz or {first}.nii.gz" if case is not None and case != first else Path(job.input_path).name
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -186,7 +206,7 @@ def evaluate(dataset_id: str, truth_dir: Path, replace: bool = False) -> list[Sc
         scored = [(job, score) for job, score in zip(jobs, scores, strict=True) if score.dice is not None]
         if done and not scored:
             raise InputError(f"--truth {truth_dir} holds no ground truth for any of the {len(done)} done volume(s) "
-                             f"(looked for e.g. {Path(done[0].input_path).name} there): check the folder")
+                             f"(looked for e.g. {_looked_for(done[0])} there): check the folder")
         changed = [(job, score) for job, score in scored if _changes(job, score)]
         if changed and not replace:
             before = _mean([job.dice for job, _ in changed if job.dice is not None])

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import and_, func, select
 
-from producer.results import job_elapsed, label_names, rows, summarize, summary_line
+from producer.cases import shown_input
+from producer.results import input_shown, job_elapsed, label_names, rows, summarize, summary_line
 from segq import records
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
@@ -246,11 +247,12 @@ def worker_stats(job_ids: list[str]) -> list[WorkerStats]:
         return [WorkerStats(str(r[0]), int(r[1]), int(r[2] or 0), float(r[3] or 0.0)) for r in found]
 
 
-def _cell(column: str, value: Any) -> str:
+def _cell(column: str, row: dict[str, Any]) -> str:
+    value = row.get(column)
     if value is None:
         return ""
     if column == "input":
-        return html.escape(Path(str(value)).name)
+        return html.escape(input_shown(row))
     if column == "status":
         return f'<span class="{html.escape(str(value))}">{html.escape(str(value))}</span>'
     return html.escape(str(value))
@@ -326,13 +328,13 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
     data = rows(datasets)
     names = ", ".join(f"{ds.name} ({ds.id})" for ds in datasets)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
-    body = "\n".join("<tr>" + "".join(f"<td>{_cell(c, row.get(c))}</td>" for c in TABLE_COLUMNS) + "</tr>"
+    body = "\n".join("<tr>" + "".join(f"<td>{_cell(c, row)}</td>" for c in TABLE_COLUMNS) + "</tr>"
                      for row in data)
     gallery = []
     for job in jobs:
         if job.id not in overlays:
             continue
-        caption = html.escape(f"{Path(job.input_path).name}: {job.tumour_ml} mL")
+        caption = html.escape(f"{shown_input(job.input_path, job.output_path, job.channel_files)}: {job.tumour_ml} mL")
         uri = overlays[job.id]
         picture = (f'<img src="{uri}" alt="{caption}">' if uri else '<p class="note">image unavailable</p>')
         gallery.append(f'<figure class="volume">{picture}<figcaption>{caption}</figcaption></figure>')

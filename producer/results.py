@@ -6,6 +6,10 @@ a separate dict (printed on stderr for csv/json, as the last line for the table)
 A bundle's label map adds three columns per label, ``<name>_voxels``, ``<name>_ml`` and ``<name>_dice``
 (the name made a safe column name: letters, digits and ``_``, lower case). A model.toml's binary mask adds
 none: its rows are today's, column for column.
+
+A case of several files (one per channel) keeps its first file under ``input`` and adds two columns, ``case``
+(its name, as its output is named) and ``channel_files`` (every file, in channel order: a list in JSON, joined
+by ``;`` in CSV), to every row of the results it is in; a result without one has neither.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import re
 import statistics
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from producer.cases import case_label, job_case
 from segq.models import Dataset, Job, Status
 from segq.modelspec import spec_from_dict
 
@@ -32,6 +38,8 @@ COLUMNS = [
 TABLE_COLUMNS = ["input", "status", "tumour_voxels", "tumour_ml", "windows", "subtasks", "inference_seconds",
                  "workers", "dice", "error"]
 LABEL_FIELDS = ("voxels", "ml", "dice")  # what a job's ``labels`` entries hold, each a column per label
+CASE_COLUMNS = ["case", "channel_files"]  # only in results holding a case of several files
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a CSV cell opening so runs as a spreadsheet formula
 
 
 @dataclass(frozen=True)
@@ -151,11 +159,28 @@ def job_seconds(job: Job) -> float | None:
     return round(sum(part or 0.0 for part in parts), 3)
 
 
+def case_cells(job: Job) -> dict[str, Any]:
+    """A job's case name and channel files (None for a job of one file)."""
+    files = list(job.channel_files) if job.channel_files else None
+    return {"case": job_case(job.output_path, files), "channel_files": files}
+
+
+def input_shown(row: dict[str, Any]) -> str:
+    """A row's input as a table shows it: a case of several files by its name and file count, else the file's name."""
+    files = row.get("channel_files")
+    if row.get("case") and files:
+        return case_label(str(row["case"]), len(files))
+    return Path(str(row["input"])).name
+
+
 def rows(datasets: list[Dataset]) -> list[dict[str, Any]]:
     """One row per job. When any dataset has a label map, every row gets every label's columns (None where its
-    dataset lacks the label), so CSV and JSON rows keep one shape."""
+    dataset lacks the label), and when any job is a case of several files, every row gets the case columns, so
+    CSV and JSON rows keep one shape."""
     columns = label_columns(datasets)
-    return [{**job_row(ds, job), **label_cells(job, columns)} for ds in datasets for job in ds.jobs]
+    cases = any(job.channel_files for ds in datasets for job in ds.jobs)
+    return [{**job_row(ds, job), **(case_cells(job) if cases else {}), **label_cells(job, columns)}
+            for ds in datasets for job in ds.jobs]
 
 
 def row_columns(data: list[dict[str, Any]]) -> list[str]:
@@ -177,8 +202,20 @@ def to_csv(data: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in data:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+        writer.writerow({k: _csv_cell(k, row.get(k)) for k in columns})
     return buffer.getvalue()
+
+
+def _csv_cell(column: str, value: Any) -> Any:
+    """A value as CSV writes it: a list joined by ``;``; a case name a spreadsheet would run as a formula (a
+    datalist may name a case ``-1+2``) opened with ``'``, as OWASP advises."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(map(str, value))
+    if column == "case" and str(value).startswith(FORMULA_START):
+        return "'" + str(value)
+    return value
 
 
 def to_json(data: list[dict[str, Any]]) -> str:

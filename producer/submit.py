@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from producer.cases import check_case
 from producer.scan import Input
 from segq import faults, records, scheduler
 from segq.broker import check_writable
@@ -42,11 +42,9 @@ from segq.models import Dataset, Job, Status, Subtask, utcnow
 from segq.modelspec import ModelSpec, file_sha256, files_sha256
 from segq.settings import get_settings
 from segq.storage import atomic_path, probability_path, temp_name
-from segq.volumes import VolumeHeader, check_channels, read_header
+from segq.volumes import check_channels, read_header
 
 logger = logging.getLogger("segq.submit")
-
-AFFINE_TOLERANCE_MM = 1e-4  # channels written on one grid agree far closer; a resampled one differs by more
 
 
 @dataclass(frozen=True)
@@ -147,68 +145,6 @@ def _copy_outputs(source: Job, target: Path, save_probabilities: bool) -> bool:
 def check_volume(path: Path, spec: ModelSpec, max_voxels: int) -> None:
     """What the header tells: a readable 3D volume of real numbers, small enough, with the model's channel count."""
     check_channels(path, read_header(path, max_voxels), spec.in_channels)
-
-
-def check_case(files: tuple[Path, ...], in_channels: int, max_voxels: int) -> str | None:
-    """Why a case's files are not one volume of the model's channels, or None; headers only, no voxels.
-
-    One file holds every channel (3D, or 4D channels last); several hold one channel each, one file per channel
-    of the model, all on the first file's grid (shape and affine).
-    """
-    if len(files) > 1 and len(files) != in_channels:
-        if len(files) > in_channels:
-            return (f"{files[in_channels]} is one file too many: the case lists {len(files)} files and the model "
-                    f"takes {in_channels} channel(s); remove the extra ones, or use a model that takes them")
-        return (f"the case lists {len(files)} files ({', '.join(f.name for f in files)}) and the model takes "
-                f"{in_channels} channels: add the missing channel files, in channel order")
-    try:
-        headers = [read_header(path, max_voxels) for path in files]
-        if len(files) == 1:
-            check_channels(files[0], headers[0], in_channels)
-    except InputError as exc:
-        return str(exc)
-    return _grid_problem(files, headers, max_voxels) if len(files) > 1 else None
-
-
-def _grid_problem(files: tuple[Path, ...], headers: list[VolumeHeader], max_voxels: int) -> str | None:
-    """Why channel files cannot be stacked: one holds several channels, or its shape or affine is not the first's."""
-    import nibabel as nib
-
-    for path, header in zip(files, headers, strict=True):
-        if len(header.shape) == 4 and header.shape[3] != 1:
-            return (f"{path} holds {header.shape[3]} channels (shape {header.shape}): a case's channel file holds "
-                    "one; split it into one file per channel, or pass it alone as the whole case")
-    first, shape = files[0], headers[0].shape[:3]
-    reference = np.asarray(nib.load(str(first)).affine)
-    for path, header in zip(files[1:], headers[1:], strict=True):
-        if header.shape[:3] != shape:
-            return (f"{path} has shape {header.shape[:3]} and {first.name} {shape}: a case's channels share one "
-                    f"grid; resample it onto {first.name}")
-        difference = affine_difference(np.asarray(nib.load(str(path)).affine), reference)
-        if difference:
-            return (f"{path} differs from {first.name} in its affine ({difference}): a case's channels share one "
-                    f"grid; resample it onto {first.name}")
-    voxels = sum(header.voxels_stored for header in headers)
-    if voxels > max_voxels:
-        return (f"the case's {len(files)} channels hold {voxels:,} voxels, above the limit of {max_voxels:,} "
-                "(SEGQ_MAX_VOXELS)")
-    return None
-
-
-def affine_difference(affine: np.ndarray, reference: np.ndarray, tolerance: float = AFFINE_TOLERANCE_MM) -> str:
-    """What differs between two affines beyond ``tolerance`` mm: origin, voxel spacing, orientation; "" if none."""
-    def shown(values: np.ndarray) -> str:
-        return "(" + ", ".join(f"{float(v):g}" for v in np.round(values, 4)) + ")"
-
-    found = []
-    if np.abs(affine[:3, 3] - reference[:3, 3]).max() > tolerance:
-        found.append(f"origin {shown(affine[:3, 3])} mm against {shown(reference[:3, 3])}")
-    spacing, expected = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(reference[:3, :3], axis=0)
-    if np.abs(spacing - expected).max() > tolerance:
-        found.append(f"voxel spacing {shown(spacing)} mm against {shown(expected)}")
-    elif np.abs(affine[:3, :3] - reference[:3, :3]).max() > tolerance:
-        found.append(f"orientation of the voxel axes, by up to {np.abs(affine[:3, :3] - reference[:3, :3]).max():.3g}")
-    return "; ".join(found)
 
 
 def check_checkpoint(spec: ModelSpec) -> None:
@@ -411,4 +347,4 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
 
 
 __all__ = ["submit", "Submitted", "fingerprint", "check_broker", "outputs_present", "InputError",
-           "check_volume", "check_case", "check_checkpoint", "prepare_out_dir"]
+           "check_volume", "check_checkpoint", "prepare_out_dir"]

@@ -155,3 +155,18 @@ def test_cases_of_several_files(fresh_stack: Stack, models_dir: Path, tmp_path: 
     swapped = jobs_of("swapped")["swapped"]
     assert swapped.status == Status.DONE and swapped.channel_files == [str(good[i].resolve()) for i in (2, 0, 1, 3)]
     assert swapped.input_sha256 != jobs["BRATS_001"].input_sha256
+
+    # Status and results name a case by its name; evaluate finds its truth by it (nnU-Net's labelsTs/BRATS_001).
+    status = segq("status", "cases", env={**fresh_stack.env, "COLUMNS": "250"}).stdout
+    assert "BRATS_001 (4 files)" in status and "P9 (4 files)" in status and "_0000.nii" not in status, status
+    shown = json.loads(segq("results", "cases", "--format", "json", "--no-summary", env=fresh_stack.env).stdout)
+    by_case = {row["case"]: row for row in shown}
+    assert set(by_case) == {"BRATS_001", "BRATS_002", "P9"}
+    assert by_case["BRATS_001"]["input"] == str(good[0].resolve())
+    assert by_case["BRATS_001"]["channel_files"] == [str(p.resolve()) for p in good]
+    truth = tmp_path / "labelsTs"
+    truth.mkdir()
+    (truth / "BRATS_001.nii.gz").write_bytes(mask.read_bytes())
+    scored = segq("evaluate", "cases", "--truth", str(truth), env=fresh_stack.env).stdout
+    assert "mean Dice 1.0000 over 1 volume(s)" in scored, scored
+    assert jobs_of("cases")["BRATS_001"].dice == 1.0 and jobs_of("cases")["P9"].dice is None

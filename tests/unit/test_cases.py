@@ -9,17 +9,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from producer.scan import (
+from producer.cases import (
     Case,
+    affine_difference,
+    case_label,
     channel_columns,
     channel_of,
-    collect,
+    check_case,
     group_channels,
+    job_case,
     parse_csv_datalist,
     parse_json_datalist,
     read_datalist,
+    shown_input,
 )
-from producer.submit import affine_difference, check_case
+from producer.scan import collect
 from segq.errors import InputError
 
 BIG = 1 << 30
@@ -292,3 +296,14 @@ def test_collect_datalist_alone_and_dicom_seg_refusal(tmp_path: Path) -> None:
                                            "reference: --output-format dicom-seg needs DICOM input"]
     with pytest.raises(InputError, match="or --datalist FILE"):
         collect([], out)
+
+
+def test_a_job_of_several_files_is_named_by_its_case() -> None:
+    files = [f"/scans/sub/BRATS_001_000{i}.nii.gz" for i in range(4)]
+    assert job_case("/out/sub/BRATS_001_seg.nii.gz", files) == "BRATS_001"
+    assert job_case("/out/sub/BRATS_001_seg.nii.gz", None) is None, "one file: no case"
+    assert job_case("/out/odd.dcm", files) == "BRATS_001", "an output not named _seg.nii.gz: the first file's case"
+    assert case_label("P1", 2) == "P1 (2 files)"
+    assert shown_input(files[0], "/out/sub/BRATS_001_seg.nii.gz", files) == "BRATS_001 (4 files)"
+    assert shown_input("/scans/a.nii.gz", "/out/a_seg.nii.gz", None) == "a.nii.gz"
+    assert shown_input("/scans/x_0000.nii.gz", "/out/x_0000_seg.nii.gz", []) == "x_0000.nii.gz"

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from producer.evaluate import LabelScore, label_counts, tally, with_label_dice
+from producer.evaluate import LabelScore, find_truth, label_counts, score_job, tally, with_label_dice
 from producer.report import (
     LABEL_ALPHA,
     LABEL_COLOURS,
@@ -29,6 +29,7 @@ from producer.results import (
     COLUMNS,
     TABLE_COLUMNS,
     column_key,
+    input_shown,
     label_columns,
     label_names,
     rows,
@@ -222,3 +223,55 @@ def test_overlay_colours_each_label(tmp_path: Path) -> None:
     binary = _png_pixels(overlay_png(tmp_path / "in.nii.gz", tmp_path / "seg.nii.gz")).reshape(-1, 3)
     blue = np.array([0x1f, 0x77, 0xb4]) / 255 * LABEL_ALPHA
     assert (np.abs(binary - blue).max(axis=1) < 0.02).sum() == 0, "a binary mask keeps its one red-yellow overlay"
+
+
+def case_job(tmp_path: Path, name: str = "BRATS_001", channels: int = 4) -> Job:
+    """A done job of an nnU-Net case of ``channels`` files, its label map written under tmp_path/out."""
+    files = [str(tmp_path / "scans" / f"{name}_{i:04d}.nii.gz") for i in range(channels)]
+    output = tmp_path / "out" / f"{name}_seg.nii.gz"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.zeros((6, 6, 4), np.uint8)
+    labels[0:2, 0:2, 0:2], labels[3:5, 3:6, 0] = 1, 2
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(output))
+    return Job(id=name, input_path=files[0], output_path=str(output), status=Status.DONE, channel_files=files,
+               labels=entries((1, "spleen", 8), (2, "Left Kidney", 6)), tumour_voxels=14, tumour_ml=0.028)
+
+
+def test_a_cases_truth_is_found_by_its_name_then_by_its_first_file(tmp_path: Path) -> None:
+    job, truth_dir = case_job(tmp_path), tmp_path / "labelsTs"
+    truth_dir.mkdir()
+    truth = np.asarray(nib.load(job.output_path).dataobj).copy()
+    truth[0:2, 0:2, 0:2] = 0
+    truth[1:3, 0:2, 0:2] = 1  # 8 voxels each, 4 shared: 0.5
+    nib.save(nib.Nifti1Image(truth.astype(np.int16), np.eye(4)), str(truth_dir / "BRATS_001_0000.nii.gz"))
+    assert find_truth(truth_dir, Path(job.input_path), "BRATS_001") == truth_dir / "BRATS_001_0000.nii.gz"
+    assert score_job(job, truth_dir, {1: "spleen", 2: "Left Kidney"}).dice == 0.75, "the first file's name, as before"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(job.output_path).dataobj).astype(np.int16), np.eye(4)),
+             str(truth_dir / "BRATS_001.nii.gz"))  # nnU-Net's labelsTr name: the case's
+    assert find_truth(truth_dir, Path(job.input_path), "BRATS_001") == truth_dir / "BRATS_001.nii.gz"
+    score = score_job(job, truth_dir, {1: "spleen", 2: "Left Kidney"})
+    assert score.dice == 1.0 and [s.dice for s in score.labels] == [1.0, 1.0]
+    one_file = Job(id="x", input_path=job.input_path, output_path=job.output_path, status=Status.DONE)
+    assert score_job(one_file, truth_dir).dice == round(2 * 10 / (14 + 14), 4), "one file: its own name only"
+
+
+def test_a_case_of_several_files_is_shown_by_its_name(tmp_path: Path) -> None:
+    ds = dataset("cases", NAMES, [case_job(tmp_path), case_job(tmp_path, "-1+2", 2), *bundle_dataset().jobs[:1]])
+    data = rows([ds])
+    assert [input_shown(row) for row in data] == ["BRATS_001 (4 files)", "-1+2 (2 files)", "a.nii.gz"]
+    assert data[0]["input"] == str(tmp_path / "scans" / "BRATS_001_0000.nii.gz"), "input: the first file, as before"
+    header = to_csv(data).splitlines()[0].split(",")
+    assert header[:len(COLUMNS) + 2] == [*COLUMNS, "case", "channel_files"], "the case columns, then the labels'"
+    assert header[len(COLUMNS) + 2] == "spleen_voxels"
+    parsed = list(csv.DictReader(io.StringIO(to_csv(data))))
+    assert parsed[0]["case"] == "BRATS_001" and parsed[0]["channel_files"].split(";") == data[0]["channel_files"]
+    assert parsed[1]["case"] == "'-1+2", "a case name a spreadsheet would run is written as text"
+    assert parsed[2]["case"] == "" and parsed[2]["channel_files"] == ""
+    as_json = json.loads(to_json(data))
+    assert as_json[0]["case"] == "BRATS_001" and len(as_json[0]["channel_files"]) == 4
+    assert as_json[1]["case"] == "-1+2" and as_json[2]["case"] is None and as_json[2]["channel_files"] is None
+    assert table_columns(data, [ds])[0] == "input"
+    page = build_html([ds], [], {"BRATS_001": None})
+    assert "<td>BRATS_001 (4 files)</td>" in page and "<td>a.nii.gz</td>" in page
+    assert "<figcaption>BRATS_001 (4 files): 0.028 mL</figcaption>" in page
+    assert set(rows([binary_dataset()])[0]) == set(COLUMNS), "no case in the results: no case columns"
