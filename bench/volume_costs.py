@@ -12,12 +12,27 @@ cores, with no GPU and no queue:
 - **merge**: ``worker.jobs.merge`` (read and check the partials, add them, threshold, write the .nii.gz
   mask; at commits before parts divided their partials on the device, also divide by the weight sum).
 
+For a MONAI bundle (Model Zoo's spleen_ct_segmentation, its real config, as bench/bundle_dataset.py writes it)
+it times what segq runs of the bundle on the coordinator, step by step (``--bundle-shapes``):
+
+- **bundle preprocessing** at prepare: each transform of the config's ``preprocessing`` Compose in turn
+  (LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd, ScaleIntensityRanged, EnsureTyped), then segq's
+  ``bundle_stages.preprocess_case`` whole (the same transforms through the Compose) and the trace's JSON write;
+- **bundle inversion** at merge: each transform of the ``postprocessing`` segq runs (Activationsd, Invertd,
+  AsDiscreted; SaveImaged is segq's own write), on two channels of smooth made-up logits on the model's grid,
+  then segq's ``bundle_stages.postprocess`` whole (trace read back from JSON included).
+
+The CTs are bench/bundle_dataset.py's phantoms (int16 HU, 0.78x0.78x2.5 mm, an LPS-stored affine):
+512x512x110 by default, ``--bundle-shapes 512x512x110,512x512x300`` for a 300-slice one too, ``none`` to skip.
+``--threads`` sets torch's threads (a coordinator process gets cores / processes of them under the launcher).
+
 One CT-size 512x512x300 int16 volume and one BraTS-size 240x240x155 float32 volume by default, made as
 ``bench/peer_folder.py`` makes them. ``--repeats`` runs each; the first repeat is left out of the medians (it
 pays a process's first touch of memory and, at those earlier commits, the weight sum that later volumes of
 the same shape find cached).
 
     python -m bench.volume_costs --out bench/results
+    python -m bench.volume_costs --volumes none --bundle-shapes 512x512x110,512x512x300 --out bench/results
 """
 
 from __future__ import annotations
@@ -113,9 +128,141 @@ def one_volume(path: Path, root: Path, parts: int, roi: int, overlap: float) -> 
             "parts": len(prepared.slabs)}
 
 
+def bundle_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``512x512x110,512x512x300`` as shapes; ``none`` (or nothing) as no bundle arm."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{item!r} is not a shape like 512x512x110")
+        shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return shapes
+
+
+def _timed(transform: Any, data: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = transform(data)
+    return result, time.perf_counter() - started
+
+
+def smooth_logits(shape: Sequence[int], seed: int = 0) -> Any:
+    """Two channels of smooth made-up logits (C, X, Y, Z) float32: what segq's merge hands the postprocessing
+    (its values only decide which label wins, not how long the transforms take)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    small = torch.from_numpy(rng.standard_normal((1, 2, *[max(2, s // 16) for s in shape]), dtype=np.float32))
+    return torch.nn.functional.interpolate(small * 4, size=tuple(shape), mode="trilinear")[0].numpy()
+
+
+def bundle_case(spec: Any, path: Path, root: Path) -> dict[str, Any]:
+    """One CT through the bundle's preprocessing and inversion as segq runs them, each transform timed."""
+    import torch
+    from monai.data import MetaTensor
+
+    from segq.pipeline import bundle_stages, trace
+
+    run: dict[str, Any] = {}
+    parser = bundle_stages._parser(spec)  # the config as segq parses it (its policy, SaveImaged dropped)
+    key = bundle_stages._image_key(parser)
+    pre = parser.get_parsed_content("preprocessing")
+    data: Any = {key: str(path)}
+    pre_steps = []
+    for index, transform in enumerate(pre.transforms):
+        data, seconds = _timed(transform, data)
+        run[f"pre.{index}.{type(transform).__name__}_s"] = round(seconds, 4)
+        pre_steps.append(seconds)
+    run["pre.steps_total_s"] = round(sum(pre_steps), 4)
+    stepwise = data[key]
+    started = time.perf_counter()
+    model_grid, meta, operations = bundle_stages.preprocess_case(spec, [path])
+    run["preprocess_case_s"] = round(time.perf_counter() - started, 4)
+    run["model_grid_shape"] = list(model_grid.shape)
+    run["preprocess_equal_to_steps"] = bool(torch.equal(torch.as_tensor(model_grid), stepwise.as_tensor().float()))
+    ws = root / "bundle-ws"
+    ws.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    bundle_stages.save_context(ws, meta, operations)
+    run["trace_save_s"] = round(time.perf_counter() - started, 4)
+    run["trace_bytes"] = (ws / "trace.json").stat().st_size
+    del stepwise, data
+
+    logits = smooth_logits(model_grid.shape[1:])
+    import nibabel as nib
+
+    scan_shape = tuple(nib.load(str(path)).shape[:3])
+    started = time.perf_counter()
+    saved_meta, saved_operations = trace.load(ws / "trace.json")
+    run["trace_load_s"] = round(time.perf_counter() - started, 4)
+    from monai.utils import TraceKeys
+
+    for operation in bundle_stages._walk_operations(saved_operations):  # as postprocess does
+        operation[TraceKeys.ID] = TraceKeys.NONE
+    post = parser.get_parsed_content("postprocessing")
+    item: Any = {key: MetaTensor(torch.zeros(1), meta=dict(saved_meta), applied_operations=saved_operations),
+                 bundle_stages.PRED_KEY: MetaTensor(torch.from_numpy(logits.copy()), meta=dict(saved_meta))}
+    post_steps = []
+    for index, transform in enumerate(post.transforms):
+        item, seconds = _timed(transform, item)
+        run[f"post.{index}.{type(transform).__name__}_s"] = round(seconds, 4)
+        post_steps.append(seconds)
+    run["post.steps_total_s"] = round(sum(post_steps), 4)
+    stepwise_labels = item[bundle_stages.PRED_KEY]
+    started = time.perf_counter()
+    labels = bundle_stages.postprocess(spec, logits, ws, scan_shape)
+    run["postprocess_s"] = round(time.perf_counter() - started, 4)
+    run["label_map_shape"] = list(labels.shape)
+    # what segq's whole functions add to the transforms: the config parsed again (policy, instantiation), the
+    # Compose's own dispatch; postprocess also reads the trace back and builds the MetaTensors
+    run["preprocess_overhead_s"] = round(run["preprocess_case_s"] - run["pre.steps_total_s"], 4)
+    run["postprocess_overhead_s"] = round(run["postprocess_s"] - run["post.steps_total_s"], 4)
+    run["postprocess_equal_to_steps"] = bool(
+        (stepwise_labels.detach().cpu().numpy().reshape(labels.shape) == labels).all())
+    return run
+
+
+def bundle_records(args: argparse.Namespace, root: Path, out: Path | None, paths: list[Path]) -> None:
+    """Each bundle CT ``--repeats`` times; medians after the first repeat, as the other records."""
+    import torch
+
+    from bench.bundle_dataset import write_bundle
+    from segq.pipeline.bundle_stages import load_bundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = root / "spleen_ct_segmentation"
+    if not (bundle / "models" / "model.pt").is_file():
+        write_bundle(bundle, None, 0.1)  # the weights do not enter these timings
+    spec = load_bundle(bundle)
+    for shape, path in zip(args.bundle_shapes, paths, strict=True):
+        runs = [bundle_case(spec, path, root) for _ in range(args.repeats)]
+        steady = runs[1:] or runs
+        record: dict[str, Any] = {"bench": "volume_costs", "volume": f"bundle-spleen-ct{shape[2]}",
+                                  "bundle": "spleen_ct_segmentation", "shape": list(shape), "dtype": "int16",
+                                  "spacing": [0.78, 0.78, 2.5], "label": args.label, "cores": os.cpu_count(),
+                                  "torch_threads": torch.get_num_threads(), "runs": runs}
+        for key in runs[0]:
+            if key.endswith("_s"):
+                record[f"median_{key}"] = round(statistics.median(r[key] for r in steady), 4)
+        emit(record, out)
+        pre = ", ".join(f"{k.split('.')[2][:-2]} {record['median_' + k]:.3f}" for k in runs[0]
+                        if k.startswith("pre.") and k.count(".") == 2)
+        post = ", ".join(f"{k.split('.')[2][:-2]} {record['median_' + k]:.3f}" for k in runs[0]
+                         if k.startswith("post.") and k.count(".") == 2)
+        logger.info("bundle CT %s: preprocessing %s s (whole %.3f s); inversion %s s (whole %.3f s); medians after "
+                    "the first repeat", "x".join(map(str, shape)), pre, record["median_preprocess_case_s"], post,
+                    record["median_postprocess_s"])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--volumes", default="ct,brats", help=f"Which of {', '.join(VOLUMES)} to run.")
+    parser.add_argument("--volumes", default="ct,brats", help=f"Which of {', '.join(VOLUMES)} to run (none: none).")
+    parser.add_argument("--bundle-shapes", type=bundle_shapes, default=bundle_shapes("512x512x110"),
+                        help="CTs for the bundle's per-transform times, e.g. 512x512x110,512x512x300; none to skip.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the bundle's transforms.")
     parser.add_argument("--parts", type=int, default=4, help="Parts a volume is cut into (the GPUs it spans).")
     parser.add_argument("--roi", type=int, default=96)
     parser.add_argument("--overlap", type=float, default=0.5)
@@ -129,11 +276,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, root: Path) -> None:
     data = args.data or root / "scans"
     out = args.out / "volume_costs.jsonl" if args.out else None
-    kinds = args.volumes.split(",")
+    kinds = [k for k in args.volumes.split(",") if k and k != "none"]
     for kind in kinds:  # all made first: make_volumes forks, which must happen before torch starts its threads
         shape, dtype = VOLUMES[kind]
         if not (data / f"{kind}000.nii.gz").exists():
             peer_folder.make_volumes(data, 1, shape, seed=7, dtype=dtype, prefix=kind)
+    bundle_cts = []
+    for shape in args.bundle_shapes:
+        from bench.bundle_dataset import make_cases
+
+        name = "x".join(map(str, shape))
+        path = data / f"bundle-{name}" / "imagesTs" / "ct000.nii.gz"
+        if not path.exists():
+            make_cases(data / f"bundle-{name}", 1, shape, (0.78, 0.78, 2.5), seed=7)
+        bundle_cts.append(path)
     for kind in kinds:
         shape, dtype = VOLUMES[kind]
         path = data / f"{kind}000.nii.gz"
@@ -148,6 +304,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
         logger.info("%s: prepare %.3f s, part read %.3f s + write %.3f s, merge %.3f s (medians after the first "
                     "repeat)", kind, record["median_prepare_s"], record["median_part_read_max_s"],
                     record["median_part_write_max_s"], record["median_merge_s"])
+    if bundle_cts:
+        bundle_records(args, root, out, bundle_cts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
