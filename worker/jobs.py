@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,6 +39,10 @@ INPUT = "input_zyx.npy"
 CXYZ_INPUT = "input.npy"
 GZIP_THREADS = 2
 PLAN = "plan.json"
+
+
+# A bundle's volume in one part: its label map, decided by the GPU worker that ran it (see run_slab).
+DECIDED = "labels.npy"
 
 
 def slab_file(index: int, divided: bool = True) -> str:
@@ -259,7 +264,8 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
         model_grid = np.pad(model_grid, ((0, 0), *plan.pad), mode=mode)  # type: ignore[call-overload]
     storage.save_array(ws / CXYZ_INPUT, model_grid)
     bundle_stages.save_context(ws, meta_dict, operations)
-    document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
+    document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs],
+                "source_shape": list(header.shape[:3])}
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
@@ -312,11 +318,19 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
     volume = load_input(ws)
     import torch
 
+    finish = None
+    if spec.is_bundle and len(slabs) == 1:
+        finish = functools.partial(decide_on_device, spec, ws, plan)
     array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease,
-                       starts=plan.starts, channels_dtype=getattr(torch, partial_dtype))
+                       starts=plan.starts, channels_dtype=getattr(torch, partial_dtype), finish=finish)
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
     checksum = storage.array_checksum(array)
+    if finish is not None:
+        if not storage.save_array_once(ws / DECIDED, array):
+            logger.warning("slab %d: a label map from another delivery is already there; keeping it", index)
+            return existing_reference(ws, index, worker) or {}
+        return {**slab_reference(slab, array.shape, checksum, worker), "decided": True}
     if not storage.save_array_once(ws / slab_file(index), array):
         # Another delivery of this slab wrote its partial first: that file is what the merge reads and
         # what the chord may already count, so report it, not this run's (possibly last-bit different) one.
@@ -325,8 +339,27 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
     return slab_reference(slab, array.shape, checksum, worker)
 
 
+def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, logits: Any) -> np.ndarray:
+    """A bundle's volume run in one part: its postprocessing (activation, Invertd, argmax ...) where its logits are.
+
+    On a GPU worker the transforms run on the device (bench/volume_costs.py: a CT's Invertd and argmax took
+    seconds on a coordinator's CPU, milliseconds on the GPU), and only the label map leaves it; merge then
+    only writes it. A volume split over several parts is decided by merge, on the coordinator, as before.
+    """
+    from segq import labelmaps
+    from segq.pipeline import bundle_stages
+
+    crop = (slice(None), *plan.crop)
+    shape = tuple(json.loads((ws / PLAN).read_text())["source_shape"])
+    return labelmaps.as_label_map(bundle_stages.postprocess(spec, logits[crop], ws, shape))
+
+
 def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
     """The reference of a slab already written by an earlier delivery, if its file is whole."""
+    if index == 0 and (ws / DECIDED).is_file():
+        _plan, slabs = load_plan(ws)
+        array = storage.load_array(ws / DECIDED)
+        return {**slab_reference(slabs[0], array.shape, storage.array_checksum(array), worker), "decided": True}
     for divided in (True, False):
         path = ws / slab_file(index, divided)
         if path.is_file():
@@ -408,7 +441,8 @@ class MergeResult:
 def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
           save_probabilities: bool = False, spec: ModelSpec | None = None) -> MergeResult:
     """Add the partials and decide: a model.toml's target probability thresholded at 0.5 into a binary mask, or a
-    bundle's logits through its own postprocessing into a label map on the scan's grid. Writes it atomically.
+    bundle's logits through its own postprocessing into a label map on the scan's grid (unless the GPU worker of
+    a one-part volume decided it already). Writes it atomically.
 
     Returns the labelled voxels and their volume in mL (from the input's voxel spacing), in all and per label.
     For a DICOM series (prepare left its description in ``ws``) the output is NIfTI, DICOM SEG or both.
@@ -418,7 +452,6 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     from segq import labelmaps
     from segq.dicom import seg_output
     from worker import dicomseg
-    from worker.engines.inference import merge_partials
 
     # A merge killed between writing its temp file and renaming it left that file; this delivery is now
     # the output's only writer, so whatever temp file is there is stale.
@@ -429,32 +462,15 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     missing = sorted(set(range(len(slabs))) - set(by_slab))
     if missing:
         raise InputError(f"merge is missing slab(s) {missing} of {len(slabs)}")
-    partials = []
-    for slab in slabs:
-        divided = bool(by_slab[slab.index].get("divided"))
-        # Several parts are only read (added into one sum): map them instead of copying hundreds of MB first.
-        array = storage.load_array(ws / slab_file(slab.index, divided), mmap=len(slabs) > 1)
-        if storage.array_checksum(array) != by_slab[slab.index]["checksum"]:
-            raise InputError(f"slab {slab.index}'s partial in {ws} does not match the checksum its subtask reported")
-        if not divided:  # written by a worker of an earlier segq: divide it here
-            array = array / cached_weight_sum(plan)[slab.lo : slab.lo + array.shape[0]]
-        partials.append((slab.lo, array))
-    probability = merge_partials(plan.padded_shape, partials, plan.crop)
     series = dicomseg.read_meta(ws)
     source = nib.load(str(input_path)) if series is None else dicomseg.nifti_source(series)
     bundle = spec is not None and spec.is_bundle
-    if bundle:
-        assert spec is not None
-        from segq.pipeline import bundle_stages
-
-        shape = nib.load(str(ws / "series.nii")).shape[:3] if series is not None else source.shape[:3]
-        decided = bundle_stages.postprocess(spec, probability, ws, tuple(shape))
-        del probability
-        mask = labelmaps.as_label_map(decided)
+    if by_slab[0].get("decided"):
+        mask = storage.load_array(ws / DECIDED)
+        if storage.array_checksum(mask) != by_slab[0]["checksum"]:
+            raise InputError(f"the label map in {ws} does not match the checksum its subtask reported")
     else:
-        mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
-        if save_probabilities:
-            _write_nifti(f_order(probability), source, storage.probability_path(output))
+        mask = _decide(ws, plan, slabs, by_slab, spec, source, output, save_probabilities)
     names = spec.label_names() if spec is not None else {0: "background", 1: "tumour"}
     ordered = f_order(mask)  # NIfTI's order on disk; its transpose is the SEG's (slice, row, column), copy-free
     extension = labelmaps.nifti_extension(names) if bundle else None
@@ -470,3 +486,31 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     stats = labelmaps.label_volumes(mask, names, spacing / 1000.0)
     voxels = sum(int(s["voxels"]) for s in stats)
     return MergeResult(voxels, round(voxels * spacing / 1000.0, 4), stats)
+
+
+def _decide(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, dict[str, Any]],
+            spec: ModelSpec | None, source: Any, output: Path, save_probabilities: bool) -> np.ndarray:
+    """The partials added, then thresholded (a model.toml) or through the bundle's postprocessing."""
+    from worker.engines.inference import merge_partials
+
+    partials = []
+    for slab in slabs:
+        divided = bool(by_slab[slab.index].get("divided"))
+        # Several parts are only read (added into one sum): map them instead of copying hundreds of MB first.
+        array = storage.load_array(ws / slab_file(slab.index, divided), mmap=len(slabs) > 1)
+        if storage.array_checksum(array) != by_slab[slab.index]["checksum"]:
+            raise InputError(f"slab {slab.index}'s partial in {ws} does not match the checksum its subtask reported")
+        if not divided:  # written by a worker of an earlier segq: divide it here
+            array = array / cached_weight_sum(plan)[slab.lo : slab.lo + array.shape[0]]
+        partials.append((slab.lo, array))
+    probability = merge_partials(plan.padded_shape, partials, plan.crop)
+    if spec is not None and spec.is_bundle:
+        from segq import labelmaps
+        from segq.pipeline import bundle_stages
+
+        shape = json.loads((ws / PLAN).read_text())["source_shape"]
+        return labelmaps.as_label_map(bundle_stages.postprocess(spec, probability, ws, tuple(shape)))
+    mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
+    if save_probabilities:
+        _write_nifti(f_order(probability), source, storage.probability_path(output))
+    return mask

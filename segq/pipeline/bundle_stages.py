@@ -11,6 +11,7 @@ threshold in the bundle's own order.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,21 @@ def _parser(spec: ModelSpec) -> Any:
     return bundle.parsed(config, files, spec.trusted)
 
 
+@functools.lru_cache(maxsize=4)
+def _sections(root: str, trusted: bool, config_sha256: str) -> tuple[str, Any, Any]:
+    """A bundle's image key and its preprocessing and postprocessing, instantiated once a process (parsing and
+    instantiating them took about 0.4 s a volume); keyed by the config's checksum, so an edit is a new entry."""
+    spec = ModelSpec(arch="", in_channels=1, out_channels=1, roi_size=1, target_class=0, checkpoint=Path(root),
+                     format="bundle", bundle=root, trusted=trusted)
+    parser = _parser(spec)
+    post = parser.get_parsed_content("postprocessing") if parser.get("postprocessing") is not None else None
+    return _image_key(parser), parser.get_parsed_content("preprocessing"), post
+
+
+def sections(spec: ModelSpec) -> tuple[str, Any, Any]:
+    return _sections(spec.bundle, spec.trusted, bundle_config_sha256(Path(spec.bundle)))
+
+
 def _image_key(parser: Any) -> str:
     """The data key the bundle's preprocessing reads the scan from: its first transform's keys."""
     first = (parser.get("preprocessing#transforms") or [{}])[0]
@@ -101,9 +117,7 @@ def preprocess_case(spec: ModelSpec, files: list[Path]) -> tuple[np.ndarray, dic
     """The case on the model's grid, (C, X, Y, Z) float32, with the meta and trace that invert it."""
     import torch
 
-    parser = _parser(spec)
-    key = _image_key(parser)
-    transform = parser.get_parsed_content("preprocessing")
+    key, transform, _post = sections(spec)
     source: Any = [str(p) for p in files] if len(files) > 1 else str(files[0])
     try:
         data = transform({key: source})
@@ -124,8 +138,9 @@ def save_context(ws: Path, meta: dict[str, Any], operations: list[Any]) -> None:
     trace.save(ws / "trace.json", meta, operations)
 
 
-def postprocess(spec: ModelSpec, logits: np.ndarray, ws: Path, spatial_shape: tuple[int, ...]) -> np.ndarray:
-    """The bundle's postprocessing over the merged logits (K, X, Y, Z): the label map on the scan's grid."""
+def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """The bundle's postprocessing over the merged logits (K, X, Y, Z; an array, or a tensor on the device that
+    the transforms then run on): the label map on the scan's grid, in host memory."""
     import torch
     from monai.data import MetaTensor
     from monai.utils import TraceKeys
@@ -133,13 +148,11 @@ def postprocess(spec: ModelSpec, logits: np.ndarray, ws: Path, spatial_shape: tu
     meta, operations = trace.load(ws / "trace.json")
     for operation in _walk_operations(operations):
         operation[TraceKeys.ID] = TraceKeys.NONE  # the transforms are rebuilt here, not the objects that ran
-    parser = _parser(spec)
-    key = _image_key(parser)
+    key, _pre, post = sections(spec)
     image = MetaTensor(torch.zeros(1), meta=dict(meta), applied_operations=operations)
-    pred = MetaTensor(torch.from_numpy(logits), meta=dict(meta))
+    pred = MetaTensor(torch.as_tensor(logits), meta=dict(meta))
     data: dict[str, Any] = {key: image, PRED_KEY: pred}
-    if parser.get("postprocessing") is not None:
-        post = parser.get_parsed_content("postprocessing")
+    if post is not None:
         try:
             data = post(data)
         except Exception as exc:

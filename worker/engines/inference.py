@@ -51,7 +51,8 @@ def read_slab(volume: np.ndarray, slab: Slab, device: torch.device) -> torch.Ten
 def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, engine: Engine,
                batch_size: int, should_stop: Callable[[], bool] | None = None,
                device_lock: AbstractContextManager[Any] | None = None,
-               starts: Sequence[Vec3] | None = None, channels_dtype: torch.dtype = torch.float32) -> np.ndarray:
+               starts: Sequence[Vec3] | None = None, channels_dtype: torch.dtype = torch.float32,
+               finish: Callable[[torch.Tensor], np.ndarray] | None = None) -> np.ndarray:
     """Importance-weighted sum of the target probability over the slab's windows, in host memory.
 
     Given ``starts``, every window of the plan, the sum is divided on the device by the summed weights of
@@ -63,7 +64,8 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
     to the device once, as one tensor every window is a view of; on a GPU the loop only queues
     kernels, so batches run back to back. ``device_lock`` is held from the copy to the device to the
     copy back, and only then: reading the input and writing the partial of one part overlap another
-    part's inference. A partial of several channels leaves the device as ``channels_dtype``.
+    part's inference. A partial of several channels leaves the device as ``channels_dtype``; given ``finish``,
+    the divided partial is handed to it on the device instead, and what it returns is the result.
     """
     host = read_slab(volume, slab, engine.device)
     with device_lock or nullcontext():
@@ -74,6 +76,8 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
             except torch.OutOfMemoryError:  # no room on the device for the divisor: divide on the host
                 partial = partial.cpu()
                 partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, partial.device))
+        if finish is not None:
+            return finish(partial)
         if partial.ndim == 4:
             partial = partial.to(channels_dtype)
         return partial_to_host(partial, volume)
