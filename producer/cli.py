@@ -72,8 +72,13 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     if not inputs and datalist is None:
         raise click.UsageError("pass INPUTS (NIfTI files, DICOM series or directories), --datalist FILE, or both")
     from producer.scan import collect
+    from producer.submit import check_dataset_name
     from producer.submit import submit as submit_dataset
     from segq.pipeline import load_pipeline
+    from segq.storage import printable
+
+    if name:
+        check_dataset_name(name)  # before the scan and the model load: a bad --name costs nothing
 
     spec = load_pipeline(model_path, trust=trust_model).with_overrides(overlap, sw_batch_size, mode)
     if save_probabilities and spec.is_bundle:
@@ -86,8 +91,8 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
                                max_windows_per_subtask=max_windows_per_subtask,
                                save_probabilities=save_probabilities, refused=[r.line() for r in collected.refused],
                                overwrite=overwrite)
-    for line in submitted.refused:
-        click.echo(f"refused {line}", err=True)
+    for refusal in submitted.refused:
+        click.echo(f"refused {printable(refusal)}", err=True)
     again = " (same dataset as before)" if submitted.reused_dataset else ""
     refused = f", {len(submitted.refused)} refused" if submitted.refused else ""
     click.echo(f"dataset {submitted.dataset_id}: queued {len(submitted.queued)} volume(s), "
@@ -112,6 +117,7 @@ def status(dataset: str | None, limit: int) -> None:
     from rich.table import Table
 
     from producer.cases import shown_input
+    from producer.terminal import text
     from segq import records
     from segq.db import ensure_schema
 
@@ -126,15 +132,16 @@ def status(dataset: str | None, limit: int) -> None:
         for job in ds.jobs:
             counts[job.status.value] = counts.get(job.status.value, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        table = Table(title=f"dataset {ds.id} '{ds.name}': {summary}", title_justify="left")
+        # names, errors and workers are user-supplied: Text cells, never parsed as markup
+        table = Table(title=text(f"dataset {ds.id} '{ds.name}': {summary}"), title_justify="left")
         for column in ("job", "input", "status", "windows", "subtasks", "tumour mL", "workers", "error"):
             table.add_column(column, overflow="fold")
         for job in ds.jobs:
-            table.add_row(job.id, shown_input(job.input_path, job.output_path, job.channel_files),
-                          f"[{styles[job.status.value]}]{job.status.value}",
+            table.add_row(job.id, text(shown_input(job.input_path, job.output_path, job.channel_files)),
+                          text(job.status.value, styles[job.status.value]),
                           str(job.windows or ""), str(job.subtasks or ""),
-                          "" if job.tumour_ml is None else f"{job.tumour_ml:.2f}", ",".join(job.workers or []),
-                          job.error or "")
+                          "" if job.tumour_ml is None else f"{job.tumour_ml:.2f}", text(",".join(job.workers or [])),
+                          text(job.error or ""))
         out.print(table)
     if not found:
         out.print("no datasets yet: queue one with `segq submit DIR --out OUT --model model.toml`")
@@ -171,13 +178,14 @@ def results(dataset: str | None, fmt: str, summary: bool) -> None:
     else:
         from rich.table import Table
 
+        from producer.terminal import text
+
         table = Table()
         shown = table_columns(data, found)
         for column in shown:
-            table.add_column(column, overflow="fold")
+            table.add_column(text(column), overflow="fold")  # a label's columns carry its name
         for row in data:
-            table.add_row(*[input_shown(row) if c == "input" else "" if row[c] is None else str(row[c])
-                            for c in shown])
+            table.add_row(*[text(input_shown(row) if c == "input" else row[c]) for c in shown])
         console().print(table)
         if summary:
             click.echo(line)
@@ -211,9 +219,10 @@ def watch(dataset: str | None, timeout: float | None, poll: float) -> None:
     failed or was cancelled.
     """
     from producer.wait import follow
+    from segq.storage import printable
 
     watched = _watched(dataset)
-    title = ", ".join(f"dataset {ds_id} '{name}'" for ds_id, name in watched)
+    title = printable(", ".join(f"dataset {ds_id} '{name}'" for ds_id, name in watched))
     try:
         jobs = follow([ds_id for ds_id, _ in watched], timeout=timeout, poll=poll, echo=click.echo, title=title)
     except TimeoutError as exc:

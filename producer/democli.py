@@ -55,14 +55,15 @@ def evaluate(dataset: str, truth_dir: Path, replace: bool) -> None:
     ensure_schema()
     found = records.one_dataset(dataset)
     scores = run(found.id, truth_dir, replace=replace)
-    table = Table(title=f"dataset {found.id} against {truth_dir}", title_justify="left")
+    from producer.terminal import text
+
+    # names are the user's (folders, files, a bundle's labels): Text, never markup, control characters escaped
+    table = Table(title=text(f"dataset {found.id} against {truth_dir}"), title_justify="left")
     for column in ("input", "Dice", "volume error mL", "note"):
         table.add_column(column)
-    from rich.markup import escape
-
-    for s in scores:  # names are the user's (files, a bundle's labels): shown as text, never as markup
-        table.add_row(escape(Path(s.input_path).name), "" if s.dice is None else f"{s.dice:.4f}",
-                      "" if s.volume_error_ml is None else f"{s.volume_error_ml:+.2f}", escape(s.note))
+    for s in scores:
+        table.add_row(text(Path(s.input_path).name), "" if s.dice is None else f"{s.dice:.4f}",
+                      "" if s.volume_error_ml is None else f"{s.volume_error_ml:+.2f}", text(s.note))
     console().print(table)
     values = [s.dice for s in scores if s.dice is not None]
     if values:

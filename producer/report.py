@@ -28,7 +28,7 @@ from segq import records
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
 from segq.models import Dataset, Job, Status, Step, Subtask
-from segq.storage import atomic_path
+from segq.storage import atomic_path, printable
 
 logger = logging.getLogger("segq.report")
 
@@ -248,14 +248,15 @@ def worker_stats(job_ids: list[str]) -> list[WorkerStats]:
 
 
 def _cell(column: str, row: dict[str, Any]) -> str:
+    """A table cell: the user's text (names, errors) escaped for HTML, its control characters shown as escapes."""
     value = row.get(column)
     if value is None:
         return ""
     if column == "input":
-        return html.escape(input_shown(row))
+        return html.escape(printable(input_shown(row)))
     if column == "status":
         return f'<span class="{html.escape(str(value))}">{html.escape(str(value))}</span>'
-    return html.escape(str(value))
+    return html.escape(printable(str(value)))
 
 
 def legend_html(names: dict[int, str]) -> str:
@@ -326,7 +327,7 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
     labelled = {ds.id: label_names(ds) for ds in datasets}
     label_maps = all(found is not None for found in labelled.values())
     data = rows(datasets)
-    names = ", ".join(f"{ds.name} ({ds.id})" for ds in datasets)
+    names = printable(", ".join(f"{ds.name} ({ds.id})" for ds in datasets))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
     body = "\n".join("<tr>" + "".join(f"<td>{_cell(c, row)}</td>" for c in TABLE_COLUMNS) + "</tr>"
                      for row in data)
@@ -334,7 +335,8 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
     for job in jobs:
         if job.id not in overlays:
             continue
-        caption = html.escape(f"{shown_input(job.input_path, job.output_path, job.channel_files)}: {job.tumour_ml} mL")
+        caption = html.escape(printable(f"{shown_input(job.input_path, job.output_path, job.channel_files)}: "
+                                        f"{job.tumour_ml} mL"))
         uri = overlays[job.id]
         picture = (f'<img src="{uri}" alt="{caption}">' if uri else '<p class="note">image unavailable</p>')
         gallery.append(f'<figure class="volume">{picture}<figcaption>{caption}</figcaption></figure>')

@@ -27,6 +27,7 @@ from typing import Any
 from producer.cases import case_label, job_case
 from segq.models import Dataset, Job, Status
 from segq.modelspec import spec_from_dict
+from segq.storage import printable
 
 COLUMNS = [
     "dataset", "job", "input", "output", "status", "error", "tumour_voxels", "tumour_ml", "windows", "subtasks",
@@ -202,20 +203,24 @@ def to_csv(data: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in data:
-        writer.writerow({k: _csv_cell(k, row.get(k)) for k in columns})
+        writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
     return buffer.getvalue()
 
 
-def _csv_cell(column: str, value: Any) -> Any:
-    """A value as CSV writes it: a list joined by ``;``; a case name a spreadsheet would run as a formula (a
-    datalist may name a case ``-1+2``) opened with ``'``, as OWASP advises."""
+def _csv_cell(value: Any) -> Any:
+    """A value as CSV writes it: a list joined by ``;``; text a spreadsheet would run as a formula (a file, case
+    or dataset named ``=HYPERLINK(…)`` or ``-1+2``, an error) opened with ``'``, as OWASP advises. Numbers stay
+    numbers (a negative volume error is no formula). The csv module quotes commas, quotes and newlines; other
+    control characters are written as escapes (a bare CR, which it leaves unquoted, would end a reader's row, and
+    ESC would act on the terminal the CSV is printed on)."""
     if value is None:
         return ""
     if isinstance(value, list):
-        return ";".join(map(str, value))
-    if column == "case" and str(value).startswith(FORMULA_START):
-        return "'" + str(value)
-    return value
+        value = ";".join(map(str, value))
+    if not isinstance(value, str):
+        return value
+    quoted = "'" + value if value.startswith(FORMULA_START) else value
+    return "".join(c if c in "\n\t" else printable(c) for c in quoted)
 
 
 def to_json(data: list[dict[str, Any]]) -> str:

@@ -18,10 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.cases import Case, Datalist, group_channels, read_datalist
-from segq.dicom import SEG_SUFFIX, Refused, Series, find_series, is_dicom
+from segq.dicom import SEG_SUFFIX, Refused, Series, find_series, is_dicom, seg_output
 from segq.errors import InputError
+from segq.labelmaps import sidecar_path
 from segq.settings import get_settings
-from segq.storage import is_nifti, output_path, require_allowed
+from segq.storage import (
+    is_nifti,
+    length_problem,
+    name_problem,
+    output_path,
+    printable,
+    probability_path,
+    require_allowed,
+)
 
 logger = logging.getLogger("segq.scan")
 
@@ -82,7 +91,7 @@ def collect_inputs(paths: list[Path], out_dir: Path, output_format: str = "auto"
     """Every volume under ``paths`` with its output path; refused DICOM files and series are logged and left out."""
     collected = collect(paths, out_dir, output_format, in_channels=in_channels)
     for refusal in collected.refused:
-        logger.warning("refused %s", refusal.line())
+        logger.warning("refused %s", printable(refusal.line()))
     return collected.inputs
 
 
@@ -90,11 +99,30 @@ def _series_format(requested: str) -> str:
     return "both" if requested == "auto" else requested
 
 
-def _series_input(series: Series, root: Path, out_dir: Path, fmt: str) -> Input:
-    """A series' input path (its directory and UID: what results show) and its stable output path."""
+def output_family(output: Path) -> list[Path]:
+    """Every file a job may write for the mask ``output`` (worker.jobs.outputs_of): the mask, its label sidecar,
+    its probabilities and its DICOM SEG."""
+    return [output, sidecar_path(output), probability_path(output), seg_output(output)]
+
+
+def _target(out_dir: Path, relative: Path) -> Path | str:
+    """The output path of the input at ``relative``, or why its name cannot be written under ``out_dir``: a part
+    that could escape (a separator, ``..``), a control character, or a name past the filesystem's length limit."""
+    problem = next((p for part in relative.parts if (p := name_problem(part)) is not None), None)
+    if problem is not None:
+        return problem
+    target = output_path(out_dir, relative)
+    return length_problem(output_family(target), out_dir) or target
+
+
+def _series_input(series: Series, root: Path, out_dir: Path, fmt: str) -> Input | str:
+    """A series' input path (its directory and UID: what results show) and its stable output path, or why its
+    folder's name cannot be written under ``out_dir``."""
     directory = series.directory
     relative = directory.relative_to(root) if directory.is_relative_to(root) else Path()
-    target = output_path(out_dir, relative / series.uid)
+    target = _target(out_dir, relative / series.uid)
+    if isinstance(target, str):
+        return target
     if fmt == "dicom-seg":
         target = target.with_name(series.uid + SEG_SUFFIX)
     return Input(directory / series.uid, target, series, fmt)
@@ -122,16 +150,19 @@ def collect(paths: list[Path], out_dir: Path, output_format: str = "auto", *, in
     inputs: dict[Path, Input] = {}
     by_output: dict[Path, Path] = {}
     refused: list[Refused] = [*grouped.refused, *listed.refused]
+    bad_names: list[str] = []  # every input whose output cannot be named: listed together, nothing queued
     nifti_format = "nifti" if output_format in ("auto", "nifti") else None
     for path, relative in grouped.singles:
-        resolved = require_allowed(path, roots, "input")
-        if not os.access(resolved, os.R_OK) or not resolved.is_file():
-            raise InputError(f"input {path} is not a readable file")
         if nifti_format is None:
+            _readable(path, roots)
             refused.append(Refused(str(path), f"a NIfTI file has no DICOM series to reference: "
                                               f"--output-format {output_format} needs DICOM input"))
             continue
-        target = output_path(out_dir, relative)
+        target = _target(out_dir, relative)
+        if isinstance(target, str):
+            bad_names.append(f"{printable(str(path))}: {target}")
+            continue
+        resolved = _readable(path, roots)
         _claim(by_output, target, resolved)
         inputs[resolved] = Input(resolved, target)
     owners = {item.path: item for item in inputs.values()}
@@ -152,10 +183,31 @@ def collect(paths: list[Path], out_dir: Path, output_format: str = "auto", *, in
     series, bad = find_series(sorted(root_of))
     refused.extend(bad)
     for one in series:
-        item = _series_input(one, root_of[one.files[0]], out_dir, _series_format(output_format))
-        _claim(by_output, item.output, item.path)
-        inputs[item.path] = item
+        volume = _series_input(one, root_of[one.files[0]], out_dir, _series_format(output_format))
+        if isinstance(volume, str):
+            bad_names.append(f"series {one.uid} in {printable(str(one.directory))}: {volume}")
+            continue
+        _claim(by_output, volume.output, volume.path)
+        inputs[volume.path] = volume
+    _refuse_names(bad_names, out_dir)
     return Collected(list(inputs.values()), refused)
+
+
+def _refuse_names(bad: list[str], out_dir: Path) -> None:
+    """Every input whose output cannot be named, in one error, one line each: a folder of thousands of scans is
+    fixed in one pass, not one rename and resubmission per name."""
+    if bad:
+        raise InputError(f"{len(bad)} input name(s) cannot be written under {printable(str(out_dir))}, so nothing "
+                         "was queued: rename them (names may hold spaces, accents and any script; path separators, "
+                         "'..', control characters and names past the filesystem's length limit are refused):\n"
+                         + "\n".join(f"  {line}" for line in bad))
+
+
+def _readable(path: Path, roots: list[Path]) -> Path:
+    resolved = require_allowed(path, roots, "input")
+    if not os.access(resolved, os.R_OK) or not resolved.is_file():
+        raise InputError(f"input {path} is not a readable file")
+    return resolved
 
 
 def _given(paths: list[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
@@ -197,6 +249,9 @@ def _listed(datalist: Path | None, roots: list[Path]) -> Datalist:
 
 def _case_input(case: Case, out_dir: Path, roots: list[Path]) -> Input | Refused:
     """A case's files resolved and checked to exist (its headers are checked at submit), with its output path."""
+    target = _target(out_dir, case.relative)
+    if isinstance(target, str):  # first: an nnU-Net case named after its files, with ESC in them, is refused alone
+        return case.refused(f"its output name {printable(str(case.relative))} {target}")
     resolved: list[Path] = []
     for path in case.files:
         if not is_nifti(path):
@@ -207,10 +262,6 @@ def _case_input(case: Case, out_dir: Path, roots: list[Path]) -> Input | Refused
         if not real.is_file() or not os.access(real, os.R_OK):
             return case.refused(f"{path} is not a readable file: check its permissions")
         resolved.append(real)
-    try:
-        target = output_path(out_dir, case.relative)
-    except InputError as exc:
-        return case.refused(f"its output name: {exc}")
     return Input(resolved[0], target, channels=tuple(resolved) if len(resolved) > 1 else (), case=case)
 
 

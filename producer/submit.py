@@ -41,7 +41,7 @@ from segq.errors import InputError, TransientError
 from segq.models import Dataset, Job, Status, Subtask, utcnow
 from segq.modelspec import ModelSpec, file_sha256, files_sha256
 from segq.settings import get_settings
-from segq.storage import atomic_path, probability_path, temp_name
+from segq.storage import atomic_path, controls_in, printable, probability_path, temp_name
 from segq.volumes import check_channels, read_header
 
 logger = logging.getLogger("segq.submit")
@@ -182,6 +182,22 @@ def prepare_out_dir(out_dir: Path) -> None:
                          "--out, or fix its permissions or mount") from None
 
 
+NAME_MAX_CHARACTERS = 255  # the datasets.name column (String(255))
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` when it can be a dataset's name: shown by every command, so no control character (an ANSI escape
+    in it would clear the screen or recolour `segq status`), and it fits its column. Rich markup in it is shown as
+    text, never rendered."""
+    if found := controls_in(name):
+        raise InputError(f"dataset name '{printable(name)}' holds control characters ({found}): terminals act "
+                         "on them when segq prints the name; pass a --name without them")
+    if len(name) > NAME_MAX_CHARACTERS:
+        raise InputError(f"the dataset name is {len(name)} characters long; at most {NAME_MAX_CHARACTERS}: pass "
+                         "a shorter --name")
+    return name
+
+
 def _claim_outputs(s: Session, dataset: Dataset, inputs: list[Input], overwrite: bool) -> None:
     """Each output path has one owner: a queued, running or done job of another dataset refuses the submission,
     unless ``overwrite``, which cancels that job with a reason naming this dataset (so its results say so)."""
@@ -274,11 +290,12 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     result, with the series refused here added.
     """
     settings = get_settings()
+    out_dir = out_dir.expanduser().resolve()
+    name = check_dataset_name(name or out_dir.name)
     inputs, thin = _check(inputs, spec, settings.max_voxels)
     refused = [*(refused or []), *thin]
     if not inputs:
-        raise InputError("nothing to segment: every input was refused:\n" + "\n".join(refused))
-    out_dir = out_dir.expanduser().resolve()
+        raise InputError("nothing to segment: every input was refused:\n" + "\n".join(map(printable, refused)))
     prepare_out_dir(out_dir)
     check_broker()
     check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
@@ -289,7 +306,6 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
               "max_windows_per_subtask": max_windows_per_subtask, "save_probabilities": save_probabilities}
     hashes = hash_inputs(inputs)
-    name = name or out_dir.name
     fresh: list[str] = []
     again: list[str] = []
     done: list[str] = []
@@ -347,4 +363,4 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
 
 
 __all__ = ["submit", "Submitted", "fingerprint", "check_broker", "outputs_present", "InputError",
-           "check_volume", "check_checkpoint", "prepare_out_dir"]
+           "check_volume", "check_checkpoint", "prepare_out_dir", "check_dataset_name"]

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from segq.db import session_scope
 from segq.models import Job, Status
+from segq.storage import printable
 
 logger = logging.getLogger("segq.wait")
 
@@ -30,15 +31,22 @@ def _jobs(job_ids: Sequence[str]) -> list[Job]:
 
 
 def describe(job: Job) -> str:
-    """The line printed when a volume ends."""
+    """The line printed when a volume ends; its names and error are shown escaped (segq.storage.printable)."""
     if job.status == Status.DONE:
-        return (f"done    {job.input_path} -> {job.output_path} ({job.tumour_voxels} voxels, "
-                f"{job.tumour_ml} mL, {job.windows} windows, {job.subtasks} subtasks)")
-    return f"{job.status.value:<7} {job.input_path}: {job.error or ''}"
+        return printable(f"done    {job.input_path} -> {job.output_path} ({job.tumour_voxels} voxels, "
+                         f"{job.tumour_ml} mL, {job.windows} windows, {job.subtasks} subtasks)")
+    return printable(f"{job.status.value:<7} {job.input_path}: {job.error or ''}")
 
 
 def _order(job: Job) -> tuple[str, str]:
     return (job.finished_at.isoformat() if job.finished_at else "", job.input_path)
+
+
+def _plain_printer(console: Any) -> Callable[[str], None]:
+    """Print lines above the live display as text: a file name like ``[link=http://…]x.nii.gz`` is no markup."""
+    from rich.text import Text
+
+    return lambda line: console.print(Text(line))
 
 
 def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: float = 1.0,
@@ -56,12 +64,13 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
     reported: set[str] = set()
     loading_said: set[str] = set()
     display: Any = None
+    say = echo
     if live:
         from rich.live import Live
 
         display = Live(refresh_per_second=4, transient=True)
         display.start()
-    say = display.console.print if display is not None else echo
+        say = _plain_printer(display.console)
     title = title or f"dataset {', '.join(dataset_ids)}"
     try:
         while True:

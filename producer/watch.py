@@ -22,6 +22,7 @@ from sqlalchemy import and_, func, select
 
 from segq.db import session_scope
 from segq.models import Job, Status, Subtask
+from segq.storage import printable
 
 logger = logging.getLogger("segq.watch")
 
@@ -243,8 +244,8 @@ def snapshot(dataset_ids: Sequence[str], horizon: float = HORIZON_SECONDS) -> Sn
 
 def loading_line(worker: str, what: str, seconds: float) -> str:
     """What a worker building its engine is doing: a first torch.compile keeps a GPU idle for minutes."""
-    return (f"{worker}: building the {what} engine for {format_seconds(seconds)} (a first torch.compile takes "
-            "minutes; later starts read inductor's cache)")
+    return printable(f"{worker}: building the {what} engine for {format_seconds(seconds)} (a first torch.compile "
+                     "takes minutes; later starts read inductor's cache)")
 
 
 def loading_lines(snap: Snapshot) -> list[str]:
@@ -274,7 +275,7 @@ def headline(snap: Snapshot) -> str:
 def render(snap: Snapshot, title: str) -> RenderableType:
     """The live display: a headline, a bar over volumes, and a table of workers."""
     colour = {"done": "green", "failed": "red", "cancelled": "magenta", "running": "yellow", "queued": "blue"}
-    head = Text.assemble((title, "bold"), "  ")
+    head = Text.assemble((printable(title), "bold"), "  ")  # Text: a dataset name is never markup
     for status in ("done", "failed", "cancelled", "running", "queued"):
         if snap.counts.get(status):
             head.append(f"{snap.counts[status]} {status}  ", style=colour[status])
@@ -290,7 +291,7 @@ def render(snap: Snapshot, title: str) -> RenderableType:
     table = Table("worker", "subtasks", "windows", "windows/s busy", "windows/s now", "busy %", box=None,
                   header_style="bold")
     for w in snap.workers:
-        table.add_row(w.worker, str(w.subtasks), str(w.windows),
+        table.add_row(Text(printable(w.worker)), str(w.subtasks), str(w.windows),
                       "" if w.busy_windows_per_second is None else f"{w.busy_windows_per_second:.1f}",
                       f"{w.recent_windows_per_second:.1f}",
                       "" if w.busy_fraction is None else f"{w.busy_fraction:.0%}")

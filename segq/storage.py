@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
-import re
 import shutil
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,11 @@ from isal import isal_zlib
 from segq.errors import DiskFullError, InputError, StorageNotSharedError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
+_SEPARATORS = tuple(sep for sep in (os.sep, os.altsep) if sep)
+# Shown escaped: they reorder the text around them on a terminal or in a page ("Trojan Source", CVE-2021-42574).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+NAME_MAX_FALLBACK = 255  # POSIX filesystems' usual limit, where os.pathconf cannot tell
+PATH_MAX_FALLBACK = 4096
 
 
 def workspace(root: Path, job_id: str, attempt: int) -> Path:
@@ -106,7 +111,8 @@ def remove_stale_temps(final: Path) -> list[Path]:
 
     Only the one writer of ``final`` may call this (a job's merge): it would delete a live writer's temp file.
     """
-    pattern = temp_name(final).name.rsplit(".tmp-", 1)[0] + ".tmp-*"
+    # Escaped: a name may hold * ? [ ], which must not match (and delete) the temp files of other outputs.
+    pattern = glob.escape(temp_name(final).name.rsplit(".tmp-", 1)[0]) + ".tmp-*"
     stale = list(final.parent.glob(pattern)) if final.parent.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
@@ -172,10 +178,49 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
+def is_control(char: str) -> bool:
+    """A C0 or C1 control character, NUL and DEL included: what a terminal acts on (ESC starts its sequences)."""
+    return unicodedata.category(char) == "Cc"
+
+
+def _unsafe_to_show(char: str) -> bool:
+    return is_control(char) or char in _BIDI_CONTROLS or "\ud800" <= char <= "\udfff"
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character, bidi override and undecodable byte written as its Python escape
+    (``\\x1b``, ``\\u202e``): shown on a terminal or in a log it cannot clear the screen, recolour or reorder
+    what follows. Everything else (spaces, accents, any script) is left as it is."""
+    return "".join(ascii(c)[1:-1] if _unsafe_to_show(c) else c for c in text)
+
+
+def controls_in(text: str) -> str:
+    """The control characters ``text`` holds, escaped and space-separated ("" when none), for a message."""
+    return " ".join(dict.fromkeys(ascii(c)[1:-1] for c in text if is_control(c)))
+
+
+def name_problem(part: str) -> str | None:
+    """Why ``part``, one component of an output path, cannot be used (None when it can).
+
+    Only what could escape ``--out`` or act on a terminal is refused: a path separator, an empty name, ``.``,
+    ``..``, NUL and other control characters, and bytes that are not UTF-8 (no database column holds them).
+    Spaces, quotes, accents and names in any script are the filesystem's to allow, and it does.
+    """
+    if part in ("", ".", ".."):
+        return f"is {part!r}, which names no file of its own"
+    if any(sep in part for sep in _SEPARATORS):
+        return "holds a path separator"
+    if found := controls_in(part):
+        return f"holds control characters ({found})"
+    if any("\ud800" <= c <= "\udfff" for c in part):
+        return "holds bytes that are not UTF-8 (the filesystem's encoding cannot decode them)"
+    return None
+
+
 def require_allowed(path: Path, roots: list[Path], what: str) -> Path:
     """``path`` with symlinks resolved; InputError unless it lies inside one of ``roots`` (none: anywhere)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
-        raise InputError(f"{what} {str(path)!r} holds control characters: rename it")
+    if found := controls_in(str(path)):
+        raise InputError(f"{what} {printable(str(path))} holds control characters ({found}): rename it")
     try:
         resolved = path.expanduser().resolve()
     except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a symlink loop
@@ -198,8 +243,8 @@ def require_output_inside(output: Path, out_dir: Path, roots: list[Path]) -> Non
         relative = output.relative_to(out_dir)
     except ValueError:
         raise InputError(f"output {output} is not inside its dataset's output directory {out_dir}") from None
-    if any(part in ("", ".", "..") or not _SAFE_NAME.match(part) for part in relative.parts):
-        raise InputError(f"output {output} has a name that could escape {out_dir}")
+    if not relative.parts or any(name_problem(part) is not None for part in relative.parts):
+        raise InputError(f"output {printable(str(output))} has a name that could escape {out_dir}")
     if not output.parent.resolve().is_relative_to(base):
         raise InputError(f"output {output} would land in {output.parent.resolve()}, outside {base}: a directory "
                          f"on the way is a symlink out of the output directory")
@@ -214,15 +259,60 @@ def output_path(out_dir: Path, relative_input: Path) -> Path:
     """``<out>/<relative dirs>/<name without .nii/.nii.gz>_seg.nii.gz``, refusing names that could escape."""
     parts = list(relative_input.parts)
     if not parts or any(p in ("", ".", "..") for p in parts):
-        raise InputError(f"input name {relative_input} cannot be mapped inside the output directory")
+        raise InputError(f"input name {printable(str(relative_input))} cannot be mapped inside the output directory")
     for part in parts:
-        if not _SAFE_NAME.match(part):
-            raise InputError(
-                f"input name {relative_input} holds characters outside A-Z a-z 0-9 . _ + -: rename the file "
-                "(spaces, quotes and control characters are refused so outputs land where expected)"
-            )
+        if (problem := name_problem(part)) is not None:
+            raise InputError(f"input name {printable(str(relative_input))} {problem}: rename it (only path "
+                             "separators, '..', NUL and control characters are refused)")
     name = strip_nifti_suffix(parts[-1]) + "_seg.nii.gz"
     target = out_dir.joinpath(*parts[:-1], name)
     if not target.resolve().is_relative_to(out_dir.resolve()):
-        raise InputError(f"output for {relative_input} would land outside {out_dir}")
+        raise InputError(f"output for {printable(str(relative_input))} would land outside {out_dir}")
     return target
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def filesystem_limits(directory: Path) -> tuple[int, int]:
+    """The longest file name and path, in bytes, of the filesystem that will hold ``directory`` (its nearest
+    existing ancestor's: PC_NAME_MAX and PC_PATH_MAX), else POSIX's usual 255 and 4096."""
+    where = _existing_ancestor(directory)
+    limits = []
+    for key, fallback in (("PC_NAME_MAX", NAME_MAX_FALLBACK), ("PC_PATH_MAX", PATH_MAX_FALLBACK)):
+        try:
+            limits.append(os.pathconf(where, key))
+        except (OSError, ValueError):
+            limits.append(fallback)
+    return limits[0], limits[1]
+
+
+def _bytes(count: int) -> str:
+    return f"{count} byte" if count == 1 else f"{count} bytes"
+
+
+def length_problem(files: list[Path], out_dir: Path) -> str | None:
+    """Why the outputs ``files`` (a job's mask and its siblings, under ``out_dir``) would pass the filesystem's
+    name or path limit (None when they fit). Counted in UTF-8 bytes, on the longest name written: the temp name
+    each file is first written under (``atomic_path``: about 25 bytes longer), and each folder under ``out_dir``.
+    Refused at submit, or the merge would fail with "File name too long" after all inference ran."""
+    if not files:
+        return None
+    name_max, path_max = filesystem_limits(out_dir)
+    temps = [temp_name(f) for f in files]
+    folders = [part for f in files for part in f.parent.relative_to(out_dir).parts]
+    longest = max([*(t.name for t in temps), *folders], key=lambda n: len(os.fsencode(n)))
+    size = len(os.fsencode(longest))
+    if size > name_max:
+        kind = ("a folder it makes under --out" if longest in folders
+                else "the longest file segq writes for it (a temp name, before the rename)")
+        return (f"is too long: {kind} would be {size} bytes in UTF-8, over the {name_max} bytes per name of the "
+                f"filesystem holding {out_dir} (PC_NAME_MAX): shorten the name by {_bytes(size - name_max)} or more")
+    deepest = max((len(os.fsencode(str(t))) for t in temps), default=0)
+    if deepest > path_max:
+        return (f"is too deep: its output path would be {deepest} bytes, over the filesystem's limit of {path_max} "
+                f"(PC_PATH_MAX); choose a shorter --out or fewer nested folders")
+    return None

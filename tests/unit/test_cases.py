@@ -266,7 +266,7 @@ def test_collect_reads_folder_and_datalist_together(tmp_path: Path) -> None:
                         {"image": ["scans/single.nii.gz", "scans/A_0001.nii.gz"], "name": "mixed"},
                         {"image": ["scans/none.nii.gz", "scans/single.nii.gz"], "name": "lost"},
                         {"image": ["scans/notes.txt", "scans/single.nii.gz"], "name": "txt"},
-                        {"image": "scans/sub/B_0000.nii.gz", "name": "bad name"}]}
+                        {"image": "scans/sub/B_0000.nii.gz", "name": "bad\x1bname"}]}
     (tmp_path / "dl.json").write_text(json.dumps(data))
     found = collect([scans], out, in_channels=2, datalist=tmp_path / "dl.json")
     by_output = {item.output.relative_to(out): item for item in found.inputs}
@@ -277,7 +277,8 @@ def test_collect_reads_folder_and_datalist_together(tmp_path: Path) -> None:
     assert by_output[Path("single_seg.nii.gz")].channels == () and by_output[Path("single_seg.nii.gz")].case is None
     lines = sorted(r.line() for r in found.refused)
     assert len(lines) == 5, lines
-    assert lines[0].startswith("case bad name (dl.json testing[4]): its output name: input name bad name holds")
+    assert lines[0] == ("case bad\x1bname (dl.json testing[4]): its output name bad\\x1bname holds control "
+                        "characters (\\x1b)")
     assert lines[1].startswith(f"case gap ({scans}): channel file {scans}/gap_0000.nii.gz is missing")
     assert lines[2] == f"case lost (dl.json testing[2]): {tmp_path}/scans/none.nii.gz does not exist"
     assert lines[3] == (f"case mixed (dl.json testing[1]): {(scans / 'single.nii.gz').resolve()} is already an "
