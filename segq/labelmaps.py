@@ -16,21 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from segq.errors import InputError
-
 EXTENSION_CODE = 6  # NIFTI_ECODE_COMMENT
 SCHEMA = "segq.labels/1"
-
-
-def as_label_map(labels: np.ndarray) -> np.ndarray:
-    """``labels`` as uint8, or uint16 when a value passes 255; InputError for values no label map holds."""
-    values = np.asarray(labels)
-    if values.dtype.kind == "f" and (not np.isfinite(values).all() or (values != np.round(values)).any()):
-        raise InputError("a label map holds whole numbers: the postprocessing left fractional values")
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if low < 0 or high > 65535:
-        raise InputError(f"label values {low:g}..{high:g} do not fit a label map (0..65535)")
-    return values.astype(np.uint8 if high <= 255 else np.uint16, copy=False)
 
 
 def document(names: dict[int, str]) -> dict[str, Any]:

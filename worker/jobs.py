@@ -346,12 +346,11 @@ def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, logits: Any) -
     seconds on a coordinator's CPU, milliseconds on the GPU), and only the label map leaves it; merge then
     only writes it. A volume split over several parts is decided by merge, on the coordinator, as before.
     """
-    from segq import labelmaps
     from segq.pipeline import bundle_stages
 
     crop = (slice(None), *plan.crop)
     shape = tuple(json.loads((ws / PLAN).read_text())["source_shape"])
-    return labelmaps.as_label_map(bundle_stages.postprocess(spec, logits[crop], ws, shape))
+    return bundle_stages.postprocess(spec, logits[crop], ws, shape).cpu().numpy()
 
 
 def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
@@ -505,11 +504,10 @@ def _decide(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, di
         partials.append((slab.lo, array))
     probability = merge_partials(plan.padded_shape, partials, plan.crop)
     if spec is not None and spec.is_bundle:
-        from segq import labelmaps
         from segq.pipeline import bundle_stages
 
         shape = json.loads((ws / PLAN).read_text())["source_shape"]
-        return labelmaps.as_label_map(bundle_stages.postprocess(spec, probability, ws, tuple(shape)))
+        return bundle_stages.postprocess(spec, probability, ws, tuple(shape)).numpy()
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     if save_probabilities:
         _write_nifti(f_order(probability), source, storage.probability_path(output))

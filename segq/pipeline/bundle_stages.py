@@ -138,9 +138,10 @@ def save_context(ws: Path, meta: dict[str, Any], operations: list[Any]) -> None:
     trace.save(ws / "trace.json", meta, operations)
 
 
-def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int, ...]) -> np.ndarray:
-    """The bundle's postprocessing over the merged logits (K, X, Y, Z; an array, or a tensor on the device that
-    the transforms then run on): the label map on the scan's grid, in host memory."""
+def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int, ...]) -> Any:
+    """The bundle's postprocessing over the merged logits (K, X, Y, Z): the label map on the scan's grid, as a
+    uint8 (uint16 past 255) tensor where the logits are: an array's on the CPU, a device tensor's on its device
+    (a GPU worker then checks and casts it there, and only the label map leaves the device)."""
     import torch
     from monai.data import MetaTensor
     from monai.utils import TraceKeys
@@ -150,6 +151,7 @@ def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int
         operation[TraceKeys.ID] = TraceKeys.NONE  # the transforms are rebuilt here, not the objects that ran
     key, _pre, post = sections(spec)
     image = MetaTensor(torch.zeros(1), meta=dict(meta), applied_operations=operations)
+    channels = int(logits.shape[0])
     pred = MetaTensor(torch.as_tensor(logits), meta=dict(meta))
     data: dict[str, Any] = {key: image, PRED_KEY: pred}
     if post is not None:
@@ -157,24 +159,40 @@ def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int
             data = post(data)
         except Exception as exc:
             raise InputError(f"the bundle's postprocessing failed ({' '.join(str(exc).split())[-300:]})") from exc
-    out = data[PRED_KEY]
-    labels = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    labels = torch.as_tensor(data[PRED_KEY]).detach()
+    labels = labels.as_tensor() if isinstance(labels, MetaTensor) else labels
     if labels.ndim == 4 and labels.shape[0] == 1:
         labels = labels[0]
-    if labels.ndim == 4 and labels.shape[0] == logits.shape[0] and logits.shape[0] > 1:
+    if labels.ndim == 4 and labels.shape[0] == channels and channels > 1:
         raise InputError(f"the bundle's postprocessing leaves {labels.shape[0]} channels, not one label map: add "
                          "AsDiscreted(argmax=True) or a mapping of channels to labels to its postprocessing")
-    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels != np.rint(labels)).any():
-        # An Invertd with bilinear interpolation after the argmax (prostate_mri_anatomy's order) resamples the
-        # label values themselves: the bundle's own SaveImaged writes those fractions as float32. A label map
-        # holds whole labels, so each voxel takes the nearest one.
-        logger.info("the bundle's postprocessing left fractional label values (an Invertd with nearest_interp "
-                    "false after the argmax): rounded to the nearest label")
-        labels = np.rint(labels)
     if tuple(labels.shape) != tuple(spatial_shape):
         raise InputError(f"the bundle's postprocessing gives a label map of shape {list(labels.shape)}, not the "
                          f"scan's {list(spatial_shape)}: its postprocessing needs an Invertd of its preprocessing")
-    return labels
+    return label_tensor(labels)
+
+
+def label_tensor(labels: Any) -> Any:
+    """``labels`` as a uint8 (uint16 past 255) tensor on its device; InputError for what no label map holds."""
+    import torch
+
+    if labels.is_floating_point():
+        if not bool(torch.isfinite(labels).all()):
+            raise InputError("the bundle's postprocessing left NaN or infinite labels")
+        rounded = torch.round(labels)
+        if bool((rounded != labels).any()):
+            # An Invertd with bilinear interpolation after the argmax (prostate_mri_anatomy's order) resamples
+            # the label values themselves: the bundle's own SaveImaged writes those fractions as float32. A label
+            # map holds whole labels, so each voxel takes the nearest one.
+            logger.info("the bundle's postprocessing left fractional label values (an Invertd with "
+                        "nearest_interp false after the argmax): rounded to the nearest label")
+        labels = rounded
+    low, high = (float(labels.min()), float(labels.max())) if labels.numel() else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise InputError(f"label values {low:g}..{high:g} do not fit a label map (0..65535)")
+    if high <= 255:
+        return labels.to(torch.uint8)
+    return labels.to(torch.int32).to(torch.uint16)  # through int32: float to uint16 is not every torch's cast
 
 
 def _walk_operations(operations: list[Any]) -> list[dict[str, Any]]:
