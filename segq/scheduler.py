@@ -29,6 +29,7 @@ import heapq
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from sqlalchemy import func, select, update
 
 from segq import records
 from segq.db import session_scope
-from segq.models import Dataset, Job, Status, Subtask, utcnow
+from segq.models import Dataset, Job, Status, Step, Subtask, utcnow
 from segq.names import (
     ENGINE_LOADING_KEY,
     GPU_WORKERS_KEY,
@@ -55,6 +56,10 @@ logger = logging.getLogger("segq.scheduler")
 
 # A GPU worker that has not beaten for this many admit intervals is counted as gone.
 HEARTBEAT_MISSES = 6
+# The recent steps the admission's pace is read from, and the most volumes it lets ahead of each GPU.
+DEFAULT_LOOKAHEAD = 3
+PACE_STEPS = 64
+MAX_PACED_LOOKAHEAD = 12
 UNFINISHED = (Status.QUEUED, Status.RUNNING)
 # An admitted volume not finished yet: it holds (or is about to hold) a workspace and a share of the window.
 IN_FLIGHT = Job.status.in_(UNFINISHED) & Job.admitted_at.is_not(None)
@@ -183,7 +188,29 @@ def gpu_workers(settings: Settings | None = None) -> int:
 def window(gpus: int, settings: Settings | None = None) -> int:
     """Volumes that may be admitted and unfinished at once."""
     settings = settings or get_settings()
-    return max(1, gpus) * (settings.lookahead + 1)
+    return max(1, gpus) * (paced_lookahead(settings) + 1)
+
+
+def paced_lookahead(settings: Settings) -> int:
+    """SEGQ_LOOKAHEAD where it is set; else 3, or more when preparing a volume takes longer than a GPU takes to run
+    one.
+
+    A bundle's CT takes 1.4 s to prepare and 0.35 s on an H200: with three volumes ahead the GPU waited a third
+    of the time (bench/results/bundle_dataset_h200.jsonl). The recent timeline says how many must be prepared
+    at once to keep a GPU fed: prepare's median over a part's median time on the device, plus one merging.
+    """
+    if settings.lookahead is not None:
+        return settings.lookahead
+    with session_scope() as s:
+        rows = s.execute(select(Step.step, Step.started_at, Step.finished_at, Step.busy_started_at,
+                                Step.busy_finished_at).order_by(Step.finished_at.desc()).limit(PACE_STEPS)).all()
+    prepare = [(r.finished_at - r.started_at).total_seconds() for r in rows if r.step == "prepare"]
+    device = [(r.busy_finished_at - r.busy_started_at).total_seconds() for r in rows
+              if r.step == "infer" and r.busy_started_at is not None and r.busy_finished_at is not None]
+    if not prepare or not device:
+        return DEFAULT_LOOKAHEAD
+    need = math.ceil(statistics.median(prepare) / max(statistics.median(device), 1e-3)) + 1
+    return max(DEFAULT_LOOKAHEAD, min(need, MAX_PACED_LOOKAHEAD))
 
 
 def in_flight() -> int:

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     max_windows_per_subtask: int = Field(default=1024, ge=1)
     # Volumes admitted ahead of the one each GPU worker runs: at most gpu_workers x (lookahead + 1) volumes
     # are prepared, on a GPU or merging at once; the rest wait in SQL, not as workspaces.
-    lookahead: int = Field(default=3, ge=0)
+    # Unset: 3, or more while the timeline shows a volume's prepare outlasting its GPU time (scheduler.paced_lookahead).
+    lookahead: int | None = Field(default=None, ge=0)
     # Seconds between a worker's heartbeat and admission sweep (a safety net: steps admit as they end).
     admit_interval: float = Field(default=5.0, gt=0)
     # Tasks a launcher GPU worker holds at once: one on the device, the others reading their input or

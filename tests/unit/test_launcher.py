@@ -114,15 +114,16 @@ def test_plan_pins_one_worker_per_gpu_and_a_coordinator_without_gpu() -> None:
     assert coordinator.env["CUDA_VISIBLE_DEVICES"] == ""
     assert _argv_value(coordinator, "-Q") == ("finish.high,finish,finish.low,"
                                               "coordinator.high,coordinator,coordinator.low")
-    assert _argv_value(coordinator, "-c") == "8", "4 processes a GPU worker"
+    assert _argv_value(coordinator, "-c") == "14", "8 processes a GPU worker, within the cores the GPU workers leave"
     assert _argv_value(coordinator, "--pool") == "prefork"
 
 
 def test_coordinator_scales_with_cores_and_gpus() -> None:
-    assert coordinator_processes(4, cpu_count=64) == 16
+    assert coordinator_processes(4, cpu_count=64) == 32
+    assert coordinator_processes(1, cpu_count=16) == 8
     assert coordinator_processes(4, cpu_count=8) == 4, "never more than the cores the GPU workers leave"
     assert coordinator_processes(1, cpu_count=2) == 2, "at least 2"
-    assert coordinator_processes(8, cpu_count=128) == 32
+    assert coordinator_processes(8, cpu_count=128) == 64
 
 
 def test_plan_for_cpu_workers_and_roles() -> None:
