@@ -80,7 +80,11 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     if name:
         check_dataset_name(name)  # before the scan and the model load: a bad --name costs nothing
 
-    spec = load_pipeline(model_path, trust=trust_model).with_overrides(overlap, sw_batch_size, mode)
+    from segq.settings import get_settings
+
+    bundles = get_settings().storage_root / "bundles"
+    spec = load_pipeline(model_path, trust=trust_model, unpack_into=bundles, cache=bundles / "read").with_overrides(
+        overlap, sw_batch_size, mode)
     if save_probabilities and spec.is_bundle:
         raise click.UsageError("--save-probabilities writes a model.toml's target probability; a bundle's "
                                "postprocessing decides on its own grid, so it has none to save")
