@@ -5,6 +5,8 @@ Free of Celery and storage, so it can be checked against MONAI directly.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
@@ -16,6 +18,8 @@ import torch
 from segq import faults
 from segq.tiling import Slab, Vec3
 from worker.engines.base import Engine
+
+logger = logging.getLogger("segq.inference")
 
 
 def _batches(starts: Sequence[Vec3], size: int) -> Iterator[Sequence[Vec3]]:
@@ -77,10 +81,22 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
                 partial = partial.cpu()
                 partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, partial.device))
         if finish is not None:
-            return finish(partial)
+            return _timed_finish(finish, partial, len(slab.starts))
         if partial.ndim == 4:
             partial = partial.to(channels_dtype)
         return partial_to_host(partial, volume)
+
+
+def _timed_finish(finish: Callable[[torch.Tensor], np.ndarray], partial: torch.Tensor, windows: int) -> np.ndarray:
+    """``finish(partial)``, with the windows' and the decision's device times in the log (one line a volume)."""
+    started = time.perf_counter()
+    if partial.device.type == "cuda":
+        torch.cuda.synchronize(partial.device)  # the windows' kernels: finish would wait for them anyway
+    decided = time.perf_counter()
+    result = finish(partial)
+    logger.info("part of %d windows: device %.3f s to finish the windows, %.3f s to decide", windows,
+                decided - started, time.perf_counter() - decided)
+    return result
 
 
 def row_weights(starts: Sequence[Vec3], slab: Slab, rest: tuple[int, ...], roi: Vec3, weights: np.ndarray,
