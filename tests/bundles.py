@@ -66,6 +66,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from bench import bundle_dataset as bench_bundle
+
 SHAPES = ("spleen", "btcv", "brats", "wholebody", "prostate")
 
 #: the Model Zoo folder (models/<name>) each shape's configs come from
@@ -81,29 +83,8 @@ ZOO_COMMIT = "dfae206df112837d817e78d3727c9f32b3b52e82"
 WEIGHTS = ("state_dict", "checkpoint", "torchscript")
 _CT = {"spleen", "btcv", "wholebody"}
 
-#: the zoo's configs/logging.conf (the same file in all five bundles)
-LOGGING_CONF = """[loggers]
-keys=root
-
-[handlers]
-keys=consoleHandler
-
-[formatters]
-keys=fullFormatter
-
-[logger_root]
-level=INFO
-handlers=consoleHandler
-
-[handler_consoleHandler]
-class=StreamHandler
-level=INFO
-formatter=fullFormatter
-args=(sys.stdout,)
-
-[formatter_fullFormatter]
-format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
-"""
+#: the zoo's configs/logging.conf (the same file in all five bundles; bench/bundle_dataset.py holds it verbatim)
+LOGGING_CONF = bench_bundle.LOGGING_CONF
 
 
 def _check_shape(shape: str) -> None:
