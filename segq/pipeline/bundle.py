@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,18 +62,24 @@ def unpack(archive: Path, into: Path) -> Path:
     target = into / f"{archive.stem}-{file_sha256(archive)[:16]}"
     if target.is_dir():
         return _bundle_root(target, archive)
+    into.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=into))  # one a submit: two may race here
     try:
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
                 resolved = (target / member).resolve()
                 if not resolved.is_relative_to(target.resolve()):
                     raise InputError(f"bundle {archive}: member {member!r} would be written outside the bundle")
-            staging = target.with_name(target.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
             zf.extractall(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a submit that unpacked the same zip first
+                raise
     except zipfile.BadZipFile as exc:
         raise InputError(f"bundle {archive} is not a readable zip file ({exc})") from exc
-    staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return _bundle_root(target, archive)
 
 

@@ -79,3 +79,15 @@ def test_gate_decides_label_maps_by_argmax() -> None:
     logits[1, 0, 0, 0] = logits[2, 1, 1, 0] = 5.0
     assert decision(logits)[:, :, 0].tolist() == [[True, False], [False, True]]
     assert decision(np.array([0.2, 0.7], dtype=np.float32)).tolist() == [False, True]
+
+
+def test_a_zip_member_outside_the_bundle_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("evil/configs/inference.json", "{}")
+        zf.writestr("../../outside.txt", "x")
+    with pytest.raises(InputError, match="outside the bundle"):
+        load_pipeline(archive, unpack_into=tmp_path / "into")
+    assert not (tmp_path / "outside.txt").exists() and not list((tmp_path / "into").iterdir())
