@@ -21,7 +21,7 @@ STEP = """
 import faulthandler, sys, torch
 faulthandler.enable()
 from pathlib import Path
-from segq.modelspec import load_model_spec
+from segq.pipeline.toml import load_model_spec
 from worker.engines.torch_engine import TorchEngine, prepared_network
 what, toml, precision, root = sys.argv[1:5]
 spec = load_model_spec(toml)

@@ -20,7 +20,7 @@ def main(model_toml: Path, shape: tuple[int, int, int], overlap: float, precisio
          repeats: int = 3) -> None:
     import torch
 
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
     from segq.settings import get_settings
     from segq.tiling import Slab, importance_map, pad_volume, plan_windows
     from worker.engines.inference import read_slab, slab_partial

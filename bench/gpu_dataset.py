@@ -42,7 +42,7 @@ def baseline(model_toml: Path, inputs: list[Path], overlap: float, batch: int,
     import torch
     from monai.inferers import sliding_window_inference
 
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
     from worker.engines.model import load_model
 
     spec = load_model_spec(model_toml)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from bench.common import deployment_env, segq, worker_process
-from segq.modelspec import ModelSpec, write_model_toml
+from segq.modelspec import ModelSpec
+from segq.pipeline.toml import write_model_toml
 from segq.tiling import plan_windows
 from worker.engines.model import TargetClassProbability
 

@@ -23,7 +23,7 @@ from monai.inferers import sliding_window_inference
 
 from bench.common import deployment_env, emit, segq, summary, worker_process
 from bench.throughput import make_model
-from segq.modelspec import load_model_spec
+from segq.pipeline.toml import load_model_spec
 from worker.engines.model import load_model
 
 

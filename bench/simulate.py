@@ -177,7 +177,8 @@ def ct_model(directory: Path, roi: int) -> Path:
     """A tiny network's model.toml with ROI ``roi`` and z-score preprocessing (never run: the parts sleep)."""
     import torch
 
-    from segq.modelspec import ModelSpec, write_model_toml
+    from segq.modelspec import ModelSpec
+    from segq.pipeline.toml import write_model_toml
     from worker.engines.model import build_network
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,8 @@ def make_model(directory: Path, arch: str, feature_size: int, roi: int, sw_batch
     """A randomly initialised network (checkpoint + model.toml); built on the CPU, so no CUDA here."""
     import torch
 
-    from segq.modelspec import ModelSpec, write_model_toml
+    from segq.modelspec import ModelSpec
+    from segq.pipeline.toml import write_model_toml
     from worker.engines.model import build_network
 
     directory.mkdir(parents=True, exist_ok=True)

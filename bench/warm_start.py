@@ -47,7 +47,7 @@ def start(model: Path, mode: str, engines: Path, precision: str, log: Path) -> d
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = network_model(args, root)

@@ -99,7 +99,8 @@ def write_model(directory: Path, arch: str = "UNet", roi: int = 32, feature_size
     """A randomly initialised model (checkpoint + model.toml) in ``directory``."""
     import torch
 
-    from segq.modelspec import ModelSpec, write_model_toml
+    from segq.modelspec import ModelSpec
+    from segq.pipeline.toml import write_model_toml
     from worker.engines.model import build_network
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def reference_probability(volume_path: Path, model_toml: Path) -> np.ndarray:
         import torch
         from monai.inferers import sliding_window_inference
 
-        from segq.modelspec import load_model_spec
+        from segq.pipeline.toml import load_model_spec
         from worker.engines.model import load_model
         from worker.jobs import preprocess
 

@@ -80,7 +80,7 @@ class Deployment:
         """Submit in this process, as `segq submit` does (same checks, same rows, same messages)."""
         from producer.scan import collect_inputs
         from producer.submit import submit
-        from segq.modelspec import load_model_spec
+        from segq.pipeline.toml import load_model_spec
 
         items = collect_inputs(inputs, out.resolve())
         return submit(items, out, load_model_spec(model), **kwargs)

@@ -56,7 +56,7 @@ def _reference(path: Path | None, spec: ModelSpec) -> np.ndarray | None:
 
 def _model_for(onnx: Path, model_path: Path | None) -> ModelSpec:
     """The model.toml to gate against: --model, else the one recorded when the ONNX was exported."""
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
     from worker.engines.onnx_export import OnnxMeta
 
     meta = OnnxMeta.read(onnx)

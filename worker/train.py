@@ -23,7 +23,8 @@ from torch import nn
 
 from segq.demo import DEFAULT_SHAPE, make_volume
 from segq.metrics import dice
-from segq.modelspec import ARCHS, ModelSpec, write_model_toml
+from segq.modelspec import ARCHS, ModelSpec
+from segq.pipeline.toml import write_model_toml
 from segq.preprocess import zscore_nonzero
 from worker.engines.model import TargetClassProbability, build_network
 

@@ -3,7 +3,7 @@
 Every stage (submit, the split, prepare, parts, merge, results, report, DICOM SEG) reads one object,
 :class:`segq.modelspec.ModelSpec`, whatever the format it came from. One file per format:
 
-- ``segq/modelspec.py``: segq's own model.toml (one MONAI network, z-score or nothing, one target class
+- ``segq/pipeline/toml.py``: segq's own model.toml (one MONAI network, z-score or nothing, one target class
   thresholded at 0.5 into a binary mask);
 - ``segq/pipeline/bundle.py`` with ``bundle_stages.py``: a MONAI bundle (its own preprocessing, inferer
   settings, postprocessing and label names), checked by ``policy.py``.
@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from segq.errors import InputError
-from segq.modelspec import ModelSpec, bundle_config_sha256, file_sha256, load_model_spec, spec_from_dict
+from segq.modelspec import ModelSpec, bundle_config_sha256, file_sha256, spec_from_dict
+from segq.pipeline.toml import load_model_spec
 
 __all__ = ["ModelSpec", "bundle_checksum", "load_pipeline"]
 

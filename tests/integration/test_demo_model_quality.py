@@ -12,7 +12,7 @@ inferers = pytest.importorskip("monai.inferers")
 
 from segq.demo import make_volume  # noqa: E402
 from segq.metrics import dice  # noqa: E402
-from segq.modelspec import load_model_spec  # noqa: E402
+from segq.pipeline.toml import load_model_spec  # noqa: E402
 from segq.preprocess import zscore_nonzero  # noqa: E402
 from worker.engines.model import load_model  # noqa: E402
 

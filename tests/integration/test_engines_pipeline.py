@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from segq.modelspec import load_model_spec
+from segq.pipeline.toml import load_model_spec
 from tests.conftest import Stack
 from tests.helpers import write_volume
 from tests.integration.test_pipeline import assert_matches_reference, reference_probability, run_dataset, segq

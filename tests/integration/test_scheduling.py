@@ -75,7 +75,7 @@ def _submit_here(stack: Stack, scans: Path, out: Path, model: Path, name: str) -
     ahead of the second by seconds on a loaded machine)."""
     from producer.scan import collect_inputs
     from producer.submit import submit as submit_dataset
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
 
     submit_dataset(collect_inputs([scans], out.resolve()), out, load_model_spec(model), name=name)
 

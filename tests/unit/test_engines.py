@@ -258,7 +258,7 @@ def test_accuracy_gate_passes_an_equal_engine_and_refuses_a_wrong_one_with_the_f
 def test_the_step_owns_the_batch_and_a_fixed_batch_engine_is_kept_per_batch(tmp_path: Path) -> None:
     """A compiled engine fixes its batch: each batch size (a later dataset's, a halved retry's) gets its own;
     an eager engine takes any batch and is shared."""
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
     from tests.helpers import write_model
     from worker import runtime
 
@@ -322,7 +322,7 @@ def test_a_mixed_precision_engine_is_gated_at_load_and_a_refusal_ends_the_worker
     """bf16 on the CPU is a mixed mode: the engine is checked against fp32 eager before it is kept. A refusal
     is EngineRefusedError, whose exit code (78) tells the launcher not to restart the worker."""
     from segq.errors import EngineRefusedError
-    from segq.modelspec import load_model_spec
+    from segq.pipeline.toml import load_model_spec
     from tests.helpers import write_model
     from worker import runtime
     from worker.engines import gate

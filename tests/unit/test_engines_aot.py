@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segq.errors import EngineRefusedError
-from segq.modelspec import load_model_spec
+from segq.pipeline.toml import load_model_spec
 from segq.settings import Settings
 from tests.helpers import write_model
 from worker import runtime

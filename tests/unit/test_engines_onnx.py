@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from segq.errors import EngineError
-from segq.modelspec import load_model_spec
+from segq.pipeline.toml import load_model_spec
 from segq.settings import Settings
 from tests.helpers import ROOT, write_model
 from worker.engines import create_engine

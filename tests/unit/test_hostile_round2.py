@@ -20,7 +20,7 @@ from producer.scan import collect_inputs
 from producer.watch import JobSample, summarize
 from segq.errors import InputError
 from segq.models import Status
-from segq.modelspec import load_model_spec, write_model_toml
+from segq.pipeline.toml import load_model_spec, write_model_toml
 from segq.volumes import load_volume, read_header
 from tests.helpers import ROOT, environment, write_model, write_volume
 from worker.engines.model import build_checked

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segq.errors import InputError
-from segq.modelspec import load_model_spec
+from segq.pipeline.toml import load_model_spec
 
 
 def write(tmp_path: Path, text: str, checkpoint: bool = True) -> Path:
