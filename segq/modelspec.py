@@ -76,7 +76,6 @@ class ModelSpec:
     padding_mode: str = "constant"  # MONAI's name: constant, replicate, reflect or circular
     labels: dict[str, str] | None = None  # label value -> name, for a bundle (a TOML model's is segment_label)
     trusted: bool = False  # a bundle run as code (--trust-model)
-    config_sha256: str = ""  # a bundle's config and metadata, in the checksum
 
     @property
     def roi(self) -> tuple[int, int, int]:
@@ -148,7 +147,7 @@ class ModelSpec:
     def network_config(self) -> dict[str, Any]:
         """What defines the network's weights and outputs (not how it is slid)."""
         if self.is_bundle:  # the bundle's config and metadata (read again: a change is a new model), with the weights
-            return {"format": "bundle", "config": bundle_config_sha256(Path(self.bundle)), "trusted": self.trusted}
+            return bundle_network_config(Path(self.bundle), self.trusted)
         return {
             "arch": self.arch, "in_channels": self.in_channels, "out_channels": self.out_channels,
             "feature_size": self.feature_size, "roi_size": self.roi_size, "target_class": self.target_class,
@@ -161,9 +160,7 @@ class ModelSpec:
 
     def checksum(self) -> str:
         """sha256 over the checkpoint bytes and the network config: names the exact model that ran."""
-        digest = hashlib.sha256(json.dumps(self.network_config(), sort_keys=True).encode())
-        digest.update(file_sha256(self.checkpoint).encode())
-        return digest.hexdigest()
+        return model_checksum(self.network_config(), self.checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -188,6 +185,18 @@ def parse_code(text: str) -> tuple[str, str, str]:
         raise ValueError(f"{text!r} is neither a SNOMED CT keyword known to pydicom (e.g. Neoplasm, Liver) "
                          "nor SCHEME:VALUE:Meaning (e.g. SCT:108369006:Neoplasm)") from None
     return str(code.value), str(code.scheme_designator), str(code.meaning)
+
+
+def model_checksum(network_config: dict[str, Any], checkpoint: Path) -> str:
+    """The model checksum: the network config (JSON, sorted keys) and the checkpoint's sha256."""
+    digest = hashlib.sha256(json.dumps(network_config, sort_keys=True).encode())
+    digest.update(file_sha256(checkpoint).encode())
+    return digest.hexdigest()
+
+
+def bundle_network_config(root: Path, trusted: bool) -> dict[str, Any]:
+    """What defines a bundle's model besides its weights, read from its files as they are now."""
+    return {"format": "bundle", "config": bundle_config_sha256(root), "trusted": trusted}
 
 
 def bundle_config_sha256(root: Path) -> str:

@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 
 from segq.errors import InputError
-from segq.modelspec import ModelSpec, bundle_config_sha256, file_sha256, spec_from_dict
+from segq.modelspec import ModelSpec, bundle_network_config, model_checksum, spec_from_dict
 from segq.pipeline.toml import load_model_spec
 
 __all__ = ["ModelSpec", "bundle_checksum", "load_pipeline"]
+
 
 def load_pipeline(path: str | Path, *, trust: bool = False, unpack_into: Path | None = None,
                   cache: Path | None = None) -> ModelSpec:
@@ -37,15 +38,17 @@ def load_pipeline(path: str | Path, *, trust: bool = False, unpack_into: Path | 
     if bundle.is_bundle(path):
         from segq.pipeline.bundle_stages import load_bundle
 
-        if path.suffix == ".zip" and unpack_into is None:
-            from segq.settings import get_settings
+        root = path
+        if path.suffix == ".zip":
+            if unpack_into is None:
+                from segq.settings import get_settings
 
-            unpack_into = get_settings().storage_root / "bundles"
-        root = bundle.unpack(path, unpack_into) if path.suffix == ".zip" and unpack_into else path
+                unpack_into = get_settings().storage_root / "bundles"
+            root = bundle.unpack(path, unpack_into)
         entry = _cache_entry(cache, root, trust) if cache is not None else None
         if entry is not None and entry.is_file():
             return spec_from_dict(json.loads(entry.read_text()))
-        spec = load_bundle(root, trust=trust, unpack_into=unpack_into)
+        spec = load_bundle(root, trust=trust)
         if entry is not None:
             from segq import storage
 
@@ -67,8 +70,4 @@ def bundle_checksum(root: Path, trusted: bool) -> str:
     """A bundle's model checksum (ModelSpec.checksum) from its files alone, without parsing them."""
     from segq.pipeline import bundle
 
-    files = bundle.find_files(root)
-    network = {"format": "bundle", "config": bundle_config_sha256(root), "trusted": trusted}
-    digest = hashlib.sha256(json.dumps(network, sort_keys=True).encode())
-    digest.update(file_sha256(files.weights).encode())
-    return digest.hexdigest()
+    return model_checksum(bundle_network_config(root, trusted), bundle.find_files(root).weights)

@@ -28,46 +28,41 @@ IMAGE_KEY = "image"
 PRED_KEY = "pred"
 
 
-def load_bundle(path: Path, *, trust: bool = False, unpack_into: Path | None = None) -> ModelSpec:
-    """The pipeline of a bundle folder or .zip, checked against segq's policy unless ``trust``."""
-    if path.suffix == ".zip":
-        if unpack_into is None:
-            from segq.settings import get_settings
-
-            unpack_into = get_settings().storage_root / "bundles"
-        unpack_into.mkdir(parents=True, exist_ok=True)
-        path = bundle.unpack(path, unpack_into)
-    files = bundle.find_files(path)
-    config = bundle.placed_config(bundle.read_config(files.config), path)
-    parser = bundle.parsed(config, files, trust)
-    arch, in_channels, out_channels = bundle.network_channels(parser, path)
-    window = bundle.inferer_settings(parser, config, path)
+def load_bundle(root: Path, *, trust: bool = False) -> ModelSpec:
+    """The pipeline of a bundle folder (segq.pipeline.load_pipeline unpacks a .zip first), checked against
+    segq's policy unless ``trust``."""
+    files, config, parser = _read(root, trust)
+    arch, in_channels, out_channels = bundle.network_channels(parser, root)
+    window = bundle.inferer_settings(parser, config, root)
     spec = ModelSpec(
         arch=arch, in_channels=in_channels, out_channels=out_channels, roi_size=max(window["roi"]),
         target_class=0, checkpoint=files.weights, preprocess="bundle", overlap=window["overlap"],
-        sw_batch_size=window["sw_batch_size"], mode=window["mode"], path=path, format="bundle",
-        bundle=str(path), roi_shape=tuple(window["roi"]), sigma_scale=window["sigma_scale"],
+        sw_batch_size=window["sw_batch_size"], mode=window["mode"], path=root, format="bundle",
+        bundle=str(root), roi_shape=tuple(window["roi"]), sigma_scale=window["sigma_scale"],
         padding_mode=window["padding_mode"], labels=bundle.labels_from_metadata(files.metadata, out_channels),
-        trusted=trust, config_sha256=bundle_config_sha256(path),
+        trusted=trust,
     )
     spec.validate()
     return spec
 
 
-def _parser(spec: ModelSpec) -> Any:
-    root = Path(spec.bundle)
+def _read(root: Path, trusted: bool) -> tuple[bundle.BundleFiles, dict[str, Any], Any]:
+    """A bundle's files, its config as segq runs it (SaveImaged dropped), and a parser over what the policy lets
+    run of it."""
     files = bundle.find_files(root)
     config = bundle.placed_config(bundle.read_config(files.config), root)
-    return bundle.parsed(config, files, spec.trusted)
+    return files, config, bundle.parsed(config, files, trusted)
+
+
+def _parser(root: str, trusted: bool) -> Any:
+    return _read(Path(root), trusted)[2]
 
 
 @functools.lru_cache(maxsize=4)
 def _sections(root: str, trusted: bool, config_sha256: str) -> tuple[str, Any, Any]:
     """A bundle's image key and its preprocessing and postprocessing, instantiated once a process (parsing and
     instantiating them took about 0.4 s a volume); keyed by the config's checksum, so an edit is a new entry."""
-    spec = ModelSpec(arch="", in_channels=1, out_channels=1, roi_size=1, target_class=0, checkpoint=Path(root),
-                     format="bundle", bundle=root, trusted=trusted)
-    parser = _parser(spec)
+    parser = _parser(root, trusted)
     post = parser.get_parsed_content("postprocessing") if parser.get("postprocessing") is not None else None
     return _image_key(parser), parser.get_parsed_content("preprocessing"), post
 
@@ -103,7 +98,7 @@ def build_network(spec: ModelSpec) -> Any:
             return torch.jit.load(str(weights), map_location="cpu").eval()
         except RuntimeError as exc:
             raise InputError(f"bundle weights {weights} are not a TorchScript archive ({str(exc)[:200]})") from exc
-    parser = _parser(spec)
+    parser = _parser(spec.bundle, spec.trusted)
     try:
         network = parser.get_parsed_content("network_def")
     except Exception as exc:  # MONAI's own checks of the network's arguments
@@ -144,16 +139,9 @@ def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int
     (a GPU worker then checks and casts it there, and only the label map leaves the device)."""
     import torch
     from monai.data import MetaTensor
-    from monai.utils import TraceKeys
 
-    meta, operations = trace.load(ws / "trace.json")
-    for operation in _walk_operations(operations):
-        operation[TraceKeys.ID] = TraceKeys.NONE  # the transforms are rebuilt here, not the objects that ran
-    key, _pre, post = sections(spec)
-    image = MetaTensor(torch.zeros(1), meta=dict(meta), applied_operations=operations)
     channels = int(logits.shape[0])
-    pred = MetaTensor(torch.as_tensor(logits), meta=dict(meta))
-    data: dict[str, Any] = {key: image, PRED_KEY: pred}
+    data, post = postprocess_inputs(spec, logits, ws)
     if post is not None:
         try:
             data = post(data)
@@ -170,6 +158,22 @@ def postprocess(spec: ModelSpec, logits: Any, ws: Path, spatial_shape: tuple[int
         raise InputError(f"the bundle's postprocessing gives a label map of shape {list(labels.shape)}, not the "
                          f"scan's {list(spatial_shape)}: its postprocessing needs an Invertd of its preprocessing")
     return label_tensor(labels)
+
+
+def postprocess_inputs(spec: ModelSpec, logits: Any, ws: Path) -> tuple[dict[str, Any], Any]:
+    """What the bundle's postprocessing runs on, as its evaluator hands it over: the prediction, and the image
+    carrying the preprocessing's meta and trace (read back from ``ws``) for Invertd; with the postprocessing."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.utils import TraceKeys
+
+    meta, operations = trace.load(ws / "trace.json")
+    for operation in _walk_operations(operations):
+        operation[TraceKeys.ID] = TraceKeys.NONE  # the transforms are rebuilt here, not the objects that ran
+    key, _pre, post = sections(spec)
+    image = MetaTensor(torch.zeros(1), meta=dict(meta), applied_operations=operations)
+    pred = MetaTensor(torch.as_tensor(logits), meta=dict(meta))
+    return {key: image, PRED_KEY: pred}, post
 
 
 def label_tensor(labels: Any) -> Any:
