@@ -205,7 +205,7 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
             header = read_header(path, settings.max_voxels)
             shape = (*header.shape[:3], len(job.channel_files)) if job.channel_files else header.shape
             check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
-            volume, header = load_case(job, settings, path, spec.in_channels)
+            volume, header = load_case(job, settings, path, spec.in_channels, header)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     slabs = plan.split(parts(len(plan.starts)))
     zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
@@ -217,15 +217,15 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
 
 
-def load_case(job: JobView, settings: Settings, path: Path, channels: int) -> tuple[np.ndarray, Any]:
-    """A case's channels as one (C, X, Y, Z) volume: one file's, or a multi-file case's stacked in order."""
+def load_case(job: JobView, settings: Settings, path: Path, channels: int, header: Any) -> tuple[np.ndarray, Any]:
+    """A case's channels as one (C, X, Y, Z) volume: one file's, or a multi-file case's stacked in order (with
+    ``header``, its first file's)."""
     if not job.channel_files:
         volume, _affine, header = load_volume(path, channels, settings.max_voxels)
         return volume, header
     volumes = [load_volume(f, 1, settings.max_voxels)[0] for f in case_files(job, settings)]
     if len(volumes) != channels:
         raise InputError(f"{path}: the case has {len(volumes)} channel files; the model takes {channels}")
-    header = read_header(path, settings.max_voxels)
     return np.concatenate(volumes, axis=0), header
 
 
@@ -243,9 +243,9 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
         meta = read_meta(ws)
         assert meta is not None
         files = [ws / "series.nii"]
-        source = nifti_source(meta)
-        _write_nifti(series_volume[0], source, files[0])
+        _write_nifti(series_volume[0], nifti_source(meta), files[0])
         del series_volume
+        model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
     else:
         with checked_input(job, settings) as path:
             files = case_files(job, settings)
@@ -255,8 +255,6 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
             for other in files[1:]:
                 read_header(other, settings.max_voxels)
             model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
-    if job.source_files:
-        model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
     plan = plan_windows(model_grid.shape[1:], spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
     slabs = plan.split(parts(len(plan.starts)))
     if any(a or b for a, b in plan.pad):
@@ -320,7 +318,7 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
 
     finish = None
     if spec.is_bundle and len(slabs) == 1:
-        finish = functools.partial(decide_on_device, spec, ws, plan)
+        finish = functools.partial(decide_on_device, spec, ws, plan, source_shape(ws))
     array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease,
                        starts=plan.starts, channels_dtype=getattr(torch, partial_dtype), finish=finish)
     if should_stop is not None and should_stop():
@@ -339,7 +337,12 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
     return slab_reference(slab, array.shape, checksum, worker)
 
 
-def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, logits: Any) -> np.ndarray:
+def source_shape(ws: Path) -> tuple[int, ...]:
+    """The scan's own grid, which a bundle's label map returns to (prepare records it with the plan)."""
+    return tuple(json.loads((ws / PLAN).read_text())["source_shape"])
+
+
+def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, shape: tuple[int, ...], logits: Any) -> np.ndarray:
     """A bundle's volume run in one part: its postprocessing (activation, Invertd, argmax ...) where its logits are.
 
     On a GPU worker the transforms run on the device (bench/volume_costs.py: a CT's Invertd and argmax took
@@ -349,7 +352,6 @@ def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, logits: Any) -
     from segq.pipeline import bundle_stages
 
     crop = (slice(None), *plan.crop)
-    shape = tuple(json.loads((ws / PLAN).read_text())["source_shape"])
     return bundle_stages.postprocess(spec, logits[crop], ws, shape).cpu().numpy()
 
 
@@ -506,8 +508,7 @@ def _decide(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, di
     if spec is not None and spec.is_bundle:
         from segq.pipeline import bundle_stages
 
-        shape = json.loads((ws / PLAN).read_text())["source_shape"]
-        return bundle_stages.postprocess(spec, probability, ws, tuple(shape)).numpy()
+        return bundle_stages.postprocess(spec, probability, ws, source_shape(ws)).numpy()
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     if save_probabilities:
         _write_nifti(f_order(probability), source, storage.probability_path(output))
