@@ -141,10 +141,17 @@ def bundle_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def _timed(transform: Any, data: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = transform(data)
-    return result, time.perf_counter() - started
+def _timed_steps(transforms: Sequence[Any], data: Any, prefix: str, run: dict[str, Any]) -> Any:
+    """``data`` through each transform in turn, each one's seconds in ``run`` (and their sum)."""
+    total = 0.0
+    for index, transform in enumerate(transforms):
+        started = time.perf_counter()
+        data = transform(data)
+        seconds = time.perf_counter() - started
+        run[f"{prefix}.{index}.{type(transform).__name__}_s"] = round(seconds, 4)
+        total += seconds
+    run[f"{prefix}.steps_total_s"] = round(total, 4)
+    return data
 
 
 def smooth_logits(shape: Sequence[int], seed: int = 0) -> Any:
@@ -161,21 +168,13 @@ def smooth_logits(shape: Sequence[int], seed: int = 0) -> Any:
 def bundle_case(spec: Any, path: Path, root: Path) -> dict[str, Any]:
     """One CT through the bundle's preprocessing and inversion as segq runs them, each transform timed."""
     import torch
-    from monai.data import MetaTensor
 
-    from segq.pipeline import bundle_stages, trace
+    from segq.pipeline import bundle_stages
 
     run: dict[str, Any] = {}
-    parser = bundle_stages._parser(spec)  # the config as segq parses it (its policy, SaveImaged dropped)
-    key = bundle_stages._image_key(parser)
-    pre = parser.get_parsed_content("preprocessing")
-    data: Any = {key: str(path)}
-    pre_steps = []
-    for index, transform in enumerate(pre.transforms):
-        data, seconds = _timed(transform, data)
-        run[f"pre.{index}.{type(transform).__name__}_s"] = round(seconds, 4)
-        pre_steps.append(seconds)
-    run["pre.steps_total_s"] = round(sum(pre_steps), 4)
+    # the transforms as segq instantiates them (its policy, SaveImaged dropped)
+    key, pre, _post = bundle_stages.sections(spec)
+    data = _timed_steps(pre.transforms, {key: str(path)}, "pre", run)
     stepwise = data[key]
     started = time.perf_counter()
     model_grid, meta, operations = bundle_stages.preprocess_case(spec, [path])
@@ -195,28 +194,16 @@ def bundle_case(spec: Any, path: Path, root: Path) -> dict[str, Any]:
 
     scan_shape = tuple(nib.load(str(path)).shape[:3])
     started = time.perf_counter()
-    saved_meta, saved_operations = trace.load(ws / "trace.json")
+    item, post = bundle_stages.postprocess_inputs(spec, logits.copy(), ws)
     run["trace_load_s"] = round(time.perf_counter() - started, 4)
-    from monai.utils import TraceKeys
-
-    for operation in bundle_stages._walk_operations(saved_operations):  # as postprocess does
-        operation[TraceKeys.ID] = TraceKeys.NONE
-    post = parser.get_parsed_content("postprocessing")
-    item: Any = {key: MetaTensor(torch.zeros(1), meta=dict(saved_meta), applied_operations=saved_operations),
-                 bundle_stages.PRED_KEY: MetaTensor(torch.from_numpy(logits.copy()), meta=dict(saved_meta))}
-    post_steps = []
-    for index, transform in enumerate(post.transforms):
-        item, seconds = _timed(transform, item)
-        run[f"post.{index}.{type(transform).__name__}_s"] = round(seconds, 4)
-        post_steps.append(seconds)
-    run["post.steps_total_s"] = round(sum(post_steps), 4)
+    item = _timed_steps(post.transforms, item, "post", run)
     stepwise_labels = item[bundle_stages.PRED_KEY]
     started = time.perf_counter()
-    labels = bundle_stages.postprocess(spec, logits, ws, scan_shape)
+    labels = bundle_stages.postprocess(spec, logits, ws, scan_shape).numpy()
     run["postprocess_s"] = round(time.perf_counter() - started, 4)
     run["label_map_shape"] = list(labels.shape)
-    # what segq's whole functions add to the transforms: the config parsed again (policy, instantiation), the
-    # Compose's own dispatch; postprocess also reads the trace back and builds the MetaTensors
+    # what segq's whole functions add to the transforms: the Compose's own dispatch, and for postprocess reading
+    # the trace back and building the MetaTensors
     run["preprocess_overhead_s"] = round(run["preprocess_case_s"] - run["pre.steps_total_s"], 4)
     run["postprocess_overhead_s"] = round(run["postprocess_s"] - run["post.steps_total_s"], 4)
     run["postprocess_equal_to_steps"] = bool(
