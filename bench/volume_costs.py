@@ -194,12 +194,12 @@ def bundle_case(spec: Any, path: Path, root: Path) -> dict[str, Any]:
 
     scan_shape = tuple(nib.load(str(path)).shape[:3])
     started = time.perf_counter()
-    item, post = bundle_stages.postprocess_inputs(spec, logits.copy(), ws)
+    item, post = bundle_stages.postprocess_inputs(spec, logits.copy(), bundle_stages.load_context(ws))
     run["trace_load_s"] = round(time.perf_counter() - started, 4)
     item = _timed_steps(post.transforms, item, "post", run)
     stepwise_labels = item[bundle_stages.PRED_KEY]
     started = time.perf_counter()
-    labels = bundle_stages.postprocess(spec, logits, ws, scan_shape).numpy()
+    labels = bundle_stages.postprocess(spec, logits, bundle_stages.load_context(ws), scan_shape).numpy()
     run["postprocess_s"] = round(time.perf_counter() - started, 4)
     run["label_map_shape"] = list(labels.shape)
     # what segq's whole functions add to the transforms: the Compose's own dispatch, and for postprocess reading

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # of voxels equal to monai.bundle run's against 1.0 for float32 (docs/MODELS.md). So float32 by default.
     # A model.toml's one-channel partials are always float32.
     partial_dtype: Literal["float16", "float32"] = "float32"
+    # Where a bundle's preprocessing runs after its readers (LoadImaged, EnsureChannelFirstd): "auto" runs it on
+    # the GPU worker for a case that goes in one part (milliseconds there against a CT's 1-2 s of Spacingd on
+    # a coordinator's CPU); "coordinator" runs all of it at prepare, as a case split into several parts always is.
+    bundle_preprocess: Literal["auto", "coordinator"] = "auto"
     device: str = "auto"
     torch_compile: TorchCompile = "auto"
     # Inference engines (worker/engines): ONNX files and TensorRT plans are cached per model under

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -37,6 +38,8 @@ INPUT = "input_zyx.npy"
 # The input as (C, X, Y, Z), C-ordered: a bundle's model-grid array (MONAI's order), and what segq wrote
 # before the NIfTI-order workspace (a job prepared then still runs).
 CXYZ_INPUT = "input.npy"
+# A bundle's one-part case as its readers left it, on its own grid (C, X, Y, Z): its GPU worker preprocesses it.
+SOURCE_INPUT = "source.npy"
 GZIP_THREADS = 2
 PLAN = "plan.json"
 
@@ -232,10 +235,39 @@ def load_case(job: JobView, settings: Settings, path: Path, channels: int, heade
 def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int], int], spec: ModelSpec, ws: Path,
                         started: float) -> Prepared:
     """A bundle's case: its preprocessing onto the model's grid; the padded array, the plan and the trace that
-    inverts it go to the workspace."""
-    from segq.pipeline import bundle, bundle_stages
+    inverts it go to the workspace.
+
+    A case that goes in one part (every dataset volume while there is a backlog) is only read here: the rest of
+    its preprocessing runs on its GPU worker (:func:`run_on_device`), where it takes milliseconds, not the
+    seconds of a coordinator's CPU. SEGQ_BUNDLE_PREPROCESS=coordinator keeps all of it here.
+    """
+    from segq.pipeline import bundle_stages
 
     ws.mkdir(parents=True, exist_ok=True)
+    files, header = _bundle_case_files(job, settings, ws)
+    deferred = settings.bundle_preprocess == "auto" and bool(bundle_stages.split_preprocessing(spec)[1])
+    read = bundle_stages.read_case(spec, files) if deferred else None
+    if read is not None:
+        array, meta, operations = read
+        grid = bundle_stages.estimated_grid(spec, np.asarray(meta["affine"]), array.shape[1:])
+        plan = plan_windows(grid, spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
+        slabs = plan.split(parts(len(plan.starts)))
+        if len(slabs) == 1:
+            storage.save_array(ws / SOURCE_INPUT, array)
+            bundle_stages.save_context(ws, meta, operations)
+            _save_plan(ws, plan, slabs, header.shape[:3], deferred=True)
+            return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+    model_grid, meta, operations = bundle_stages.preprocess_case(spec, files)
+    plan = plan_windows(model_grid.shape[1:], spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
+    slabs = plan.split(parts(len(plan.starts)))
+    storage.save_array(ws / CXYZ_INPUT, pad_model_grid(model_grid, plan, spec))
+    bundle_stages.save_context(ws, meta, operations)
+    _save_plan(ws, plan, slabs, header.shape[:3])
+    return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def _bundle_case_files(job: JobView, settings: Settings, ws: Path) -> tuple[list[Path], Any]:
+    """The files a bundle's readers take for ``job`` (checked), and the header of the first."""
     if job.source_files:  # a DICOM series: the bundle's LoadImaged reads it as the NIfTI prepare writes
         from worker.dicomseg import nifti_source, prepare_series, read_meta
 
@@ -244,29 +276,40 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
         assert meta is not None
         files = [ws / "series.nii"]
         _write_nifti(series_volume[0], nifti_source(meta), files[0])
-        del series_volume
-        model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
-    else:
-        with checked_input(job, settings) as path:
-            files = case_files(job, settings)
-            header = read_header(path, settings.max_voxels)
-            shape = (*header.shape[:3], len(files)) if len(files) > 1 else header.shape
-            check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
-            for other in files[1:]:
-                read_header(other, settings.max_voxels)
-            model_grid, meta_dict, operations = bundle_stages.preprocess_case(spec, files)
-    plan = plan_windows(model_grid.shape[1:], spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
-    slabs = plan.split(parts(len(plan.starts)))
-    if any(a or b for a, b in plan.pad):
+        return files, header
+    with checked_input(job, settings) as path:
+        files = case_files(job, settings)
+        header = read_header(path, settings.max_voxels)
+        shape = (*header.shape[:3], len(files)) if len(files) > 1 else header.shape
+        check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
+        for other in files[1:]:
+            read_header(other, settings.max_voxels)
+    return files, header
+
+
+def pad_model_grid(model_grid: Any, plan: WindowPlan, spec: ModelSpec) -> Any:
+    """The model-grid array (numpy, or a torch tensor on its device) padded as the bundle's inferer pads."""
+    if not any(a or b for a, b in plan.pad):
+        return model_grid
+    from segq.pipeline import bundle
+
+    if isinstance(model_grid, np.ndarray):
         mode = bundle.PADDING_MODES[spec.padding_mode]
-        model_grid = np.pad(model_grid, ((0, 0), *plan.pad), mode=mode)  # type: ignore[call-overload]
-    storage.save_array(ws / CXYZ_INPUT, model_grid)
-    bundle_stages.save_context(ws, meta_dict, operations)
-    document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs],
-                "source_shape": list(header.shape[:3])}
+        return np.pad(model_grid, ((0, 0), *plan.pad), mode=mode)  # type: ignore[call-overload]
+    import torch
+
+    widths = [w for pair in reversed(plan.pad) for w in pair]  # torch pads the last axis first
+    return torch.nn.functional.pad(model_grid[None], widths, mode=spec.padding_mode)[0]
+
+
+def _save_plan(ws: Path, plan: WindowPlan, slabs: list[Slab], source: tuple[int, ...], deferred: bool = False
+               ) -> None:
+    document: dict[str, Any] = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs],
+                                "source_shape": list(source)}
+    if deferred:  # the plan is an estimate; the GPU worker plans the case's windows on its own grid
+        document["deferred"] = True
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
-    return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
 
 
 def workspace_input(volume: np.ndarray, plan: WindowPlan, method: str, inplace: bool = False) -> np.ndarray:
@@ -313,18 +356,21 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
         raise InputError(f"slab {index} does not exist: the plan has {len(slabs)} slabs")
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
-    volume = load_input(ws)
-    import torch
+    decided = spec.is_bundle and len(slabs) == 1
+    if deferred(ws):
+        array, slab = run_on_device(ws, spec, engine, batch_size, should_stop, lease)
+    else:
+        import torch
 
-    finish = None
-    if spec.is_bundle and len(slabs) == 1:
-        finish = functools.partial(decide_on_device, spec, ws, plan, source_shape(ws))
-    array = infer_slab(volume, slab, plan.roi, importance_map(plan), engine, batch_size, should_stop, lease,
-                       starts=plan.starts, channels_dtype=getattr(torch, partial_dtype), finish=finish)
+        finish = None
+        if decided:
+            finish = functools.partial(decide_on_device, spec, bundle_context(ws), plan, source_shape(ws))
+        array = infer_slab(load_input(ws), slab, plan.roi, importance_map(plan), engine, batch_size, should_stop,
+                           lease, starts=plan.starts, channels_dtype=getattr(torch, partial_dtype), finish=finish)
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
     checksum = storage.array_checksum(array)
-    if finish is not None:
+    if decided:
         if not storage.save_array_once(ws / DECIDED, array):
             logger.warning("slab %d: a label map from another delivery is already there; keeping it", index)
             return existing_reference(ws, index, worker) or {}
@@ -342,7 +388,43 @@ def source_shape(ws: Path) -> tuple[int, ...]:
     return tuple(json.loads((ws / PLAN).read_text())["source_shape"])
 
 
-def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, shape: tuple[int, ...], logits: Any) -> np.ndarray:
+def deferred(ws: Path) -> bool:
+    """Whether the workspace holds a case its GPU worker preprocesses (see prepare_bundle_case)."""
+    return bool(json.loads((ws / PLAN).read_text()).get("deferred"))
+
+
+def bundle_context(ws: Path) -> tuple[dict[str, Any], list[Any]]:
+    from segq.pipeline import bundle_stages
+
+    return bundle_stages.load_context(ws)
+
+
+def run_on_device(ws: Path, spec: ModelSpec, engine: Engine, batch_size: int,
+                  should_stop: Callable[[], bool] | None, lease: AbstractContextManager[Any] | None
+                  ) -> tuple[np.ndarray, Slab]:
+    """A one-part bundle case, from its readers' output to its label map, on the engine's device: the rest of
+    the preprocessing, the windows planned on the grid it gives, inference, and the bundle's postprocessing.
+    Returns the label map and the part as it ran (its windows counted on the real grid)."""
+    from segq.pipeline import bundle_stages
+    from worker.engines.inference import infer_rows
+
+    source = storage.load_array(ws / SOURCE_INPUT)  # read before the device is taken
+    meta, operations = bundle_stages.load_context(ws)
+    started = time.perf_counter()
+    with lease or contextlib.nullcontext():
+        grid, meta, operations = bundle_stages.preprocess_on_device(spec, source, meta, operations, engine.device)
+        plan = plan_windows(tuple(grid.shape[1:]), spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
+        slab = plan.split(1)[0]
+        logger.info("a case's preprocessing on %s: %.3f s, grid %s", engine.device, time.perf_counter() - started,
+                    "x".join(str(n) for n in grid.shape[1:]))
+        finish = functools.partial(decide_on_device, spec, (meta, operations), plan, source_shape(ws))
+        array = infer_rows(pad_model_grid(grid, plan, spec), slab, plan.roi, importance_map(plan), engine,
+                           batch_size, should_stop, starts=plan.starts, finish=finish)
+    return array, slab
+
+
+def decide_on_device(spec: ModelSpec, context: tuple[dict[str, Any], list[Any]], plan: WindowPlan,
+                     shape: tuple[int, ...], logits: Any) -> np.ndarray:
     """A bundle's volume run in one part: its postprocessing (activation, Invertd, argmax ...) where its logits are.
 
     On a GPU worker the transforms run on the device (bench/volume_costs.py: a CT's Invertd and argmax took
@@ -352,7 +434,7 @@ def decide_on_device(spec: ModelSpec, ws: Path, plan: WindowPlan, shape: tuple[i
     from segq.pipeline import bundle_stages
 
     crop = (slice(None), *plan.crop)
-    return bundle_stages.postprocess(spec, logits[crop], ws, shape).cpu().numpy()
+    return bundle_stages.postprocess(spec, logits[crop], context, shape).cpu().numpy()
 
 
 def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
@@ -508,7 +590,7 @@ def _decide(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, di
     if spec is not None and spec.is_bundle:
         from segq.pipeline import bundle_stages
 
-        return bundle_stages.postprocess(spec, probability, ws, source_shape(ws)).numpy()
+        return bundle_stages.postprocess(spec, probability, bundle_stages.load_context(ws), source_shape(ws)).numpy()
     mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
     if save_probabilities:
         _write_nifti(f_order(probability), source, storage.probability_path(output))

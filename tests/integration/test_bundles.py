@@ -43,6 +43,12 @@ def agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, dict[int, fl
     return float(np.mean(ours == theirs)), dice
 
 
+def device_preprocessed(stack: Stack) -> int:
+    """How many cases the stack's GPU workers have preprocessed (worker.jobs.run_on_device's log line)."""
+    return sum(log.read_text(errors="replace").count("a case's preprocessing on")
+               for log in stack.root.glob("*.log"))
+
+
 def make_dataset(shape: str, root: Path) -> tuple[Path, Path, list[list[Path]]]:
     bundle = make_bundle(shape, root)
     scans = root / "scans"
@@ -78,8 +84,11 @@ def test_bundle_label_maps_equal_monai_bundle_run(shape: str, stack: Stack, tmp_
     bundle, scans, cases = make_dataset(shape, tmp_path)
     out = tmp_path / "out"
     extra = ["--trust-model"] if shape in TRUSTED else []
+    before = device_preprocessed(stack)
     result = run_dataset(stack, scans, out, bundle, "--name", f"bundle-{shape}-{tmp_path.name}", *extra)
     assert result.stdout.count("done    ") == len(cases), result.stdout
+    # the case in one part ran the rest of its preprocessing on its GPU worker; the split one at prepare
+    assert device_preprocessed(stack) - before == 1
     check_against_oracle(shape, bundle, cases, out, tmp_path / "oracle")
     names = labelmaps.read_names(out / f"{cases[0][0].name.removesuffix('.nii.gz').removesuffix('_0000')}_seg.nii.gz")
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())

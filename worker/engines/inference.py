@@ -73,18 +73,37 @@ def infer_slab(volume: np.ndarray, slab: Slab, roi: Vec3, weights: np.ndarray, e
     """
     host = read_slab(volume, slab, engine.device)
     with device_lock or nullcontext():
-        partial = slab_partial(host, slab, volume.shape[2:], roi, weights, engine, batch_size, should_stop)
-        if starts is not None:
-            try:
-                partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, engine.device))
-            except torch.OutOfMemoryError:  # no room on the device for the divisor: divide on the host
-                partial = partial.cpu()
-                partial.div_(row_weights(starts, slab, volume.shape[2:], roi, weights, partial.device))
         if finish is not None:
-            return _timed_finish(finish, partial, len(slab.starts))
+            return infer_rows(host, slab, roi, weights, engine, batch_size, should_stop, starts, finish,
+                              tuple(volume.shape[2:]))
+        partial = _divided_partial(host, slab, tuple(volume.shape[2:]), roi, weights, engine, batch_size,
+                                   should_stop, starts)
         if partial.ndim == 4:
             partial = partial.to(channels_dtype)
         return partial_to_host(partial, volume)
+
+
+def infer_rows(rows: torch.Tensor, slab: Slab, roi: Vec3, weights: np.ndarray, engine: Engine, batch_size: int,
+               should_stop: Callable[[], bool] | None, starts: Sequence[Vec3] | None,
+               finish: Callable[[torch.Tensor], np.ndarray], rest: tuple[int, ...] | None = None) -> np.ndarray:
+    """:func:`infer_slab` of rows already read (a host tensor, or the device tensor a GPU worker preprocessed
+    the case into), handed to ``finish`` on the device; the caller holds the device."""
+    rest = tuple(rows.shape[2:]) if rest is None else rest
+    partial = _divided_partial(rows, slab, rest, roi, weights, engine, batch_size, should_stop, starts)
+    return _timed_finish(finish, partial, len(slab.starts))
+
+
+def _divided_partial(rows: torch.Tensor, slab: Slab, rest: tuple[int, ...], roi: Vec3, weights: np.ndarray,
+                     engine: Engine, batch_size: int, should_stop: Callable[[], bool] | None,
+                     starts: Sequence[Vec3] | None) -> torch.Tensor:
+    partial = slab_partial(rows, slab, rest, roi, weights, engine, batch_size, should_stop)
+    if starts is not None:
+        try:
+            partial.div_(row_weights(starts, slab, rest, roi, weights, engine.device))
+        except torch.OutOfMemoryError:  # no room on the device for the divisor: divide on the host
+            partial = partial.cpu()
+            partial.div_(row_weights(starts, slab, rest, roi, weights, partial.device))
+    return partial
 
 
 def _timed_finish(finish: Callable[[torch.Tensor], np.ndarray], partial: torch.Tensor, windows: int) -> np.ndarray:
