@@ -54,6 +54,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     from segq.errors import EngineError
     from segq.names import EXIT_CONFIG
     from segq.settings import get_settings
+    from segq.watchdog import SchedulerStep, WatchdogStep
     from worker.preflight import preflight
 
     ensure_schema()
@@ -68,7 +69,10 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
             "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
-    get_app().worker_main(argv)
+    app = get_app()
+    app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
+    app.steps["worker"].add(SchedulerStep)  # GPU heartbeat and admission of waiting volumes
+    app.worker_main(argv)
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
