@@ -12,17 +12,23 @@ One message such a kill can lose outright: kombu pops a message (BRPOP) before i
 ``unacked``, and a kill between the two leaves it nowhere. So the same sweep also looks for the parts
 (and due merges) that running jobs wait on whose message is in no queue and not in ``unacked``; missing
 in two sweeps in a row, the job starts a new attempt the same way.
+
+A Redis restarted empty (no persistence, a failover, a flush) loses every message at once, the prepare
+messages of jobs admitted but not started too. Those jobs are ``queued`` in SQL, with their room taken, so
+no admission would send them again: the sweep looks for their prepare message as well, and a job whose
+message is gone starts a new attempt (``records.readmit_if``), which the next admission sends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from segq import records, scheduler
 from segq.db import get_engine
-from segq.names import every_queue, merge_task_id, slab_task_id
+from segq.names import every_queue, merge_task_id, slab_task_id, volume_task_id
 
 logger = logging.getLogger("segq.deadworkers")
 
@@ -50,18 +56,35 @@ def broker_task_ids(client: Any) -> set[str]:
     return ids
 
 
-def lost_messages(client: Any) -> set[tuple[str, int, str]]:
-    """(job, attempt, task id) of each message a running job waits on that the broker does not hold.
+@dataclass(frozen=True, order=True)
+class Awaited:
+    """A message a job waits on: its prepare (admitted, not started) or a part's or its merge's (running)."""
+
+    job_id: str
+    attempt: int
+    task_id: str
+    started: bool
+
+
+def awaited_messages() -> list[Awaited]:
+    """Every message the admitted and running jobs wait on, as the database says now."""
+    waiting = [Awaited(job_id, attempt, volume_task_id(job_id, attempt), False)
+               for job_id, attempt in records.admitted_waiting()]
+    for job_id, attempt, parts, subtasks in records.awaited_parts():
+        ids = [slab_task_id(job_id, attempt, k) for k in parts] if parts else \
+            [merge_task_id(job_id, attempt)] if subtasks else []
+        waiting += [Awaited(job_id, attempt, task_id, True) for task_id in ids]
+    return waiting
+
+
+def lost_messages(client: Any) -> tuple[int, set[Awaited]]:
+    """How many messages jobs wait on, and those of them the broker does not hold.
 
     The broker is read before the database: a message sent after the read belongs to a row seen as
     waiting, and a row that changed meanwhile is seen in its newer state, so neither counts as lost."""
     present = broker_task_ids(client)
-    lost: set[tuple[str, int, str]] = set()
-    for job_id, attempt, waiting, subtasks in records.awaited_parts():
-        expected = [slab_task_id(job_id, attempt, k) for k in waiting] if waiting else \
-            [merge_task_id(job_id, attempt)] if subtasks else []
-        lost.update((job_id, attempt, task_id) for task_id in expected if task_id not in present)
-    return lost
+    expected = awaited_messages()
+    return len(expected), {m for m in expected if m.task_id not in present}
 
 
 def alive_workers(app: Any, me: str) -> set[str]:
@@ -79,7 +102,7 @@ class DeadWorkerSweep:
         self.app = app
         self.me = me
         self.suspects: set[str] = set()
-        self.lost_suspects: set[tuple[str, int, str]] = set()
+        self.lost_suspects: set[Awaited] = set()
 
     def __call__(self) -> list[str]:
         try:
@@ -111,16 +134,26 @@ class DeadWorkerSweep:
         return requeued
 
     def sweep_lost(self) -> list[str]:
-        """Start a new attempt of each running job whose awaited message was missing from the broker twice."""
+        """Start a new attempt of each admitted or running job whose awaited message was missing twice in a row."""
         with self.app.connection_for_write() as connection:
-            client = connection.default_channel.client
-            missing = lost_messages(client)
+            expected, missing = lost_messages(connection.default_channel.client)
         lost, self.lost_suspects = missing & self.lost_suspects, missing
-        requeued = []
-        for job_id, attempt, task_id in sorted(lost):
-            new = records.requeue_if(job_id, attempt)
-            if new is not None:
+        flushed = bool(lost) and expected > 1 and len(missing) == expected
+        if flushed:
+            logger.warning("Redis holds none of the %d messages that admitted and running jobs wait on: it was "
+                           "restarted empty (no persistence), flushed, or failed over to a copy without them; "
+                           "re-sending them as new attempts", expected)
+        requeued: list[str] = []
+        for message in sorted(lost):
+            new = (records.requeue_if if message.started else records.readmit_if)(message.job_id, message.attempt)
+            if new is None:
+                continue  # another sweeper got there first, the job moved on, or it has another lost message
+            if flushed:
+                logger.info("job %s: re-queued as attempt %d (%s was lost with the broker's data)", message.job_id,
+                            new, message.task_id)
+            else:
                 logger.warning("job %s: the message of %s is in no queue and not delivered (lost by a worker killed "
-                               "while fetching it); re-queued as attempt %d", job_id, task_id, new)
-                requeued.append(job_id)
+                               "while fetching it, or by the broker); re-queued as attempt %d", message.job_id,
+                               message.task_id, new)
+            requeued.append(message.job_id)
         return requeued

@@ -184,6 +184,28 @@ def requeue_if(job_id: str, attempt: int) -> int | None:
         return _new_attempt(job)
 
 
+def readmit_if(job_id: str, attempt: int) -> int | None:
+    """Start a new attempt of a job admitted and not started (its prepare message is lost) only if it is still
+    waiting on ``attempt``; it keeps its place in its dataset's order, and the next admission sends it again.
+    Returns the new attempt, or None (another sweeper got there first, or it started or ended)."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.attempt != attempt or job.status != Status.QUEUED or job.admitted_at is None:
+            return None
+        queued_at = job.queued_at
+        new = _new_attempt(job)
+        job.queued_at = queued_at
+        return new
+
+
+def admitted_waiting() -> list[tuple[str, int]]:
+    """(job, attempt) of each job admitted and not started: its prepare message is queued or being run
+    (segq.deadworkers.lost_messages)."""
+    with session_scope() as s:
+        return [(job_id, int(attempt)) for job_id, attempt in s.execute(
+            select(Job.id, Job.attempt).where(Job.status == Status.QUEUED, Job.admitted_at.is_not(None)))]
+
+
 def awaited_parts() -> list[tuple[str, int, list[int], int]]:
     """(job, attempt, parts not done, parts) of each running job whose volume is prepared: the messages it waits
     on are those parts' or, once every part is done, its merge's (segq.deadworkers.lost_messages)."""
