@@ -5,8 +5,13 @@ A worker killed whole (kill -9, a machine lost) leaves its messages in Redis's `
 visibility timeout (2 h by default) brings them back. Each worker's main process instead pings the others
 every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds; a worker named on a running subtask that missed two pings in
 a row is taken for dead, and each of its jobs starts a new attempt (``records.requeue_if``: the first
-sweeper wins), which the scheduler sends as any queued volume. The old attempt's messages, when they
-come back, find a newer attempt and do nothing.
+sweeper wins), which the scheduler sends as any queued volume. The old attempt's delivered messages are
+dropped from ``unacked`` (any that still came back would find a newer attempt and do nothing).
+
+A worker restarted under its old name answers the pings for the dead process, so names alone cannot tell.
+Each start of a worker has a token (segq/incarnation.py) recorded on the subtasks it runs: a new start takes
+back what an earlier start of its name left running (``take_back``), the sweep takes a subtask whose token is
+not its worker's latest for dead at once, and the launcher hands back the work of a child it saw die.
 
 One message such a kill can lose outright: kombu pops a message (BRPOP) before it records it in
 ``unacked``, and a kill between the two leaves it nowhere. So the same sweep also looks for the parts
@@ -23,17 +28,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from segq import records, scheduler
+from segq import incarnation, records, scheduler
+from segq.celery_app import get_app
 from segq.db import get_engine
-from segq.names import every_queue, merge_task_id, slab_task_id, volume_task_id
+from segq.names import attempt_task_prefix, every_queue, merge_task_id, slab_task_id, volume_task_id
 
 logger = logging.getLogger("segq.deadworkers")
 
 PING_TIMEOUT = 2.0
 UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged (segq acknowledges late)
+UNACKED_INDEX_KEY = "unacked_index"  # ... and when each was delivered (what its visibility timeout restores by)
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: a queue's per-priority lists are <queue><sep><priority>
 
 
@@ -87,11 +95,14 @@ def lost_messages(client: Any) -> tuple[int, set[Awaited]]:
     return len(expected), {m for m in expected if m.task_id not in present}
 
 
-def alive_workers(app: Any, me: str) -> set[str]:
-    """Names of the workers that answered a ping, and ``me`` (whose own loop is busy sending it). A broker
-    that is away raises instead, so an empty answer means that no other worker is there."""
+def ping_answers(app: Any, me: str) -> Counter[str]:
+    """How many live workers answered a ping under each name, ``me`` included (whose own loop may be busy
+    sending it). A broker that is away raises instead, so an empty answer means that no other worker is there.
+    A name answering twice is two live processes under one name (a mistake Celery warns about)."""
     replies = app.control.ping(timeout=PING_TIMEOUT) or []
-    return {name for reply in replies for name in reply} | {me}
+    answers = Counter(name for reply in replies for name in reply)
+    answers[me] = max(answers[me], 1)
+    return answers
 
 
 class DeadWorkerSweep:
@@ -114,20 +125,25 @@ class DeadWorkerSweep:
             get_engine().dispose()  # the main process forks pool processes: keep no connection open
 
     def sweep(self) -> list[str]:
-        alive = alive_workers(self.app, self.me)
-        orphans = records.orphaned_subtasks(alive)
-        missing = {worker for _job, _attempt, worker, _priority in orphans}
+        answers = ping_answers(self.app, self.me)
+        running = records.running_subtasks()  # before Redis: a start seen on a subtask is already announced there
+        with self.app.connection_for_write() as connection:
+            latest = incarnation.refresh(connection.default_channel.client, self.me)
+        missing = {part.worker for part in running if part.worker not in answers}
         dead, self.suspects = missing & self.suspects, missing
         requeued = []
-        for job_id, attempt, worker, _priority in orphans:
-            if worker not in dead:
+        for part in running:
+            if answers[part.worker] < 2 and incarnation.replaced(part.worker, part.incarnation, latest):
+                why = "was started again (its earlier process, which ran it, is gone)"
+            elif part.worker in dead:
+                why = "stopped answering while running it"
+            else:
                 continue
-            new = records.requeue_if(job_id, attempt)
+            new = requeue(part.job_id, part.attempt)
             if new is None:
-                continue  # another sweeper got there first, or the job ended
-            logger.warning("job %s: worker %s stopped answering while running it; re-queued as attempt %d",
-                           job_id, worker, new)
-            requeued.append(job_id)
+                continue  # another sweeper got there first, the job ended, or another of its parts re-queued it
+            logger.warning("job %s: worker %s %s; re-queued as attempt %d", part.job_id, part.worker, why, new)
+            requeued.append(part.job_id)
         requeued += self.sweep_lost()
         if requeued:
             scheduler.admit()  # the new attempts wait in SQL like any queued volume; send what there is room for
@@ -145,7 +161,7 @@ class DeadWorkerSweep:
                            "re-sending them as new attempts", expected)
         requeued: list[str] = []
         for message in sorted(lost):
-            new = (records.requeue_if if message.started else records.readmit_if)(message.job_id, message.attempt)
+            new = (requeue if message.started else records.readmit_if)(message.job_id, message.attempt)
             if new is None:
                 continue  # another sweeper got there first, the job moved on, or it has another lost message
             if flushed:
@@ -157,3 +173,54 @@ class DeadWorkerSweep:
                                message.task_id, new)
             requeued.append(message.job_id)
         return requeued
+
+
+def requeue(job_id: str, attempt: int) -> int | None:
+    """Start a new attempt of a running job (``records.requeue_if``), then drop the old attempt's delivered
+    messages from ``unacked``: their process is dead or their work superseded, and left there they would come
+    back at the visibility timeout only to be discarded as stale. Returns the new attempt, or None."""
+    new = records.requeue_if(job_id, attempt)
+    if new is not None:
+        try:
+            with get_app().connection_for_write() as connection:
+                drop_delivered(connection.default_channel.client, attempt_task_prefix(job_id, attempt))
+        except Exception:  # the broker away: the visibility timeout brings them back, and they are discarded then
+            logger.warning("job %s: could not drop attempt %d's delivered messages; the visibility timeout brings "
+                           "them back and they are discarded as stale", job_id, attempt)
+    return new
+
+
+def drop_delivered(client: Any, prefix: str) -> int:
+    """Delete from kombu's ``unacked`` hash (and its index) the messages whose task id starts with ``prefix``. A
+    worker that still runs one acknowledges it later by deleting its entry, which is then simply gone."""
+    tags = [tag for tag, raw in client.hgetall(UNACKED_KEY).items() if (_message_id(raw) or "").startswith(prefix)]
+    if tags:
+        client.pipeline().hdel(UNACKED_KEY, *tags).zrem(UNACKED_INDEX_KEY, *tags).execute()
+    return len(tags)
+
+
+def take_back(worker: str, why: str, keep: str | None = None) -> list[str]:
+    """Start a new attempt of each job with a subtask that ``worker`` runs under another start than ``keep``
+    (None: any start), and admit them: what a dead process of that name left running. Returns the job ids."""
+    requeued = []
+    for part in records.running_subtasks(worker):
+        if keep is not None and part.incarnation == keep:
+            continue
+        new = requeue(part.job_id, part.attempt)
+        if new is not None:
+            logger.warning("job %s: worker %s %s; re-queued as attempt %d", part.job_id, worker, why, new)
+            requeued.append(part.job_id)
+    if requeued:
+        scheduler.admit()
+    return requeued
+
+
+def hand_back_quietly(worker: str, exit_code: int) -> None:
+    """The launcher saw ``worker``'s process die: take back what it ran at once (logs instead of raising; the
+    sweeps and the restarted worker take it back otherwise)."""
+    try:
+        take_back(worker, f"died while running it (exit code {exit_code})")
+    except Exception:
+        logger.exception("could not take back the work of %s; the restarted worker or a sweep does", worker)
+    finally:
+        get_engine().dispose()
