@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# The volumes the GPU benchmarks run (bench/gpu_engines.py, bench/gpu_queue.py): shape and overlap.
+VOLUMES = {"brats": ((240, 240, 155), 0.5), "ct": ((512, 512, 300), 0.25)}
+QUICK_VOLUMES = {"brats": ((80, 72, 60), 0.5), "ct": ((120, 100, 70), 0.25)}
 
 
 def deployment_env(root: Path, broker: str) -> dict[str, str]:

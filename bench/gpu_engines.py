@@ -33,7 +33,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from bench.common import emit
+from bench.common import QUICK_VOLUMES, VOLUMES, emit
 from segq.modelspec import ModelSpec
 from segq.tiling import Slab, importance_map, pad_volume, plan_windows
 from worker.engines.gate import compare_masks
@@ -42,9 +42,6 @@ from worker.engines.model import TargetClassProbability, build_network
 from worker.engines.torch_engine import TorchEngine
 
 logger = logging.getLogger("segq.bench")
-
-VOLUMES = {"brats": ((240, 240, 155), 0.5), "ct": ((512, 512, 300), 0.25)}
-QUICK_VOLUMES = {"brats": ((80, 72, 60), 0.5), "ct": ((120, 100, 70), 0.25)}
 
 
 def synthetic_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import deployment_env, segq, worker_process
+from bench.common import VOLUMES, deployment_env, segq, worker_process
 from segq.modelspec import ModelSpec
 from segq.pipeline.toml import write_model_toml
 from segq.tiling import plan_windows
@@ -153,8 +153,6 @@ def onnxruntime_roi(spec: ModelSpec, network: torch.nn.Module) -> dict[str, Any]
     second = time.perf_counter() - started
     with torch.inference_mode():
         reference = wrapped(x.to(device)).float().cpu().numpy()
-    from bench.gpu_engines import VOLUMES
-
     estimate = {name: round(second * len(plan_windows(shape, spec.roi, overlap, spec.mode).starts), 1)
                 for name, (shape, overlap) in VOLUMES.items()}
     return {"arm": "onnxruntime-roi", "provider": session.get_providers()[0], "available_providers": providers,

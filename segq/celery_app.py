@@ -56,10 +56,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         task_annotations={"*": {"max_retries": settings.max_retries}},
     )
-    from segq.watchdog import SchedulerStep, WatchdogStep
-
-    app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
-    app.steps["worker"].add(SchedulerStep)  # GPU heartbeat and admission of waiting volumes
     return app
 
 

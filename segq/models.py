@@ -148,6 +148,9 @@ class Subtask(Base):
     status: Mapped[Status] = mapped_column(_status_column(), default=Status.QUEUED)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Which start of that worker runs it (segq/incarnation.py): a worker restarted under the same name is another
+    # incarnation, and what the earlier one left running is taken back (segq/deadworkers.py). NULL: not known.
+    incarnation: Mapped[str | None] = mapped_column(String(64), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)

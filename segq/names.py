@@ -21,6 +21,7 @@ REDIS_KEY_PREFIX = "segq:"
 DELIVERIES_KEY = REDIS_KEY_PREFIX + "deliveries:{task_id}:{retries}"  # one count per delivery of a message
 GPU_WORKERS_KEY = REDIS_KEY_PREFIX + "gpu-workers"  # sorted set: GPU worker name -> last heartbeat (unix time)
 ENGINE_LOADING_KEY = REDIS_KEY_PREFIX + "engine-loading"  # hash: worker -> JSON {what, since} while it builds one
+INCARNATIONS_KEY = REDIS_KEY_PREFIX + "incarnations"  # hash: worker name -> token of its latest start
 
 TASK_ID_PREFIX = "segq"
 
@@ -48,6 +49,11 @@ def consumed_queues(*bases: str) -> list[str]:
 def every_queue() -> list[str]:
     """All of segq's queues, in the order a plain ``segq worker`` polls them (merges first)."""
     return consumed_queues(FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE)
+
+
+def attempt_task_prefix(job_id: str, attempt: int) -> str:
+    """What every task id of one attempt of a job starts with (its volume, slabs and merge)."""
+    return f"{TASK_ID_PREFIX}-{job_id}-a{attempt}-"
 
 
 def volume_task_id(job_id: str, attempt: int) -> str:

@@ -81,8 +81,9 @@ def record_plan(job_id: str, attempt: int, *, shape: list[int], spacing: list[fl
         return True
 
 
-def start_subtask(job_id: str, attempt: int, slab: int, worker: str) -> int:
-    """Count one more delivery of the subtask and return the count (a poison subtask shows here)."""
+def start_subtask(job_id: str, attempt: int, slab: int, worker: str, incarnation: str | None = None) -> int:
+    """Count one more delivery of the subtask and return the count (a poison subtask shows here); ``incarnation``:
+    which start of ``worker`` runs it (segq/incarnation.py)."""
     with session_scope() as s:
         part = s.scalars(select(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt,
                                                Subtask.slab == slab).with_for_update()).one_or_none()
@@ -94,7 +95,7 @@ def start_subtask(job_id: str, attempt: int, slab: int, worker: str) -> int:
         # A job that ended meanwhile (a sibling slab failed it) keeps no subtask running: the task stops next.
         ended = job is None or job.status.final or job.attempt != attempt
         part.status = Status.CANCELLED if ended else Status.RUNNING
-        part.worker, part.started_at = worker, utcnow()
+        part.worker, part.incarnation, part.started_at = worker, incarnation, utcnow()
         return part.deliveries
 
 
@@ -184,6 +185,28 @@ def requeue_if(job_id: str, attempt: int) -> int | None:
         return _new_attempt(job)
 
 
+def readmit_if(job_id: str, attempt: int) -> int | None:
+    """Start a new attempt of a job admitted and not started (its prepare message is lost) only if it is still
+    waiting on ``attempt``; it keeps its place in its dataset's order, and the next admission sends it again.
+    Returns the new attempt, or None (another sweeper got there first, or it started or ended)."""
+    with session_scope() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.attempt != attempt or job.status != Status.QUEUED or job.admitted_at is None:
+            return None
+        queued_at = job.queued_at
+        new = _new_attempt(job)
+        job.queued_at = queued_at
+        return new
+
+
+def admitted_waiting() -> list[tuple[str, int]]:
+    """(job, attempt) of each job admitted and not started: its prepare message is queued or being run
+    (segq.deadworkers.lost_messages)."""
+    with session_scope() as s:
+        return [(job_id, int(attempt)) for job_id, attempt in s.execute(
+            select(Job.id, Job.attempt).where(Job.status == Status.QUEUED, Job.admitted_at.is_not(None)))]
+
+
 def awaited_parts() -> list[tuple[str, int, list[int], int]]:
     """(job, attempt, parts not done, parts) of each running job whose volume is prepared: the messages it waits
     on are those parts' or, once every part is done, its merge's (segq.deadworkers.lost_messages)."""
@@ -199,16 +222,26 @@ def awaited_parts() -> list[tuple[str, int, list[int], int]]:
     return [(job_id, attempt, sorted(waiting[(job_id, attempt)]), n) for (job_id, attempt), n in jobs.items()]
 
 
-def orphaned_subtasks(alive: set[str]) -> list[tuple[str, int, str, str]]:
-    """(job, attempt, worker, priority) of each running subtask of a running job whose worker is not ``alive``."""
+@dataclass(frozen=True)
+class RunningPart:
+    """A subtask running for a running job, and the worker (and start of it) that runs it."""
+
+    job_id: str
+    attempt: int
+    worker: str
+    incarnation: str | None
+
+
+def running_subtasks(worker: str | None = None) -> list[RunningPart]:
+    """Every running subtask of a running job that names its worker (only ``worker``'s when given)."""
+    query = (select(Subtask.job_id, Subtask.attempt, Subtask.worker, Subtask.incarnation)
+             .join(Job, (Job.id == Subtask.job_id) & (Job.attempt == Subtask.attempt))
+             .where(Subtask.status == Status.RUNNING, Job.status == Status.RUNNING, Subtask.worker.is_not(None)))
+    if worker is not None:
+        query = query.where(Subtask.worker == worker)
     with session_scope() as s:
-        rows = s.execute(select(Subtask.job_id, Subtask.attempt, Subtask.worker, Dataset.priority)
-                         .join(Job, (Job.id == Subtask.job_id) & (Job.attempt == Subtask.attempt))
-                         .join(Dataset, Dataset.id == Job.dataset_id)
-                         .where(Subtask.status == Status.RUNNING, Job.status == Status.RUNNING,
-                                Subtask.worker.is_not(None)))
-        return [(job_id, attempt, str(worker), priority) for job_id, attempt, worker, priority in rows
-                if worker is not None and worker not in alive]
+        return [RunningPart(job_id, int(attempt), str(name), incarnation)
+                for job_id, attempt, name, incarnation in s.execute(query)]
 
 
 def cancel_job(job_id: str, reason: str = "cancelled") -> tuple[int, int | None] | None:

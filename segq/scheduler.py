@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from segq import records
+from segq.celery_app import get_app
 from segq.db import session_scope
 from segq.models import Dataset, Job, Status, Step, Subtask, utcnow
 from segq.names import (
@@ -280,8 +281,6 @@ def admit(settings: Settings | None = None) -> list[str]:
     The room is claimed in SQL first, then the messages are sent; a broker that refuses gives the
     unsent volumes their room back (and the error is raised), so they wait in SQL, not in limbo.
     """
-    from segq.celery_app import get_app
-
     settings = settings or get_settings()
     claimed = _claim(settings, gpu_workers(settings))
     sent: list[str] = []

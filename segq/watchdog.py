@@ -153,6 +153,29 @@ class SchedulerStep(bootsteps.StartStopStep):
                 logger.warning("could not take %s out of the GPU worker count; it goes stale by itself", self.worker)
 
 
+class IncarnationStep(bootsteps.StartStopStep):
+    """A worker bootstep, before the consumer takes any message: announce this start of the worker in Redis and
+    take back whatever an earlier start under the same name left running (segq/incarnation.py). A worker killed
+    and started again under its old name (systemd, a StatefulSet, the launcher) would otherwise answer the
+    others' pings for the dead process, and its parts would wait for the visibility timeout."""
+
+    def start(self, parent: Any) -> None:
+        from segq import deadworkers, incarnation
+
+        token = incarnation.current()
+        if token is None:
+            return
+        try:
+            with parent.app.connection_for_write() as connection:
+                incarnation.announce(connection.default_channel.client, parent.hostname, token)
+            deadworkers.take_back(parent.hostname, "was started again (its earlier process, which ran it, is gone)",
+                                  keep=token)
+        except Exception:  # Redis or the database away at the start: the sweeps take it back later
+            logger.exception("could not take back what an earlier start of %s left running", parent.hostname)
+        finally:
+            get_engine().dispose()
+
+
 class WatchdogStep(bootsteps.StartStopStep):
     """A worker bootstep: sweep for stuck jobs every ``SEGQ_WATCHDOG_INTERVAL`` seconds, and for subtasks of
     dead workers every ``SEGQ_DEAD_WORKER_INTERVAL`` seconds (segq.deadworkers), each in a thread (Periodic)."""

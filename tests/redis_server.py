@@ -110,13 +110,14 @@ class RedisServer:
         self.client().config_set("maxmemory", 0)
 
     def pending(self, db: int = 0) -> dict[str, int]:
-        """Messages still in Redis: every list (a queue) with its length, and the unacked hash."""
+        """Messages still in Redis: every list (a queue) with its length, and the unacked hash. Replies to a
+        control command (a dead-worker sweep's ping) that came after the sender stopped waiting are not work."""
         client = self.client(db)
         found: dict[str, int] = {}
         for key in client.scan_iter(count=1000):
             kind = client.type(key)
             name = key.decode(errors="replace")
-            if kind == b"list":
+            if kind == b"list" and not name.endswith(".reply.celery.pidbox"):  # a ping's answer that came late
                 found[name] = int(client.llen(key))
             elif kind == b"hash" and name == "unacked":
                 found[name] = int(client.hlen(key))

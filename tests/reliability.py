@@ -125,9 +125,10 @@ class Deployment:
 
 
 @contextmanager
-def deployment(root: Path, **settings: str) -> Iterator[Deployment]:
-    """A deployment on a fresh throwaway Redis; workers and Redis are killed on the way out, whatever happens."""
-    redis = RedisServer(root / "redis", password=PASSWORD).start()
+def deployment(root: Path, *, appendonly: bool = True, **settings: str) -> Iterator[Deployment]:
+    """A deployment on a fresh throwaway Redis (``appendonly=False``: one that a restart leaves empty); workers
+    and Redis are killed on the way out, whatever happens."""
+    redis = RedisServer(root / "redis", password=PASSWORD, appendonly=appendonly).start()
     env = {
         "SEGQ_BROKER_URL": redis.url(0),
         "SEGQ_DATABASE_URL": f"sqlite:///{root / 'segq.db'}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
@@ -54,6 +55,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     from segq.errors import EngineError
     from segq.names import EXIT_CONFIG
     from segq.settings import get_settings
+    from segq.watchdog import IncarnationStep, SchedulerStep, WatchdogStep
     from worker.preflight import preflight
 
     ensure_schema()
@@ -68,12 +70,40 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
             "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
-    get_app().worker_main(argv)
+    app = get_app()
+    begin_incarnation(app, hostname or "segq@%h")  # before the pool forks: every process of the worker shares it
+    app.steps["worker"].add(IncarnationStep)  # takes back what an earlier start under this name left running
+    app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
+    app.steps["worker"].add(SchedulerStep)  # GPU heartbeat and admission of waiting volumes
+    app.worker_main(argv)
+
+
+def begin_incarnation(app: Any, hostname: str) -> str | None:
+    """Make this start's token (segq/incarnation.py), unless a live worker already answers to the same name.
+
+    Two live workers under one name (two plain `segq worker` on one machine, both ``segq@host``) cannot be told
+    apart from a restart by the name; with tokens, each would take the other's parts back. The later one then
+    records no token and takes nothing back, and says how to fix it."""
+    from celery.utils.nodenames import host_format
+
+    from segq.incarnation import begin
+
+    name = host_format(hostname)
+    try:
+        taken = any(name in reply for reply in app.control.ping(destination=[name], timeout=1.0) or [])
+    except Exception:  # the broker is not there yet: Celery retries the connection; nobody else answers either
+        taken = False
+    if taken:
+        logger.warning("another worker is running under the name %s: give each worker its own name (-n NAME@%%h); "
+                       "until then this one cannot take back what a killed start of that name left running", name)
+        return None
+    return begin()
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
            gpus: str | None, role: str, coordinator_concurrency: int | None) -> int:
     """Run the per-GPU launcher; returns its exit code. Never imports torch or touches CUDA."""
+    from segq.deadworkers import hand_back_quietly
     from segq.settings import child_environment, get_settings
     from worker.launcher import Launcher, count_gpus, parse_gpus, plan_children, visible_devices
 
@@ -96,4 +126,4 @@ def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
                           base_env=child_environment(), prefetch=get_settings().gpu_prefetch)
     for spec in specs:
         logger.info("%s consumes %s", spec.name, spec.argv[spec.argv.index("-Q") + 1])
-    return Launcher(specs).run()
+    return Launcher(specs, on_death=hand_back_quietly).run()

@@ -8,8 +8,10 @@ GPUs with ``nvidia-smi -L`` (or torch in a throwaway subprocess) and starts ever
 
 The CPU work of a job (load, preprocess, merge, write) runs in a separate coordinator process, so a
 GPU worker never sits on it. A child that dies is restarted with a growing delay; one that keeps dying
-within seconds of its start is given up with an error. SIGTERM (or Ctrl-C) is passed on as Celery's
-warm shutdown: running tasks finish, then everything exits; a second one, or SIGQUIT, is a cold one.
+within seconds of its start is given up with an error. The work a child that died by surprise was running is
+handed back at once (``on_death``: its jobs start new attempts), not left to the visibility timeout.
+SIGTERM (or Ctrl-C) is passed on as Celery's warm shutdown: running tasks finish, then everything exits; a
+second one, or SIGQUIT, is a cold one.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from typing import BinaryIO
 
 from celery.utils.nodenames import host_format
 
-from segq.names import EXIT_CONFIG, FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues
+from segq.names import EXIT_CONFIG, EXIT_ENGINE_BROKEN, FINISH_QUEUE, GPU_QUEUE, PREPARE_QUEUE, consumed_queues
 
 logger = logging.getLogger("segq.launcher")
 
 ROLES = ("all", "gpu", "coordinator")
 GPUS_HELP = "all | N (the first N) | 0,2 (these indexes; '3,' for GPU 3 alone) | none (CPU workers)"
 POLL_SECONDS = 0.5
+# A child that ends with these codes handed its running message back itself (worker/steps.py, EXIT).
+HANDED_BACK = (EXIT_ENGINE_BROKEN, EXIT_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ class Launcher:
     """Starts the children, relays their output line by line with their name, restarts the dead, stops on signal."""
 
     def __init__(self, specs: Sequence[ChildSpec], policy: RestartPolicy | None = None,
-                 out: BinaryIO | None = None) -> None:
+                 out: BinaryIO | None = None, on_death: Callable[[str, int], None] | None = None) -> None:
         if not specs:
             raise ValueError("nothing to launch: no GPU worker, CPU worker or coordinator was asked for")
         self.children = [Child(spec) for spec in specs]
@@ -242,6 +246,8 @@ class Launcher:
         self.selector = selectors.DefaultSelector()
         self.signals: list[int] = []
         self.stopping: str | None = None  # None, "warm" or "cold"
+        # Called with (node name, exit code) when a child dies by surprise: its work is handed back at once.
+        self.on_death = on_death
 
     def run(self) -> int:
         """Run until a signal stops every child (0) or every child has been given up (1)."""
@@ -357,6 +363,8 @@ class Launcher:
             logger.info("%s stopped (exit code %d)", child.spec.name, code)
             return
         ran = now - child.started
+        if self.on_death is not None and code not in HANDED_BACK:
+            self.on_death(child.spec.name, code)
         if code == EXIT_CONFIG:
             child.given_up = True
             logger.error("%s cannot start as configured (exit code %d): not restarting it; its output above says "

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from celery import Task
 from celery.exceptions import Reject
 
-from segq import records, scheduler, storage
+from segq import incarnation, records, scheduler, storage
 from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
@@ -160,7 +160,8 @@ def run_step(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T 
     step.output = job.output_path if step.writes_output else ""
     deliveries = _deliveries(task)
     if step.part is not None:  # the subtask row shows every delivery (``segq metrics``), retries included
-        records.start_subtask(job.id, job.attempt, step.part, task.request.hostname or "unknown")
+        records.start_subtask(job.id, job.attempt, step.part, task.request.hostname or "unknown",
+                              incarnation.current())
     if deliveries > get_settings().max_deliveries:
         _fail(step, f"{step.what}: worker lost {deliveries - 1} times running it; giving up")
         return None

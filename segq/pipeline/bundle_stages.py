@@ -82,30 +82,14 @@ def _image_key(parser: Any) -> str:
     return str(keys)
 
 
-def build_network(spec: ModelSpec) -> Any:
-    """The bundle's network with its weights, on the CPU in eval mode.
-
-    ``models/model.pt`` is a state dict or the ``{"model": state_dict}`` that MONAI's CheckpointLoader
-    takes, loaded with ``weights_only=True``; ``models/model.ts`` is TorchScript, the network itself.
-    """
-    import torch
-
-    from worker.engines.model import checked_load, load_state_dict
-
-    weights = Path(spec.checkpoint)
-    if weights.suffix == ".ts":
-        try:
-            return torch.jit.load(str(weights), map_location="cpu").eval()
-        except RuntimeError as exc:
-            raise InputError(f"bundle weights {weights} are not a TorchScript archive ({str(exc)[:200]})") from exc
+def network_def(spec: ModelSpec) -> Any:
+    """The bundle's network as its ``network_def`` builds it, without weights (worker.engines.model loads them)."""
     parser = _parser(spec.bundle, spec.trusted)
     try:
-        network = parser.get_parsed_content("network_def")
+        return parser.get_parsed_content("network_def")
     except Exception as exc:  # MONAI's own checks of the network's arguments
         raise InputError(f"bundle {spec.bundle}: network_def cannot be built ({' '.join(str(exc).split())[:300]})"
                          "; fix the bundle's network_def") from None
-    state = load_state_dict(weights)
-    return checked_load(network, state, weights, f"bundle {spec.bundle}").eval()
 
 
 def preprocess_case(spec: ModelSpec, files: list[Path]) -> tuple[np.ndarray, dict[str, Any], list[Any]]:

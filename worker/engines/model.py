@@ -10,6 +10,7 @@ from torch import nn
 
 from segq.errors import InputError
 from segq.modelspec import ModelSpec
+from segq.pipeline.bundle_stages import network_def
 
 logger = logging.getLogger("segq.model")
 
@@ -121,6 +122,23 @@ def checked_load(network: nn.Module, state: dict[str, torch.Tensor], weights: Pa
     return network
 
 
+def build_bundle_network(spec: ModelSpec) -> nn.Module:
+    """A bundle's network with its weights, on the CPU in eval mode.
+
+    ``models/model.pt`` is a state dict or the ``{"model": state_dict}`` that MONAI's CheckpointLoader
+    takes, loaded with ``weights_only=True``; ``models/model.ts`` is TorchScript, the network itself.
+    """
+    weights = Path(spec.checkpoint)
+    if weights.suffix == ".ts":
+        try:
+            return torch.jit.load(str(weights), map_location="cpu").eval()
+        except RuntimeError as exc:
+            raise InputError(f"bundle weights {weights} are not a TorchScript archive ({str(exc)[:200]})") from exc
+    network = network_def(spec)
+    state = load_state_dict(weights)
+    return checked_load(network, state, weights, f"bundle {spec.bundle}").eval()
+
+
 def build_checked(spec: ModelSpec) -> nn.Module:
     """The bare network with the spec's checkpoint loaded; InputError in one line when either does not fit.
 
@@ -128,8 +146,6 @@ def build_checked(spec: ModelSpec) -> nn.Module:
     anything is queued, not by every volume on the workers.
     """
     if spec.is_bundle:
-        from segq.pipeline.bundle_stages import build_network as build_bundle_network
-
         return build_bundle_network(spec)
     where = f"model file {spec.path}" if spec.path else f"{spec.arch} spec"
     try:
