@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from segq import clock
 from segq.db import session_scope
 from segq.models import Job, Status
 from segq.storage import printable
@@ -87,7 +88,7 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
             else:
                 from producer.watch import engines_loading, loading_line
 
-                for worker, (what, seconds) in engines_loading(time.time()).items():
+                for worker, (what, seconds) in engines_loading(clock.timestamp()).items():
                     if worker not in loading_said:  # once: a log, not a display
                         loading_said.add(worker)
                         say(loading_line(worker, what, seconds))

@@ -131,3 +131,17 @@ def guard_undecodable_messages() -> None:
 
     _brpop_read.segq_guarded = True  # type: ignore[attr-defined]
     kombu_redis.Channel._brpop_read = _brpop_read  # type: ignore[method-assign]
+
+
+def unacked_on_shared_clock() -> None:
+    """Stamp and sweep kombu's ``unacked`` index on the shared clock (segq/clock.py), not on each worker's own.
+
+    kombu scores a delivered message with the fetching worker's ``time()`` and every worker restores those older
+    than the visibility timeout by its own ``time()``: a worker whose clock ran ahead by more than the visibility
+    timeout minus the task's run time handed other workers' running messages out again. Installed at worker start.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    from segq import clock
+
+    kombu_redis.time = clock.timestamp

@@ -61,6 +61,9 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from segq import faults
+
+    faults.point("at_start")  # TEST ONLY: a skewed clock must be in place before anything reads it
 
 
 def main() -> None:

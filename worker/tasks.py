@@ -15,10 +15,10 @@ from typing import Any
 from celery import Task, chord, signature
 from celery.signals import task_revoked, worker_init
 
-from segq import records, scheduler, storage
+from segq import clock, records, scheduler, storage
 from segq.celery_app import app
 from segq.errors import CancelledError
-from segq.models import Status, utcnow
+from segq.models import Status
 from segq.modelspec import spec_from_dict
 from segq.names import (
     FINISH_QUEUE,
@@ -113,7 +113,7 @@ def _parts_for(job: records.JobView) -> Any:
 
 def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     settings = get_settings()
-    started = utcnow()
+    watch = clock.Stopwatch()
     prepared = jobs.prepare(job, settings, _parts_for(job))
     counts = [len(s.starts) for s in prepared.slabs]
     if not records.record_plan(job.id, job.attempt, shape=prepared.shape, spacing=prepared.spacing,
@@ -122,7 +122,7 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
                                precision=settings.precision):
         raise CancelledError("the job ended while its volume was prepared")
     dispatch(job, len(prepared.slabs))
-    records.record_step(job.id, job.attempt, "prepare", _worker(task), started, windows=len(prepared.plan.starts))
+    records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
     logger.info("job %s: %d windows in %d part(s)", job.id, len(prepared.plan.starts), len(prepared.slabs))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 
@@ -157,22 +157,21 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     if settings.backend == "simulate":  # TEST ONLY: sleep for the GPU time (bench/simulate.py)
         from worker.simulate import run_part
 
-        started = utcnow()
+        watch = clock.Stopwatch()
         ref, held = run_part(ws, slab, worker, settings.simulate_seconds_per_window)
         records.finish_subtask(job.id, job.attempt, slab, (held[1] - held[0]).total_seconds(), 0)
-        records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device="simulated",
+        records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device="simulated",
                             busy=held, windows=ref["windows"])
         return ref
     from worker.runtime import DeviceLease, engine_for
     spec, engine = engine_for(job.model, job.model_sha256, settings, step.batch_size, worker)
     step.batch_size = spec.sw_batch_size
-    started, clock = utcnow(), time.perf_counter()
+    watch = clock.Stopwatch()
     lease = DeviceLease(engine)
     ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease,
                         settings.partial_dtype)
-    records.finish_subtask(job.id, job.attempt, slab, round(time.perf_counter() - clock, 3), step.batch_size,
-                           lease.peak_bytes)
-    records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device=lease.label,
+    records.finish_subtask(job.id, job.attempt, slab, round(watch.seconds(), 3), step.batch_size, lease.peak_bytes)
+    records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device=lease.label,
                         busy=lease.interval, windows=ref.get("windows"))
     return ref
 
@@ -186,7 +185,7 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
 
 def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[str, Any] | None) -> dict[str, Any]:
     settings = get_settings()
-    started, clock = utcnow(), time.perf_counter()
+    watch = clock.Stopwatch()
     ws = storage.require_workspace(storage.workspace(settings.storage_root, job.id, job.attempt), _worker(task))
     parts = refs if isinstance(refs, list) else [refs] if refs else []
     jobs.check_output(job, settings)
@@ -194,7 +193,7 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
                         bool(job.params.get("save_probabilities")), spec_from_dict(job.model))
     voxels, ml = result.voxels, result.ml
     if not records.finish_job(job.id, job.attempt, tumour_voxels=voxels, tumour_ml=ml,
-                              merge_seconds=round(time.perf_counter() - clock, 3), labels=result.labels):
+                              merge_seconds=round(watch.seconds(), 3), labels=result.labels):
         # Cancelled or failed while merging: an output must exist only for a job that is done.
         state = records.job_status(job.id)
         if state is None or state[0] != Status.DONE:
@@ -202,7 +201,7 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
                 written.unlink(missing_ok=True)
         raise CancelledError("the job ended while it was merged")
     storage.remove_tree(storage.job_dir(settings.storage_root, job.id))
-    records.record_step(job.id, job.attempt, "merge", _worker(task), started)
+    records.record_step(job.id, job.attempt, "merge", _worker(task), watch.span())
     scheduler.admit_quietly()  # a volume finished: its room goes to the next one waiting
     return {"job": job.id, "output": job.output_path, "tumour_voxels": voxels, "tumour_ml": ml}
 
