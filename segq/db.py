@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.settings import get_settings
@@ -18,6 +21,14 @@ from segq.settings import get_settings
 logger = logging.getLogger("segq.db")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# What an unreachable database raises (down, restarting, refusing or cutting connections; SQLite locked for longer
+# than its busy timeout): transient for every caller. POLICY in worker/steps.py retries steps that meet them.
+UNAVAILABLE: tuple[type[Exception], ...] = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+# SQLite reports a broken schema as an OperationalError too: that is no outage.
+NOT_AN_OUTAGE = ("no such table", "no such column", "syntax error", "has no column")
+
+_outage_lock = threading.Lock()
+_outage: dict[str, float | None] = {"since": None}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -64,16 +75,82 @@ def clear_caches() -> None:
 
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on any error."""
+    """A session that commits on success and rolls back on any error; an unreachable database is logged once an
+    outage (:func:`note_outage`), not at every attempt."""
     session = _sessionmaker(url or get_settings().db_url)()
     try:
         yield session
         session.commit()
-    except BaseException:
-        session.rollback()
+    except BaseException as exc:
+        if unavailable(exc):
+            note_outage(exc)
+        with _quiet_rollback():
+            session.rollback()
         raise
+    else:
+        note_back()
     finally:
         session.close()
+
+
+@contextmanager
+def _quiet_rollback() -> Iterator[None]:
+    try:
+        yield
+    except sa_exc.SQLAlchemyError as exc:  # the connection is gone: nothing to roll back
+        if not unavailable(exc):
+            raise
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means the database cannot be reached now: retry later, never fail a job on it."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, UNAVAILABLE) and not any(m in str(exc) for m in NOT_AN_OUTAGE)
+
+
+def describe_unavailable(exc: BaseException) -> str:
+    """One line for an unreachable database: the server's first line, never SQLAlchemy's statement and links."""
+    cause = getattr(exc, "orig", None) or exc
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+    return first[:300]
+
+
+def database_label(url: str | None = None) -> str:
+    """The database's URL with its password hidden, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url or get_settings().db_url).render_as_string(hide_password=True)
+
+
+def note_outage(exc: BaseException) -> None:
+    """Log, once per outage in this process, that the database cannot be reached."""
+    with _outage_lock:
+        if _outage["since"] is not None:
+            return
+        _outage["since"] = time.monotonic()
+    logger.warning("the database %s cannot be reached (%s): steps wait and retry until it answers; nothing is lost",
+                   database_label(), describe_unavailable(exc))
+
+
+def note_back() -> None:
+    """Log, once, that the database answers again after an outage this process saw."""
+    with _outage_lock:
+        since, _outage["since"] = _outage["since"], None
+    if since is not None:
+        logger.warning("the database answers again, after %.0f s", time.monotonic() - since)
+
+
+def log_failure(log: logging.Logger, what: str) -> None:
+    """From an ``except`` block of a periodic sweep: an unreachable database is one line an outage (see
+    :func:`note_outage`); anything else is logged with its traceback."""
+    import sys
+
+    exc = sys.exc_info()[1]
+    if exc is not None and unavailable(exc):
+        note_outage(exc)
+        return
+    log.exception(what)
 
 
 def alembic_config(url: str | None = None) -> Any:

@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from segq import records, scheduler
-from segq.db import get_engine
+from segq.db import get_engine, log_failure
 from segq.names import every_queue, merge_task_id, slab_task_id
 
 logger = logging.getLogger("segq.deadworkers")
@@ -85,7 +85,7 @@ class DeadWorkerSweep:
         try:
             return self.sweep()
         except Exception:  # the broker or database is away for a moment: the next sweep tries again
-            logger.exception("dead-worker sweep failed")
+            log_failure(logger, "dead-worker sweep failed")
             return []
         finally:
             get_engine().dispose()  # the main process forks pool processes: keep no connection open

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from segq import clock, records
-from segq.db import session_scope
+from segq.db import log_failure, session_scope
 from segq.models import Dataset, Job, Status, Step, Subtask, utcnow
 from segq.names import (
     ENGINE_LOADING_KEY,
@@ -302,7 +302,7 @@ def admit_quietly() -> list[str]:
     try:
         return admit()
     except Exception:
-        logger.exception("admitting waiting volumes failed; the next heartbeat tries again")
+        log_failure(logger, "admitting waiting volumes failed; the next heartbeat tries again")
         return []
 
 

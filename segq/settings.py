@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     result_expires: int = Field(default=7 * 24 * 3600, ge=3600)
     max_retries: int = Field(default=3, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
+    # A step that cannot reach the database waits and tries again for this long before it gives up (worker/steps.py).
+    db_outage_limit: int = Field(default=900, ge=10)
     max_voxels: int = Field(default=1024**3, ge=1)
     job_deadline: int = Field(default=6 * 3600, ge=60)
     # Reliability (docs/RELIABILITY.md). Directories inputs may be read from and outputs written to,

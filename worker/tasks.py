@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task, chord, signature
 from celery.signals import task_revoked, worker_init
 
-from segq import clock, records, scheduler, storage
+from segq import clock, db, records, scheduler, storage
 from segq.celery_app import app
 from segq.errors import CancelledError
 from segq.models import Status
@@ -27,6 +27,7 @@ from segq.names import (
     JOB_FAILED,
     MERGE,
     PREPARE,
+    RECORD_FAILURE,
     merge_task_id,
     queue_for,
     slab_task_id,
@@ -208,11 +209,31 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
 
 @app.task(name=JOB_FAILED)
 def job_failed(request: Any, exc: Any, traceback: Any, job_id: str, attempt: int) -> None:
-    """Error callback of a job's chord: the first failure's reason is kept on the job row."""
+    """Error callback of a job's chord: the first failure's reason is kept on the job row.
+
+    Celery calls it in the process where the part failed, once: with the database away it hands the work to a
+    :func:`record_failure` message, which waits for the database under the step runner's policy."""
     reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+    try:
+        _record_failure(job_id, attempt, reason)
+    except Exception as error:
+        if not db.unavailable(error):
+            raise
+        db.note_outage(error)
+        app.send_task(RECORD_FAILURE, args=(job_id, attempt, reason), queue=FINISH_QUEUE)
+
+
+@app.task(name=RECORD_FAILURE, bind=True)
+def record_failure(self: Task, job_id: str, attempt: int, reason: str) -> None:
+    """The chord error callback's work, sent when the database could not be reached from the callback."""
+    run_step(self, Step("recording the failure", job_id, attempt), lambda job: _record_failure(job.id, job.attempt,
+                                                                                               reason))
+
+
+def _record_failure(job_id: str, attempt: int, reason: str) -> None:
     records.fail_job(job_id, reason, attempt)
     discard(job_id, attempt)
     scheduler.admit_quietly()
 
 
-__all__ = ["segment_volume", "infer_slab", "merge", "job_failed", "dispatch", "Status"]
+__all__ = ["segment_volume", "infer_slab", "merge", "job_failed", "record_failure", "dispatch", "Status"]
