@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +21,8 @@ from segq.settings import get_settings
 logger = logging.getLogger("segq.db")
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+WAL_TRIES = 40  # about 40 s of waiting in all (segq.db._wal)
+SCHEMA_LOCK_KEY = 0x5E9D0003  # pg_advisory_lock: one process at a time checks and migrates the schema
 # What an unreachable database raises (down, restarting, refusing or cutting connections; SQLite locked for longer
 # than its busy timeout): transient for every caller. POLICY in worker/steps.py retries steps that meet them.
 UNAVAILABLE: tuple[type[Exception], ...] = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
@@ -33,11 +35,30 @@ _outage: dict[str, float | None] = {"since": None}
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _wal(cursor: Any) -> None:
+    """Put the file in WAL mode, once for good. Switching needs the file to itself, and SQLite answers "database is
+    locked" at once (no busy wait) while another process holds it: two workers started together on a fresh file
+    crashed so. A file already in WAL mode needs no switch; otherwise wait and try again."""
+    import sqlite3
+
+    for attempt in range(WAL_TRIES):
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()
+            if mode and str(mode[0]).lower() in ("wal", "memory"):
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_TRIES - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def make_engine(url: str) -> Engine:
@@ -181,8 +202,50 @@ def schema_is_current(url: str | None = None) -> bool:
 
 
 def ensure_schema(url: str | None = None) -> None:
-    """Bring an embedded SQLite database up to date; ask for ``segq db upgrade`` elsewhere."""
+    """Bring an embedded SQLite database up to date; ask for ``segq db upgrade`` elsewhere.
+
+    Several processes may start at once on one fresh file (a launcher's children, two `segq worker`): the check
+    and the migration run under a lock file beside the database, so one creates the tables and the others find
+    them (they crashed with "table datasets already exists"). On PostgreSQL an advisory lock does the same.
+    """
     url = url or get_settings().db_url
+    with _schema_lock(url):
+        _ensure_schema(url)
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    if url.startswith("postgresql"):
+        with get_engine(url).connect() as conn:  # a session-level advisory lock, held on this connection
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        return
+    path = _sqlite_path(url)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".schema-lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _ensure_schema(url: str) -> None:
     if schema_is_current(url):
         return
     if url.startswith("sqlite") or not inspect(get_engine(url)).get_table_names():
