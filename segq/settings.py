@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # Not SEGQ_-prefixed: the GPUs this process may use, as CUDA sets them. The worker launcher hands
     # out only these (a container or a shared machine may expose a subset).
     cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
+    # Not SEGQ_-prefixed either: threads a process's torch/OpenMP uses. Unset, a plain `segq worker` shares the
+    # host's cores among the worker processes on it (worker/threads.py); the launcher sets it for its children.
+    omp_num_threads: str | None = Field(default=None, validation_alias="OMP_NUM_THREADS")  # OpenMP allows "4,2"
 
     @field_validator("torch_compile", mode="before")
     @classmethod

@@ -65,6 +65,10 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     warn_if_unsafe(get_settings().broker_url)  # loudly, if a Redis restart or eviction would lose queued work
+    if get_settings().omp_num_threads is None:  # share the cores with the other workers here, as the launcher does
+        from worker import threads
+
+        threads.register(concurrency)
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
             "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task, chord, signature
-from celery.signals import task_revoked, worker_init
+from celery.signals import task_prerun, task_revoked, worker_init
 
 from segq import clock, db, records, scheduler, storage
 from segq.celery_app import app
@@ -88,6 +88,16 @@ def preload_heavy_modules(**_: Any) -> None:
 
     import worker.engines.inference  # noqa: F401
     import worker.engines.torch_engine  # noqa: F401
+
+
+@task_prerun.connect
+def share_the_cores(**_: Any) -> None:
+    """Before each task of a plain worker (registered in worker/threads.py): torch's threads to this process's share
+    of the host's cores, read again each time, as workers come and go."""
+    from worker import threads
+
+    if threads.registered_here():
+        threads.apply()
 
 
 def _worker(task: Task) -> str:
