@@ -44,6 +44,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     """Start Celery workers; any further options are passed to every `celery worker`."""
     from segq.db import ensure_schema
 
+    refuse_bad_credentials()
     if gpus is not None or role is not None:
         ensure_schema()  # once here, so a database problem is one clear error rather than N crashing children
         sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency))
@@ -73,6 +74,23 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
             "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
     get_app().worker_main(argv)
+
+
+def refuse_bad_credentials() -> None:
+    """Exit with EX_CONFIG (78) and one line when the broker refuses our password: the launcher does not restart
+    such a worker (and exits so itself), since every new process would be refused the same way."""
+    from segq.broker import check_credentials
+    from segq.errors import ConfigError
+    from segq.names import EXIT_CONFIG
+    from segq.settings import get_settings
+
+    settings = get_settings()
+    try:
+        for url in dict.fromkeys((settings.broker_url, settings.backend_url)):
+            check_credentials(url)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,

@@ -77,3 +77,24 @@ def _spawn(w: WorkerProcess) -> subprocess.Popen[bytes]:
         w.proc = subprocess.Popen(cmd, env=w.env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                                   start_new_session=True)
     return w.proc
+
+
+@pytest.mark.parametrize("launcher", [False, True], ids=["plain", "launcher"])
+def test_a_wrong_redis_password_is_one_line_and_a_configuration_exit(tmp_path: Path, launcher: bool) -> None:
+    """A password-protected throwaway Redis, a worker given the wrong password: one line naming the fix (no
+    password in it), exit 78 (EX_CONFIG), which the launcher does not restart. Before: a traceback at every
+    connection retry, for ever."""
+    from segq.names import EXIT_CONFIG
+
+    right, wrong = "s3cret-Redis-pw", "wr0ng-Redis-pw"
+    with RedisServer(tmp_path / "redis", password=right) as redis:
+        env = {**os.environ, **_env(tmp_path, redis.url(0).replace(right, wrong))}
+        extra = ["--gpus", "none"] if launcher else []
+        run = subprocess.run([sys.executable, "-m", "segq.cli", "worker", "-n", "w@%h", *extra], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode == EXIT_CONFIG, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "refused the password" in lines[0] and "SEGQ_BROKER_URL" in lines[0] and "redis://:***@" in lines[0]
+    assert right not in output and wrong not in output and "Traceback" not in output
