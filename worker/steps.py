@@ -9,11 +9,11 @@ maps whatever the body raised to one outcome through :data:`POLICY`:
 error                           outcome     what happens
 ==============================  ==========  ===========================================================
 CancelledError                  DISCARD     the job ended meanwhile: delete the workspace, record nothing
-TransientError                  RETRY       run again with backoff, at most SEGQ_MAX_RETRIES times, then FAIL
-a lost database (OperationalError,  RECONNECT  wherever it happens in the step (loading the job, counting the
-InterfaceError, pool timeout)               delivery, the body, recording a failure): wait (1, 2, 4, 5, 5 ... s in
-                                            this process) and run again, for up to SEGQ_DB_OUTAGE_LIMIT seconds;
-                                            one log line an outage (segq.db.note_outage), no traceback
+TransientError                  RETRY       run again after a backoff slept here (no ETA), at most
+                                            SEGQ_MAX_RETRIES times, then FAIL
+db.UNAVAILABLE (a lost          RECONNECT   wherever in the step (loading the job, the body, recording a
+database: OperationalError ...)             failure): wait 1, 2, 4, then 5 s here and run it again, up to
+                                            SEGQ_DB_OUTAGE_LIMIT; one log line an outage, no traceback
 torch.OutOfMemoryError          SHRINK      retry the part with half the ROI batch (at 1 ROI: RETRY)
 EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
 EngineRefusedError              EXIT        the same, exit code 78: the launcher does not restart it (the
@@ -77,8 +77,9 @@ DEVICE_BROKEN = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "
 # Time for the worker to hand the message back and stop consuming before the process ends: longer than kombu's
 # Redis BRPOP timeout (1 s), so a message popped meanwhile is recorded as unacked (and comes back) rather than lost.
 EXIT_DELAY_SECONDS = 2.0
-# Backoff between two tries of a step while the database is away, slept in this process: a retry with a countdown
-# carries an ETA on the sending worker's clock, which another worker compares with its own (segq/clock.py).
+# Every backoff between two tries of a step is slept in this process, and the retry sent with countdown=0 (no ETA):
+# a countdown becomes an ETA on the sending worker's clock, which the worker that fetches the retry compares with
+# its own: one 10 minutes behind would hold the retry 10 minutes (segq/clock.py). The cap while the database is away:
 DB_BACKOFF_CAP_SECONDS = 5.0
 
 
@@ -207,7 +208,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
             _torch().cuda.empty_cache()
             logger.warning("%s of job %s: out of memory at batch %d, retrying at %d", step.what, step.job_id,
                            size, size // 2)
-            raise task.retry(kwargs={**(task.request.kwargs or {}), "batch_size": size // 2}, countdown=1, exc=exc)
+            time.sleep(1)  # the backoff here, not as a countdown (see DB_BACKOFF_CAP_SECONDS)
+            raise task.retry(kwargs={**(task.request.kwargs or {}), "batch_size": size // 2}, countdown=0, exc=exc)
         result = Outcome.RETRY
     if result is Outcome.RETRY:
         retries = int(task.request.retries or 0)
@@ -215,7 +217,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
             countdown = min(2 ** retries, 60)
             logger.warning("%s of job %s: %s; retry %d in %d s", step.what, step.job_id, describe(exc), retries + 1,
                            countdown)
-            raise task.retry(exc=exc, countdown=countdown)
+            time.sleep(countdown)  # not as a countdown: its ETA would be read by another worker's clock
+            raise task.retry(exc=exc, countdown=0)
         _fail(step, f"{step.what}: {describe(exc)} (still failing after {retries} retries)")
         return
     if result is Outcome.EXIT:
