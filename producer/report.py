@@ -24,7 +24,7 @@ from sqlalchemy import and_, func, select
 
 from producer.cases import shown_input
 from producer.results import input_shown, job_elapsed, label_names, rows, summarize, summary_line
-from segq import records
+from segq import clock, records
 from segq.db import ensure_schema, session_scope
 from segq.errors import InputError
 from segq.models import Dataset, Job, Status, Step, Subtask
@@ -340,7 +340,7 @@ def build_html(datasets: list[Dataset], stats: list[WorkerStats], overlays: dict
         uri = overlays[job.id]
         picture = (f'<img src="{uri}" alt="{caption}">' if uri else '<p class="note">image unavailable</p>')
         gallery.append(f'<figure class="volume">{picture}<figcaption>{caption}</figcaption></figure>')
-    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    generated = clock.now().isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>segq report: {html.escape(names)}</title>
 <style>{CSS}</style></head>

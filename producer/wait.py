@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from segq import clock
 from segq.db import session_scope
 from segq.models import Job, Status
 from segq.storage import printable
@@ -17,10 +18,16 @@ from segq.storage import printable
 logger = logging.getLogger("segq.wait")
 
 
-def _states(dataset_ids: Sequence[str]) -> list[tuple[str, Status]]:
+def _states(dataset_ids: Sequence[str]) -> list[tuple[str, Status, int]]:
     with session_scope() as s:
-        return [(row[0], row[1]) for row in s.execute(select(Job.id, Job.status)
-                                                       .where(Job.dataset_id.in_(list(dataset_ids))))]
+        return [(row[0], row[1], row[2]) for row in s.execute(select(Job.id, Job.status, Job.attempt)
+                                                               .where(Job.dataset_id.in_(list(dataset_ids))))]
+
+
+def all_ended(states: Sequence[tuple[str, Status, int]]) -> bool:
+    """True when there are volumes and every one has ended now. Counting the volumes ever seen ending is not the
+    same: one re-queued after it ended (`segq retry`, a resubmission) would count as ended while it runs again."""
+    return bool(states) and all(status.final for _, status, _ in states)
 
 
 def _jobs(job_ids: Sequence[str]) -> list[Job]:
@@ -61,7 +68,7 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
         raise ValueError("follow needs at least one dataset id")
     live = sys.stdout.isatty() if live is None else live
     deadline = None if timeout is None else time.monotonic() + timeout
-    reported: set[str] = set()
+    reported: set[tuple[str, int]] = set()  # (job, attempt): a re-queued volume is announced again when it ends
     loading_said: set[str] = set()
     display: Any = None
     say = echo
@@ -75,10 +82,10 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
     try:
         while True:
             states = _states(dataset_ids)
-            ended = [job_id for job_id, status in states if status.final and job_id not in reported]
+            ended = [job_id for job_id, status, attempt in states if status.final and (job_id, attempt) not in reported]
             for job in sorted(_jobs(ended), key=_order):
-                if job.status.final:
-                    reported.add(job.id)
+                if job.status.final and (job.id, job.attempt) not in reported:
+                    reported.add((job.id, job.attempt))
                     say(describe(job))
             if display is not None:
                 from producer.watch import render, snapshot
@@ -87,14 +94,17 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
             else:
                 from producer.watch import engines_loading, loading_line
 
-                for worker, (what, seconds) in engines_loading(time.time()).items():
+                for worker, (what, seconds) in engines_loading(clock.timestamp()).items():
                     if worker not in loading_said:  # once: a log, not a display
                         loading_said.add(worker)
                         say(loading_line(worker, what, seconds))
-            if states and len(reported) == len(states):
-                return _jobs([job_id for job_id, _ in states])
+            if all_ended(states):
+                jobs = _jobs([job_id for job_id, _, _ in states])
+                if all(job.status.final for job in jobs):  # none re-queued since the look above
+                    return jobs
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{title}: {len(states) - len(reported)} volume(s) still unfinished")
+                unfinished = sum(1 for _, status, _ in states if not status.final)
+                raise TimeoutError(f"{title}: {unfinished} volume(s) still unfinished")
             time.sleep(poll)
     finally:
         if display is not None:

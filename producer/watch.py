@@ -12,7 +12,7 @@ import logging
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import and_, func, select
 
+from segq import clock
 from segq.db import session_scope
 from segq.models import Job, Status, Subtask
 from segq.storage import printable
@@ -191,7 +192,7 @@ def load(dataset_ids: Sequence[str], now: datetime | None = None,
          horizon: float = HORIZON_SECONDS) -> tuple[list[JobSample], list[PartSample], list[WorkerTotal],
                                                     list[RecentPart]]:
     """The samples ``summarize`` needs, in four queries over the watched datasets' current attempts."""
-    now = now or datetime.now(UTC)
+    now = now or clock.now()
     current = and_(Subtask.job_id == Job.id, Subtask.attempt == Job.attempt)
     in_sets = Job.dataset_id.in_(list(dataset_ids))
     with session_scope() as s:
@@ -237,7 +238,7 @@ def engines_loading(now: float) -> dict[str, tuple[str, float]]:
 
 
 def snapshot(dataset_ids: Sequence[str], horizon: float = HORIZON_SECONDS) -> Snapshot:
-    now = datetime.now(UTC)
+    now = clock.now()
     snap = summarize(*load(dataset_ids, now, horizon), now=now, horizon=horizon, busy=recent_busy(now, horizon))
     return dataclasses.replace(snap, loading=engines_loading(now.timestamp()))
 

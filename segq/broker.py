@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from segq.errors import TransientError
+from segq.errors import ConfigError, TransientError
 from segq.names import REDIS_KEY_PREFIX
 
 logger = logging.getLogger("segq.broker")
@@ -69,6 +69,30 @@ def persistence_warnings(url: str) -> list[str]:
         problems.append(f"maxmemory-policy is {policy}: under memory pressure Redis deletes queued tasks and chord "
                         "counters without a trace. Set maxmemory-policy noeviction.")
     return problems
+
+
+def check_credentials(url: str) -> None:
+    """ConfigError, in one line naming the fix, when Redis refuses this URL's password (or wants one it lacks).
+
+    Celery would retry such a connection for ever, a traceback each time; no retry can help. A broker that does
+    not answer at all is left to Celery's retries: it may be starting. The password is never printed.
+    """
+    if urlsplit(url).scheme not in REDIS_SCHEMES:
+        return
+    import redis
+
+    client = _client(url)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        given = "the password in the URL" if urlsplit(url).password else "a connection without a password"
+        raise ConfigError(f"the broker at {mask_url(url)} refused {given} ({exc}): put the password its "
+                          "requirepass (or ACL user) expects in SEGQ_BROKER_URL, as redis://:PASSWORD@host:port/db "
+                          "(SEGQ_RESULT_BACKEND too, if set)") from None
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
 
 
 def warn_if_unsafe(url: str) -> bool:
@@ -131,3 +155,17 @@ def guard_undecodable_messages() -> None:
 
     _brpop_read.segq_guarded = True  # type: ignore[attr-defined]
     kombu_redis.Channel._brpop_read = _brpop_read  # type: ignore[method-assign]
+
+
+def unacked_on_shared_clock() -> None:
+    """Stamp and sweep kombu's ``unacked`` index on the shared clock (segq/clock.py), not on each worker's own.
+
+    kombu scores a delivered message with the fetching worker's ``time()`` and every worker restores those older
+    than the visibility timeout by its own ``time()``: a worker whose clock ran ahead by more than the visibility
+    timeout minus the task's run time handed other workers' running messages out again. Installed at worker start.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    from segq import clock
+
+    kombu_redis.time = clock.timestamp

@@ -61,9 +61,10 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 @worker_init.connect
 def _guard_the_consumer(**_kwargs: Any) -> None:
-    from segq.broker import guard_undecodable_messages
+    from segq.broker import guard_undecodable_messages, unacked_on_shared_clock
 
     guard_undecodable_messages()
+    unacked_on_shared_clock()
 
 
 @worker_process_init.connect

@@ -51,6 +51,23 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except SegqError as exc:
             raise click.ClickException(str(exc)) from exc
+        except Exception as exc:
+            friendly = _database_unreachable(exc)
+            if friendly is None:
+                raise
+            raise friendly from None
+
+
+def _database_unreachable(exc: Exception) -> click.ClickException | None:
+    """One line for a database that cannot be reached (SQLAlchemy's own report runs to kilobytes), else None."""
+    if "sqlalchemy" not in sys.modules:
+        return None
+    from segq import db
+
+    if not db.unavailable(exc):
+        return None
+    return click.ClickException(f"cannot reach the database {db.database_label()}: {db.describe_unavailable(exc)}; "
+                                "start it, or point SEGQ_DATABASE_URL at the right one")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,6 +78,9 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from segq import faults
+
+    faults.point("at_start")  # TEST ONLY: a skewed clock must be in place before anything reads it
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from segq import incarnation, records, scheduler
 from segq.celery_app import get_app
-from segq.db import get_engine
+from segq.db import get_engine, log_failure
 from segq.names import attempt_task_prefix, every_queue, merge_task_id, slab_task_id, volume_task_id
 
 logger = logging.getLogger("segq.deadworkers")
@@ -119,7 +119,7 @@ class DeadWorkerSweep:
         try:
             return self.sweep()
         except Exception:  # the broker or database is away for a moment: the next sweep tries again
-            logger.exception("dead-worker sweep failed")
+            log_failure(logger, "dead-worker sweep failed")
             return []
         finally:
             get_engine().dispose()  # the main process forks pool processes: keep no connection open

@@ -34,5 +34,10 @@ class DiskFullError(InputError):
     """The output or storage disk is full or read-only: fail the job saying so; `segq retry --failed` after."""
 
 
+class ConfigError(SegqError):
+    """The deployment is set up wrong (the broker refuses the password): a worker exits with EX_CONFIG (78), which
+    the launcher does not restart, since a new process would meet the same refusal."""
+
+
 class CancelledError(SegqError):
     """The job was cancelled while this task ran."""

@@ -11,13 +11,15 @@ actions
     device-side assert, which leaves the CUDA context unusable; without one the RuntimeError such a
     context raises), ``pause`` (sleep ``seconds``, default 30), ``oom`` (torch.OutOfMemoryError, as a
     GPU raises it from inside the network), ``refuse`` (the accuracy gate's EngineRefusedError, as a
-    PyTorch whose numerics broke would get).
+    PyTorch whose numerics broke would get), ``skew`` (shift this process's ``time.time()`` by ``seconds``, as on a
+    machine whose clock is off: ``skew_at_start:seconds=-600``).
 points
     ``in_gate`` (an engine is about to be checked against fp32 at load; context ``precision``),
     ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_infer_slab``
     (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``in_submit`` (a producer looked
-    for the dataset and holds the submission lock).
+    for the dataset and holds the submission lock), ``at_start`` (a ``segq`` command starts, before it imports
+    anything that reads the clock).
 keys
     ``times=N`` fires at most N times across every process; ``above=N`` only where the context's ``batch`` is
     larger than N (``oom_in_engine_batch:above=1``: every batch of two or more ROIs runs out of memory); any
@@ -43,8 +45,9 @@ from segq.settings import get_settings
 
 logger = logging.getLogger("segq.faults")
 
-ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom", "refuse")
-POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "in_submit")
+ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom", "refuse", "skew")
+POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "in_submit",
+          "at_start")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 
@@ -133,6 +136,8 @@ def _act(fault: Fault, context: dict[str, object]) -> None:
     logger.warning("TEST FAULT %s at %s (%s) in process %d", fault.action, fault.point, where, os.getpid())
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.action == "skew":
+        skew_clock(fault.seconds)
     elif fault.action == "pause":
         time.sleep(fault.seconds)
     elif fault.action == "oom":
@@ -159,3 +164,16 @@ def _break_cuda() -> None:
     if torch.cuda.is_available():
         index = torch.tensor([1 << 20], device="cuda")
         torch.zeros(1, device="cuda")[index].cpu()  # out of bounds on the device: raises, context unusable
+
+
+def skew_clock(seconds: float) -> None:
+    """Shift ``time.time`` of this process (and of the processes it forks) by ``seconds``: a machine whose clock is
+    off. Installed before Celery and kombu are imported, so their ``from time import time`` takes it too."""
+    real = getattr(time.time, "segq_real", time.time)
+
+    def skewed() -> float:
+        return float(real() + seconds)
+
+    skewed.segq_real = real  # type: ignore[attr-defined]
+    time.time = skewed
+    time.time_ns = lambda: int(skewed() * 1e9)

@@ -10,10 +10,10 @@ not its worker's latest was left by an earlier start, which is dead: segq/deadwo
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from typing import Any
 
+from segq import clock
 from segq.names import INCARNATIONS_KEY
 
 _token: str | None = None
@@ -22,7 +22,7 @@ _token: str | None = None
 def begin() -> str:
     """Make this process's token (the worker command calls it once, before Celery forks its pool)."""
     global _token
-    _token = f"{os.getpid()}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}"
+    _token = f"{os.getpid()}-{int(clock.local_time() * 1000)}-{uuid.uuid4().hex[:8]}"
     return _token
 
 

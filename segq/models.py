@@ -24,9 +24,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from segq import clock
+
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now on the broker's clock (segq/clock.py): every stored timestamp is compared across machines."""
+    return clock.now()
 
 
 def new_id() -> str:

@@ -10,6 +10,7 @@ PREPARE = "segq.segment_volume"  # load, check, preprocess, plan, then send the 
 INFER = "segq.infer_slab"  # one part (slab) of a volume's windows on a GPU
 MERGE = "segq.merge"  # add the parts, threshold, write the mask, close the job
 JOB_FAILED = "segq.job_failed"  # error callback of a job's chord
+RECORD_FAILURE = "segq.record_failure"  # the callback's work as a message of its own, when the database was away
 
 # Queues. A worker polls them in the order of ``consumed_queues``: finishing work comes first.
 FINISH_QUEUE = "finish"  # merges: they complete volumes and free look-ahead slots

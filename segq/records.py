@@ -336,11 +336,12 @@ def one_dataset(name_or_id: str) -> Dataset:
     return found[0]
 
 
-def record_step(job_id: str, attempt: int, step: str, worker: str, started_at: datetime, *,
+def record_step(job_id: str, attempt: int, step: str, worker: str, span: tuple[datetime, datetime], *,
                 part: int | None = None, device: str | None = None, busy: tuple[datetime, datetime] | None = None,
                 windows: int | None = None) -> None:
-    """Add one finished step to the timeline (``steps``): one insert, at the step's end."""
+    """Add one finished step to the timeline (``steps``): one insert, at the step's end. ``span``: when it ran, on
+    the shared clock, its length from the monotonic one (``clock.Stopwatch.span``)."""
     with session_scope() as s:
         s.add(Step(job_id=job_id, attempt=attempt, step=step, part=part, worker=worker, device=device,
-                   started_at=started_at, finished_at=utcnow(), busy_started_at=busy[0] if busy else None,
+                   started_at=span[0], finished_at=span[1], busy_started_at=busy[0] if busy else None,
                    busy_finished_at=busy[1] if busy else None, windows=windows))

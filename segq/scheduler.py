@@ -30,17 +30,16 @@ import json
 import logging
 import math
 import statistics
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 
-from segq import records
+from segq import clock, records
 from segq.celery_app import get_app
-from segq.db import session_scope
+from segq.db import log_failure, session_scope
 from segq.models import Dataset, Job, Status, Step, Subtask, utcnow
 from segq.names import (
     ENGINE_LOADING_KEY,
@@ -124,8 +123,8 @@ def heartbeat(worker: str, settings: Settings | None = None) -> None:
     devices = settings.simulate_devices if settings.backend == "simulate" else 1
     members = [worker] if devices == 1 else [f"{worker}/{k}" for k in range(devices)]
     client = _redis(settings)
-    try:
-        client.zadd(GPU_WORKERS_KEY, dict.fromkeys(members, time.time()))
+    try:  # scored by Redis's own clock: the sweep in gpu_workers compares scores written on every machine
+        client.zadd(GPU_WORKERS_KEY, dict.fromkeys(members, clock.redis_time(client)))
     finally:
         client.close()
 
@@ -142,7 +141,7 @@ def loading(worker: str | None, what: str, settings: Settings) -> Iterator[None]
         return
     client = _redis(settings)
     try:
-        client.hset(ENGINE_LOADING_KEY, worker, json.dumps({"what": what, "since": time.time()}))
+        client.hset(ENGINE_LOADING_KEY, worker, json.dumps({"what": what, "since": clock.timestamp()}))
     except redis.RedisError:
         logger.warning("could not announce the engine build in Redis; segq watch will not show it")
     try:
@@ -179,7 +178,7 @@ def gpu_workers(settings: Settings | None = None) -> int:
     settings = settings or get_settings()
     client = _redis(settings)
     try:
-        stale = time.time() - HEARTBEAT_MISSES * settings.admit_interval
+        stale = clock.redis_time(client) - HEARTBEAT_MISSES * settings.admit_interval
         client.zremrangebyscore(GPU_WORKERS_KEY, "-inf", stale)
         return max(1, int(client.zcard(GPU_WORKERS_KEY)))
     finally:
@@ -302,7 +301,7 @@ def admit_quietly() -> list[str]:
     try:
         return admit()
     except Exception:
-        logger.exception("admitting waiting volumes failed; the next heartbeat tries again")
+        log_failure(logger, "admitting waiting volumes failed; the next heartbeat tries again")
         return []
 
 
@@ -311,7 +310,7 @@ def release_stale_admissions(settings: Settings | None = None, older_than: float
     the SQL commit and the broker); the next :func:`admit` sends them again. Returns how many."""
     settings = settings or get_settings()
     age = older_than if older_than is not None else settings.visibility_timeout
-    cutoff = datetime.fromtimestamp(time.time() - age, tz=utcnow().tzinfo)
+    cutoff = utcnow() - timedelta(seconds=age)
     with session_scope() as s:
         result = s.execute(update(Job).where(Job.status == Status.QUEUED, Job.admitted_at.is_not(None),
                                              Job.admitted_at < cutoff).values(admitted_at=None))

@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     result_expires: int = Field(default=7 * 24 * 3600, ge=3600)
     max_retries: int = Field(default=3, ge=0)
     max_deliveries: int = Field(default=3, ge=1)
+    # A step that cannot reach the database waits and tries again for this long before it gives up (worker/steps.py).
+    db_outage_limit: int = Field(default=900, ge=10)
     max_voxels: int = Field(default=1024**3, ge=1)
     job_deadline: int = Field(default=6 * 3600, ge=60)
     # Reliability (docs/RELIABILITY.md). Directories inputs may be read from and outputs written to,
@@ -103,6 +105,9 @@ class Settings(BaseSettings):
     # Not SEGQ_-prefixed: the GPUs this process may use, as CUDA sets them. The worker launcher hands
     # out only these (a container or a shared machine may expose a subset).
     cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
+    # Not SEGQ_-prefixed either: threads a process's torch/OpenMP uses. Unset, a plain `segq worker` shares the
+    # host's cores among the worker processes on it (worker/threads.py); the launcher sets it for its children.
+    omp_num_threads: str | None = Field(default=None, validation_alias="OMP_NUM_THREADS")  # OpenMP allows "4,2"
 
     @field_validator("torch_compile", mode="before")
     @classmethod

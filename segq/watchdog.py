@@ -22,7 +22,7 @@ from celery import bootsteps
 from sqlalchemy import select
 
 from segq import records, storage
-from segq.db import get_engine, session_scope
+from segq.db import get_engine, log_failure, session_scope
 from segq.models import Job, Status, utcnow
 from segq.settings import Settings, get_settings
 
@@ -71,7 +71,7 @@ def sweep_quietly() -> None:
         if failed:
             logger.warning("watchdog failed %d stuck job(s): %s", len(failed), ", ".join(failed))
     except Exception:  # the database is away for a moment: the next sweep tries again
-        logger.exception("watchdog sweep failed")
+        log_failure(logger, "watchdog sweep failed")
     finally:
         get_engine().dispose()
 
@@ -98,7 +98,7 @@ def beat(worker: str | None) -> None:
             logger.warning("gave back the room of volumes admitted long ago that never started")
         scheduler.admit_quietly()
     except Exception:  # Redis or the database away for a moment: the next tick tries again
-        logger.exception("scheduler heartbeat failed")
+        log_failure(logger, "scheduler heartbeat failed")
     finally:
         get_engine().dispose()
 

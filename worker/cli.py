@@ -45,6 +45,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     """Start Celery workers; any further options are passed to every `celery worker`."""
     from segq.db import ensure_schema
 
+    refuse_bad_credentials()
     if gpus is not None or role is not None:
         ensure_schema()  # once here, so a database problem is one clear error rather than N crashing children
         sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency))
@@ -67,6 +68,10 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     warn_if_unsafe(get_settings().broker_url)  # loudly, if a Redis restart or eviction would lose queued work
+    if get_settings().omp_num_threads is None:  # share the cores with the other workers here, as the launcher does
+        from worker import threads
+
+        threads.register(concurrency)
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
             "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
@@ -98,6 +103,23 @@ def begin_incarnation(app: Any, hostname: str) -> str | None:
                        "until then this one cannot take back what a killed start of that name left running", name)
         return None
     return begin()
+
+
+def refuse_bad_credentials() -> None:
+    """Exit with EX_CONFIG (78) and one line when the broker refuses our password: the launcher does not restart
+    such a worker (and exits so itself), since every new process would be refused the same way."""
+    from segq.broker import check_credentials
+    from segq.errors import ConfigError
+    from segq.names import EXIT_CONFIG
+    from segq.settings import get_settings
+
+    settings = get_settings()
+    try:
+        for url in dict.fromkeys((settings.broker_url, settings.backend_url)):
+            check_credentials(url)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from segq import clock
 from segq.errors import InputError
-from segq.models import utcnow
 from segq.modelspec import ModelSpec, spec_from_dict
 from segq.scheduler import loading
 from segq.settings import Settings, get_settings
@@ -108,7 +108,7 @@ class DeviceLease:
             self._device_lock = self._locks.setdefault(str(self.device), threading.Lock())
         self.interval: tuple[datetime, datetime] | None = None
         self.peak_bytes: int | None = None
-        self._started: datetime | None = None
+        self._watch: clock.Stopwatch | None = None
 
     @property
     def label(self) -> str:
@@ -122,13 +122,13 @@ class DeviceLease:
         self._device_lock.acquire()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._started = utcnow()
+        self._watch = clock.Stopwatch()
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            assert self._started is not None
-            self.interval = (self._started, utcnow())
+            assert self._watch is not None
+            self.interval = self._watch.span()  # its length from the monotonic clock
             if self.device.type == "cuda":
                 self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         finally:

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from segq import storage
-from segq.models import utcnow
+from segq import clock, storage
 
 
 def run_part(ws: Path, index: int, worker: str,
@@ -28,9 +27,9 @@ def run_part(ws: Path, index: int, worker: str,
 
     plan, slabs = load_plan(ws)
     slab = slabs[index]
-    started = utcnow()
+    watch = clock.Stopwatch()
     time.sleep(len(slab.starts) * seconds_per_window)
-    held = (started, utcnow())
+    held = watch.span()
     # as a GPU part's (zeros need no division by the rows' weights to count as divided)
     array = np.zeros((slab.hi - slab.lo, *plan.padded_shape[1:]), dtype=np.float32, order="F")
     storage.save_array_once(ws / slab_file(index), array)

@@ -9,7 +9,11 @@ maps whatever the body raised to one outcome through :data:`POLICY`:
 error                           outcome     what happens
 ==============================  ==========  ===========================================================
 CancelledError                  DISCARD     the job ended meanwhile: delete the workspace, record nothing
-TransientError                  RETRY       run again with backoff, at most SEGQ_MAX_RETRIES times, then FAIL
+TransientError                  RETRY       run again after a backoff slept here (no ETA), at most
+                                            SEGQ_MAX_RETRIES times, then FAIL
+db.UNAVAILABLE (a lost          RECONNECT   wherever in the step (loading the job, the body, recording a
+database: OperationalError ...)             failure): wait 1, 2, 4, then 5 s here and run it again, up to
+                                            SEGQ_DB_OUTAGE_LIMIT; one log line an outage, no traceback
 torch.OutOfMemoryError          SHRINK      retry the part with half the ROI batch (at 1 ROI: RETRY)
 EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
 EngineRefusedError              EXIT        the same, exit code 78: the launcher does not restart it (the
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +42,7 @@ from typing import Any, TypeVar
 from celery import Task
 from celery.exceptions import Reject
 
-from segq import incarnation, records, scheduler, storage
+from segq import db, incarnation, records, scheduler, storage
 from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
@@ -52,12 +58,14 @@ class Outcome(enum.Enum):
     SHRINK = "shrink"
     EXIT = "exit"
     FAIL = "fail"
+    RECONNECT = "reconnect"
 
 
 # First match wins; anything not listed is FAIL, unless it leaves the device unusable (EXIT).
 POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
     (CancelledError, Outcome.DISCARD),
     (TransientError, Outcome.RETRY),
+    *((cls, Outcome.RECONNECT) for cls in db.UNAVAILABLE),  # refined by db.unavailable (SQLite's schema errors)
     (EngineError, Outcome.EXIT),
     (InputError, Outcome.FAIL),
     (MemoryError, Outcome.FAIL),
@@ -69,6 +77,10 @@ DEVICE_BROKEN = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "
 # Time for the worker to hand the message back and stop consuming before the process ends: longer than kombu's
 # Redis BRPOP timeout (1 s), so a message popped meanwhile is recorded as unacked (and comes back) rather than lost.
 EXIT_DELAY_SECONDS = 2.0
+# Every backoff between two tries of a step is slept in this process, and the retry sent with countdown=0 (no ETA):
+# a countdown becomes an ETA on the sending worker's clock, which the worker that fetches the retry compares with
+# its own: one 10 minutes behind would hold the retry 10 minutes (segq/clock.py). The cap while the database is away:
+DB_BACKOFF_CAP_SECONDS = 5.0
 
 
 @dataclass
@@ -108,7 +120,7 @@ def outcome(exc: BaseException) -> Outcome:
     """What the runner does about ``exc``."""
     for cls, result in POLICY:
         if isinstance(exc, cls):
-            return result
+            return Outcome.FAIL if result is Outcome.RECONNECT and not db.unavailable(exc) else result
     if device_oom(exc):
         return Outcome.SHRINK
     return Outcome.EXIT if device_broken(exc) else Outcome.FAIL
@@ -151,6 +163,16 @@ def run_step(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T 
     """Run ``body(job)`` for ``step`` under the one policy; returns its result, or None when it did not run."""
     if _broken.is_set():
         raise Reject("this process's device is broken; another worker takes the message", requeue=True)
+    try:
+        return _run(task, step, body)
+    except Exception as exc:  # a lost database anywhere in the step, its failure handling included
+        if outcome(exc) is not Outcome.RECONNECT:
+            raise
+        _reconnect(task, step, exc)
+        return None
+
+
+def _run(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T | None:
     job = records.load_job(step.job_id)
     if job is None or not job.active or (step.attempt is not None and step.attempt != job.attempt):
         if step.attempt is not None:
@@ -176,6 +198,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
     """Carry out what POLICY says about ``exc``: returns (the message is done) or raises Retry or Reject."""
     result = outcome(exc)
     assert step.attempt is not None
+    if result is Outcome.RECONNECT:
+        raise exc  # run_step waits for the database and runs the whole step again
     if result is Outcome.DISCARD:
         discard(step.job_id, step.attempt)
         return
@@ -185,7 +209,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
             _torch().cuda.empty_cache()
             logger.warning("%s of job %s: out of memory at batch %d, retrying at %d", step.what, step.job_id,
                            size, size // 2)
-            raise task.retry(kwargs={**(task.request.kwargs or {}), "batch_size": size // 2}, countdown=1, exc=exc)
+            time.sleep(1)  # the backoff here, not as a countdown (see DB_BACKOFF_CAP_SECONDS)
+            raise task.retry(kwargs={**(task.request.kwargs or {}), "batch_size": size // 2}, countdown=0, exc=exc)
         result = Outcome.RETRY
     if result is Outcome.RETRY:
         retries = int(task.request.retries or 0)
@@ -193,7 +218,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
             countdown = min(2 ** retries, 60)
             logger.warning("%s of job %s: %s; retry %d in %d s", step.what, step.job_id, describe(exc), retries + 1,
                            countdown)
-            raise task.retry(exc=exc, countdown=countdown)
+            time.sleep(countdown)  # not as a countdown: its ETA would be read by another worker's clock
+            raise task.retry(exc=exc, countdown=0)
         _fail(step, f"{step.what}: {describe(exc)} (still failing after {retries} retries)")
         return
     if result is Outcome.EXIT:
@@ -207,6 +233,36 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
     _fail(step, f"{step.what}: {describe(exc)}")
+
+
+def db_retries(limit_seconds: float) -> int:
+    """How many tries of a step, DB_BACKOFF_CAP_SECONDS apart at most, fill ``limit_seconds`` of outage."""
+    return max(1, math.ceil(limit_seconds / DB_BACKOFF_CAP_SECONDS) + 3)
+
+
+def db_backoff(retries: int) -> float:
+    """Seconds to wait before the try after ``retries`` earlier ones: 1, 2, 4, then the cap."""
+    return float(min(2 ** min(retries, 16), DB_BACKOFF_CAP_SECONDS))
+
+
+def _reconnect(task: Task, step: Step, exc: Exception) -> None:
+    """The database is away: wait, then send the step again (the same task id, so a chord still counts it once).
+
+    Logged once an outage (segq.db.note_outage); past SEGQ_DB_OUTAGE_LIMIT the step fails, where the failure can
+    be recorded, and otherwise the watchdog's deadline or the stale-admission sweep takes the job back."""
+    db.note_outage(exc)
+    retries = int(task.request.retries or 0)
+    budget = db_retries(get_settings().db_outage_limit)
+    if retries >= budget:
+        logger.error("%s of job %s: the database is still unreachable after %d tries; giving up on this message",
+                     step.what, step.job_id, retries)
+        if step.attempt is not None:
+            _fail(step, f"{step.what}: the database was unreachable for over {get_settings().db_outage_limit} s "
+                  f"(SEGQ_DB_OUTAGE_LIMIT): {db.describe_unavailable(exc)}; `segq retry --failed` queues it again")
+        return
+    time.sleep(db_backoff(retries))
+    reason = TransientError(f"the database is unreachable ({db.describe_unavailable(exc)})")
+    raise task.retry(exc=reason, countdown=0, max_retries=budget)
 
 
 def stop_consuming(task: Task) -> None:

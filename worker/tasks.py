@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task, chord, signature
-from celery.signals import task_revoked, worker_init
+from celery.signals import task_prerun, task_revoked, worker_init
 
-from segq import records, scheduler, storage
+from segq import clock, db, records, scheduler, storage
 from segq.celery_app import app
 from segq.errors import CancelledError
-from segq.models import Status, utcnow
+from segq.models import Status
 from segq.modelspec import spec_from_dict
 from segq.names import (
     FINISH_QUEUE,
@@ -27,6 +27,7 @@ from segq.names import (
     JOB_FAILED,
     MERGE,
     PREPARE,
+    RECORD_FAILURE,
     merge_task_id,
     queue_for,
     slab_task_id,
@@ -89,6 +90,16 @@ def preload_heavy_modules(**_: Any) -> None:
     import worker.engines.torch_engine  # noqa: F401
 
 
+@task_prerun.connect
+def share_the_cores(**_: Any) -> None:
+    """Before each task of a plain worker (registered in worker/threads.py): torch's threads to this process's share
+    of the host's cores, read again each time, as workers come and go."""
+    from worker import threads
+
+    if threads.registered_here():
+        threads.apply()
+
+
 def _worker(task: Task) -> str:
     return task.request.hostname or "unknown"
 
@@ -113,7 +124,7 @@ def _parts_for(job: records.JobView) -> Any:
 
 def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     settings = get_settings()
-    started = utcnow()
+    watch = clock.Stopwatch()
     prepared = jobs.prepare(job, settings, _parts_for(job))
     counts = [len(s.starts) for s in prepared.slabs]
     if not records.record_plan(job.id, job.attempt, shape=prepared.shape, spacing=prepared.spacing,
@@ -122,7 +133,7 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
                                precision=settings.precision):
         raise CancelledError("the job ended while its volume was prepared")
     dispatch(job, len(prepared.slabs))
-    records.record_step(job.id, job.attempt, "prepare", _worker(task), started, windows=len(prepared.plan.starts))
+    records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
     logger.info("job %s: %d windows in %d part(s)", job.id, len(prepared.plan.starts), len(prepared.slabs))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 
@@ -157,22 +168,21 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     if settings.backend == "simulate":  # TEST ONLY: sleep for the GPU time (bench/simulate.py)
         from worker.simulate import run_part
 
-        started = utcnow()
+        watch = clock.Stopwatch()
         ref, held = run_part(ws, slab, worker, settings.simulate_seconds_per_window)
         records.finish_subtask(job.id, job.attempt, slab, (held[1] - held[0]).total_seconds(), 0)
-        records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device="simulated",
+        records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device="simulated",
                             busy=held, windows=ref["windows"])
         return ref
     from worker.runtime import DeviceLease, engine_for
     spec, engine = engine_for(job.model, job.model_sha256, settings, step.batch_size, worker)
     step.batch_size = spec.sw_batch_size
-    started, clock = utcnow(), time.perf_counter()
+    watch = clock.Stopwatch()
     lease = DeviceLease(engine)
     ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease,
                         settings.partial_dtype)
-    records.finish_subtask(job.id, job.attempt, slab, round(time.perf_counter() - clock, 3), step.batch_size,
-                           lease.peak_bytes)
-    records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device=lease.label,
+    records.finish_subtask(job.id, job.attempt, slab, round(watch.seconds(), 3), step.batch_size, lease.peak_bytes)
+    records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device=lease.label,
                         busy=lease.interval, windows=ref.get("windows"))
     return ref
 
@@ -186,7 +196,7 @@ def merge(self: Task, refs: list[dict[str, Any]] | dict[str, Any] | None, job_id
 
 def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[str, Any] | None) -> dict[str, Any]:
     settings = get_settings()
-    started, clock = utcnow(), time.perf_counter()
+    watch = clock.Stopwatch()
     ws = storage.require_workspace(storage.workspace(settings.storage_root, job.id, job.attempt), _worker(task))
     parts = refs if isinstance(refs, list) else [refs] if refs else []
     jobs.check_output(job, settings)
@@ -194,7 +204,7 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
                         bool(job.params.get("save_probabilities")), spec_from_dict(job.model))
     voxels, ml = result.voxels, result.ml
     if not records.finish_job(job.id, job.attempt, tumour_voxels=voxels, tumour_ml=ml,
-                              merge_seconds=round(time.perf_counter() - clock, 3), labels=result.labels):
+                              merge_seconds=round(watch.seconds(), 3), labels=result.labels):
         # Cancelled or failed while merging: an output must exist only for a job that is done.
         state = records.job_status(job.id)
         if state is None or state[0] != Status.DONE:
@@ -202,18 +212,38 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
                 written.unlink(missing_ok=True)
         raise CancelledError("the job ended while it was merged")
     storage.remove_tree(storage.job_dir(settings.storage_root, job.id))
-    records.record_step(job.id, job.attempt, "merge", _worker(task), started)
+    records.record_step(job.id, job.attempt, "merge", _worker(task), watch.span())
     scheduler.admit_quietly()  # a volume finished: its room goes to the next one waiting
     return {"job": job.id, "output": job.output_path, "tumour_voxels": voxels, "tumour_ml": ml}
 
 
 @app.task(name=JOB_FAILED)
 def job_failed(request: Any, exc: Any, traceback: Any, job_id: str, attempt: int) -> None:
-    """Error callback of a job's chord: the first failure's reason is kept on the job row."""
+    """Error callback of a job's chord: the first failure's reason is kept on the job row.
+
+    Celery calls it in the process where the part failed, once: with the database away it hands the work to a
+    :func:`record_failure` message, which waits for the database under the step runner's policy."""
     reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+    try:
+        _record_failure(job_id, attempt, reason)
+    except Exception as error:
+        if not db.unavailable(error):
+            raise
+        db.note_outage(error)
+        app.send_task(RECORD_FAILURE, args=(job_id, attempt, reason), queue=FINISH_QUEUE)
+
+
+@app.task(name=RECORD_FAILURE, bind=True)
+def record_failure(self: Task, job_id: str, attempt: int, reason: str) -> None:
+    """The chord error callback's work, sent when the database could not be reached from the callback."""
+    run_step(self, Step("recording the failure", job_id, attempt), lambda job: _record_failure(job.id, job.attempt,
+                                                                                               reason))
+
+
+def _record_failure(job_id: str, attempt: int, reason: str) -> None:
     records.fail_job(job_id, reason, attempt)
     discard(job_id, attempt)
     scheduler.admit_quietly()
 
 
-__all__ = ["segment_volume", "infer_slab", "merge", "job_failed", "dispatch", "Status"]
+__all__ = ["segment_volume", "infer_slab", "merge", "job_failed", "record_failure", "dispatch", "Status"]
