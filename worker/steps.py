@@ -40,6 +40,7 @@ from segq import records, scheduler, storage
 from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
+from worker.jobs import outputs_of
 
 logger = logging.getLogger("segq.steps")
 
@@ -155,6 +156,8 @@ def run_step(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T 
     if job is None or not job.active or (step.attempt is not None and step.attempt != job.attempt):
         if step.attempt is not None:
             discard(step.job_id, step.attempt)
+        if job is not None and not job.active and step.writes_output:  # a merge killed after a write, then ended
+            _drop_outputs(Step(step.what, job.id, job.attempt, output=job.output_path))
         return None
     step.attempt = job.attempt
     step.output = job.output_path if step.writes_output else ""
@@ -177,6 +180,7 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
     assert step.attempt is not None
     if result is Outcome.DISCARD:
         discard(step.job_id, step.attempt)
+        _drop_outputs(step)
         return
     if result is Outcome.SHRINK:
         size = step.batch_size or 1
@@ -232,6 +236,18 @@ def _fail(step: Step, reason: str) -> None:
     assert step.attempt is not None
     records.fail_job(step.job_id, reason, step.attempt)
     discard(step.job_id, step.attempt)
-    if step.output:  # the killed merges' temp files: no merge of this attempt will run again
-        storage.remove_stale_temps(Path(step.output))
+    _drop_outputs(step)
     scheduler.admit_quietly()
+
+
+def _drop_outputs(step: Step) -> None:
+    """A merge that ends without its job done takes every output it may have written with it (the mask, the
+    probability map, the label sidecar, the DICOM SEG) and their temp files (no merge of this attempt runs again):
+    an output exists only for a done job. Not when the job is done after all, or another live job now owns the path."""
+    if not step.output or records.output_claimed(step.job_id, step.output):
+        return
+    for path in outputs_of(Path(step.output)):
+        storage.remove_stale_temps(path)
+        if path.exists():
+            path.unlink(missing_ok=True)
+            logger.warning("removed %s: its job %s ended during the merge", storage.printable(str(path)), step.job_id)

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task, chord, signature
 from celery.signals import task_revoked, worker_init
 
-from segq import records, scheduler, storage
+from segq import faults, records, scheduler, storage
 from segq.celery_app import app
 from segq.errors import CancelledError
 from segq.models import Status, utcnow
@@ -193,13 +193,10 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
     result = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path),
                         bool(job.params.get("save_probabilities")), spec_from_dict(job.model))
     voxels, ml = result.voxels, result.ml
+    faults.point("before_merge_finish", output=Path(job.output_path).name)
     if not records.finish_job(job.id, job.attempt, tumour_voxels=voxels, tumour_ml=ml,
                               merge_seconds=round(time.perf_counter() - clock, 3), labels=result.labels):
-        # Cancelled or failed while merging: an output must exist only for a job that is done.
-        state = records.job_status(job.id)
-        if state is None or state[0] != Status.DONE:
-            for written in jobs.outputs_of(Path(job.output_path)):
-                written.unlink(missing_ok=True)
+        # Cancelled or failed while merging: the step runner removes every output written (steps._drop_outputs).
         raise CancelledError("the job ended while it was merged")
     storage.remove_tree(storage.job_dir(settings.storage_root, job.id))
     records.record_step(job.id, job.attempt, "merge", _worker(task), started)
