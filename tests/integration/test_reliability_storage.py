@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from segq import faults
-from tests.helpers import write_volume
+from tests.helpers import WorkerProcess, write_volume
 from tests.reliability import (
     Deployment,
     assert_mask_matches,
     assert_nothing_lost,
     deployment,
     figure,
+    temp_files,
     wait_drained,
     wait_for,
 )
@@ -111,3 +112,99 @@ def test_cancel_during_merge_leaves_no_output_of_the_job(tmp_path: Path, unet_mo
            f"in --out at the cancel: {written or 'only temp files'}; after the merge ended "
            f"({time.monotonic() - ended:.1f} s): none of them ({removed} removed by the worker); the other "
            "dataset's 2 files kept")
+
+
+SHAPE = (64, 40, 36)  # at ROI 32, overlap 0.5: 12 windows; input 369 kB, a part of one x start's windows 184 kB
+
+
+def _worker_on_small_storage(dep: Deployment, size: str, name: str = "small") -> tuple[WorkerProcess, Path]:
+    """A worker whose SEGQ_STORAGE is a tmpfs of ``size`` (its own mount namespace), and that storage as the worker
+    sees it (through /proc)."""
+    dep.storage.mkdir(parents=True, exist_ok=True)
+    script = f'mount -t tmpfs -o size={size} segq-storage "{dep.storage}" && exec "$@"'
+    proc = WorkerProcess(dep.env, name, dep.root / f"{name}.log", prefix=["unshare", "-m", "sh", "-c", script, "sh"])
+    dep.workers.append(proc)
+    proc.start()
+    assert proc.proc is not None
+    return proc, Path(f"/proc/{proc.proc.pid}/root{dep.storage}")
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` with one file, then give back ``leave`` bytes of it: a disk another writer filled."""
+    filler = disk / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(chunk)
+                handle.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(filler.stat().st_size - leave, 0))
+    return filler
+
+
+def _assert_storage_clean(seen: Path) -> None:
+    assert not temp_files(seen), f"temp files left in the storage: {temp_files(seen)}"
+    jobs = seen / "jobs"
+    assert not (list(jobs.rglob("*")) if jobs.exists() else []), f"workspaces left: {list(jobs.rglob('*'))[:10]}"
+
+
+@needs_mounts
+def test_a_disk_that_fills_during_a_partial_write_fails_the_job_and_the_retry_runs_after_freeing(
+        tmp_path: Path, unet_model: Path) -> None:
+    """Scenario 24.9: the storage (a 2 MB tmpfs) fills while part 0 runs, leaving 64 kB for its 184 kB partial:
+    the write is short ("... requested and ... written"). The job fails saying the disk is full and what to do,
+    the partial's temp file is gone; a retry before freeing is refused at prepare with the figure; after freeing,
+    the retry completes. Before: the short write was a bare OSError, and every retry failed at the same part."""
+    with deployment(tmp_path, SEGQ_TASK_TIME_LIMIT="90", SEGQ_VISIBILITY_TIMEOUT="91") as dep:
+        pause = "pause_in_infer_slab:slab=0:times=1:seconds=10"
+        dep.arm(pause)
+        _worker, seen = _worker_on_small_storage(dep, "2m")
+        scan = write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1)
+        dep.submit([scan], tmp_path / "out", unet_model)
+        wait_for(lambda: faults.hits(dep.faults_dir, pause), 120, "part 0 to start")
+        filler = _fill(seen, 65536)
+        [row] = dep.wait(120)
+        assert row.status == "failed", row
+        assert "slab 0: cannot write" in (row.error or "") and "the disk is full (a short write: " in (row.error or "")
+        assert "then `segq retry --failed`" in (row.error or "")
+        assert wait_drained(dep, 60) == {}
+        _assert_storage_clean(seen)
+        assert "re-queued 1 job(s)" in dep.segq("retry", "--failed").stdout  # before freeing: refused at prepare
+        wait_for(lambda: dep.jobs()[0].attempt == 1 and dep.jobs()[0].status == "failed", 120, "the first retry")
+        refused = dep.jobs()[0].error or ""
+        assert "its workspace needs about 737 kB" in refused and "then `segq retry --failed`" in refused, refused
+        filler.unlink()
+        retried = time.monotonic()
+        assert "re-queued 1 job(s)" in dep.segq("retry", "--failed").stdout
+        wait_for(lambda: dep.jobs()[0].status == "done", 120, "the retry after freeing space")
+        done = time.monotonic() - retried
+        assert_nothing_lost(dep, unet_model, done={"a.nii.gz"})
+        _assert_storage_clean(seen)
+    short = (row.error or "").split(": ", 2)[2]
+    figure("24.9 disk full part-way through a partial", f"{short!r}; retry before freeing: "
+           f"{refused.split('its workspace ', 1)[1][:140]!r}; done {done:.1f} s after the retry that followed freeing")
+
+
+@needs_mounts
+def test_partials_that_would_not_fit_the_storage_shrink_the_split_or_refuse_with_the_figure(
+        tmp_path: Path, unet_model: Path) -> None:
+    """Scenario 24.9 (the estimate): with parts of one window (SEGQ_MAX_WINDOWS_PER_SUBTASK=1) a volume's 12
+    partials need 2.6 MB beside its input, on a 1.6 MB storage: prepare cuts it into the 6 parts that fit and the
+    mask is right; a volume whose workspace cannot fit even in one part fails at prepare with both figures."""
+    with deployment(tmp_path, SEGQ_MAX_WINDOWS_PER_SUBTASK="1") as dep:
+        _worker, seen = _worker_on_small_storage(dep, "1600k")
+        scans = tmp_path / "scans"
+        write_volume(scans / "a.nii.gz", SHAPE, seed=1)
+        write_volume(scans / "big.nii.gz", (96, 64, 64), seed=2)
+        dep.submit([scans], tmp_path / "out", unet_model)
+        dep.wait(180)
+        rows = {Path(r.input_path).name: r for r in assert_nothing_lost(dep, unet_model, done={"a.nii.gz"})}
+        assert len(rows["a.nii.gz"].deliveries) == 6, rows["a.nii.gz"]
+        assert "12 parts would need 2.6 MB of workspace" in dep.log() and "cut into 6 part(s) instead" in dep.log()
+        error = rows["big.nii.gz"].error or ""
+        assert "its workspace needs about 3.1 MB on" in error and "MB is free there" in error, error
+        _assert_storage_clean(seen)
+    figure("24.9 space estimate", f"12 one-window parts (2.6 MB beside the input) on a 1.6 MB storage: done in 6 "
+           f"parts; the big volume: {error.split('its workspace ', 1)[1][:150]!r}")

@@ -71,3 +71,100 @@ def test_a_merge_that_fails_removes_every_output_it_wrote(sqlite_db: None, tmp_p
     job_id = _job(Status.FAILED, str(mask))
     _drop_outputs(Step("merge", job_id, 0, writes_output=True, output=str(mask)))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in other)
+
+
+# --- item 9: a disk that fills part-way through a write ---------------------------------------------------
+
+def test_a_short_write_is_a_full_disk() -> None:
+    from segq import storage
+    from segq.errors import DiskFullError
+
+    full = r"cannot write /s/p\.npy: the disk is full \(a short write: 204800 items requested and 102368 written"
+    path = Path("/s/p.npy")
+    with pytest.raises(DiskFullError, match=full + r".*then `segq retry --failed`"), storage.disk_errors(path):
+        raise OSError("204800 requested and 102368 written")  # numpy's words, no errno
+    with pytest.raises(OSError, match="Input/output error"), storage.disk_errors(Path("/s/p.npy")):
+        raise OSError(5, "Input/output error")  # not a disk that is full: stays what it is
+
+
+SHORT_WRITE_PROBE = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from segq import storage
+from segq.errors import DiskFullError
+ws = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # 100 kB fit, then no room
+partial = np.random.default_rng(0).random((32, 40, 36)).astype(np.float32)  # 184 kB
+for write in (storage.save_array_once, storage.save_array):
+    try:
+        write(ws / "part_0001.npy", partial)
+    except DiskFullError as exc:
+        print(exc)
+print(sorted(p.name for p in ws.iterdir()))
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # space freed
+print(storage.save_array_once(ws / "part_0001.npy", partial))
+"""
+
+
+def test_a_short_write_leaves_no_partial_file_and_the_retry_writes_it(tmp_path: Path) -> None:
+    """A real short write (numpy's fwrite under a file-size limit, as on a disk that fills part-way): both writers
+    of workspace arrays raise DiskFullError and leave no temp file; once there is room the same write succeeds."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.helpers import ROOT
+
+    result = subprocess.run([sys.executable, "-c", SHORT_WRITE_PROBE, str(tmp_path)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second, left, retried = result.stdout.strip().splitlines()
+    for message in (first, second):
+        assert "the disk is full (a short write: " in message and "then `segq retry --failed`" in message, message
+    assert left == "[]", f"a failed write left {left}"
+    assert retried == "True"
+    assert np.load(tmp_path / "part_0001.npy").shape == (32, 40, 36)
+
+
+def test_partials_of_small_parts_need_many_times_the_volume() -> None:
+    """The known answer of the estimate: one part is the padded volume; a 512x512x300 CT's 600 windows (ROI 96,
+    overlap 0.5) in parts of one window need 112.5 volumes (each part covers 96 rows of 512)."""
+    import numpy as np
+
+    from segq.tiling import partial_bytes, plan_windows
+
+    plan = plan_windows((512, 512, 300), (96, 96, 96), 0.5, "gaussian")
+    volume = int(np.prod(plan.padded_shape)) * 4
+    assert partial_bytes(plan, plan.split(1)) == volume
+    assert len(plan.starts) == 600 and partial_bytes(plan, plan.split(600)) == 600 * 96 * 512 * 300 * 4
+    assert partial_bytes(plan, plan.split(600), channels=3, itemsize=2) == 600 * 96 * 512 * 300 * 6
+
+
+def test_a_split_that_does_not_fit_the_storage_is_shrunk_or_refused_with_the_figure() -> None:
+    from segq.errors import DiskFullError
+    from segq.tiling import partial_bytes, plan_windows
+    from worker.jobs import split_to_fit
+
+    plan = plan_windows((64, 40, 36), (32, 32, 32), 0.5, "gaussian")  # 12 windows, 4 along each x start
+    volume = 64 * 40 * 36 * 4
+
+    def partials(slabs: list) -> int:
+        return partial_bytes(plan, slabs)
+
+    def fit(free: int) -> int:
+        return len(split_to_fit(plan, 12, volume, partials, Path("/storage"), "a.nii.gz", free))
+
+    assert fit(10 * volume) == 12  # 12 parts of 32 rows: 6 volumes of partials and the input fit
+    assert fit(4 * volume) == 6  # 6 parts (192 rows, 3 volumes) is the most that fits
+    assert fit(2 * volume) == 1  # 2 and 3 parts cover 96 rows: only one part fits beside the input
+    with pytest.raises(DiskFullError, match="needs about 737 kB"):
+        fit(2 * volume - 1)
+    with pytest.raises(DiskFullError) as refused:
+        fit(volume)
+    message = str(refused.value)
+    assert message.startswith("a.nii.gz: its workspace needs about 737 kB on /storage (the padded input 369 kB "
+                              "and, in one part, its partial 369 kB), and 369 kB is free there"), message
+    assert "then `segq retry --failed`" in message
