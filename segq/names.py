@@ -21,6 +21,7 @@ REDIS_KEY_PREFIX = "segq:"
 DELIVERIES_KEY = REDIS_KEY_PREFIX + "deliveries:{task_id}:{retries}"  # one count per delivery of a message
 GPU_WORKERS_KEY = REDIS_KEY_PREFIX + "gpu-workers"  # sorted set: GPU worker name -> last heartbeat (unix time)
 ENGINE_LOADING_KEY = REDIS_KEY_PREFIX + "engine-loading"  # hash: worker -> JSON {what, since} while it builds one
+STORAGE_KEY = REDIS_KEY_PREFIX + "storage"  # JSON {id, path, worker}: the shared storage's marker (segq.sharedstorage)
 
 TASK_ID_PREFIX = "segq"
 

@@ -14,6 +14,9 @@ torch.OutOfMemoryError          SHRINK      retry the part with half the ROI bat
 EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
 EngineRefusedError              EXIT        the same, exit code 78: the launcher does not restart it (the
                                             accuracy gate refused the engine; a new process builds the same)
+StorageNotSharedError           STOP        this worker's SEGQ_STORAGE is not the shared one: hand the message
+                                            back and stop the whole worker, exit code 78 (a worker on the shared
+                                            storage that misses a workspace fails the job instead)
 InputError, MemoryError, other  FAIL        fail the job with the reason, delete its workspace; the worker
                                             lives on (a volume too large for the host fails alone)
 ==============================  ==========  ===========================================================
@@ -34,10 +37,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, WorkerShutdown
+from celery.worker.control import control_command
 
-from segq import records, scheduler, storage
-from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
+from segq import records, scheduler, sharedstorage, storage
+from segq.errors import (
+    CancelledError,
+    EngineError,
+    EngineRefusedError,
+    InputError,
+    StorageNotSharedError,
+    TransientError,
+)
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
 from worker.jobs import outputs_of
@@ -52,6 +63,7 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     SHRINK = "shrink"
     EXIT = "exit"
+    STOP = "stop"
     FAIL = "fail"
 
 
@@ -60,6 +72,7 @@ POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
     (CancelledError, Outcome.DISCARD),
     (TransientError, Outcome.RETRY),
     (EngineError, Outcome.EXIT),
+    (StorageNotSharedError, Outcome.STOP),
     (InputError, Outcome.FAIL),
     (MemoryError, Outcome.FAIL),
 )
@@ -209,7 +222,54 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         stop_consuming(task)
         threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
+    if result is Outcome.STOP and (reason := _not_shared(task)) is not None:
+        logger.critical("%s of job %s handed back, stopping this worker (exit code %d): %s", step.what, step.job_id,
+                        EXIT_CONFIG, reason)
+        stop_worker(task, EXIT_CONFIG, reason)
+        raise Reject(reason, requeue=True) from None
     _fail(step, f"{step.what}: {describe(exc)}")
+
+
+def _not_shared(task: Task) -> str | None:
+    """Why this worker's storage is not the shared one; None when it is, or when Redis cannot tell."""
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return None
+    try:
+        return sharedstorage.problem(client, get_settings().storage_root, task.request.hostname or "unknown")
+    except Exception:  # the broker away: fail the job as before rather than guess
+        logger.exception("could not compare this worker's storage with the shared one")
+        return None
+
+
+def stop_worker(task: Task, code: int, reason: str) -> None:
+    """Ask this whole worker (its consumer, also from a prefork pool process) to stop taking messages and shut down
+    with exit ``code`` (segq_stop below): its running tasks end, the messages it holds go back to the queues."""
+    try:
+        task.app.control.broadcast("segq_stop", arguments={"code": code, "reason": reason},
+                                   destination=[task.request.hostname])
+    except Exception:  # the broker away: the delivery count still bounds what this worker can take
+        logger.exception("could not stop this worker")
+
+
+@control_command(args=[("code", int), ("reason", str)], signature="<code> <reason>")
+def segq_stop(state: Any, code: int = EXIT_CONFIG, reason: str = "", **_kwargs: Any) -> None:
+    """Remote control, run by the worker's consumer: cancel every queue it consumes, then shut down (warm) with
+    exit ``code``, which the launcher does not restart when it is EX_CONFIG."""
+    consumer = state.consumer
+    for queue in [q.name for q in consumer.task_consumer.queues]:
+        consumer.cancel_task_queue(queue)
+    logger.critical("worker stopping with exit code %d: %s", code, reason)
+    _stopped_with.append(code)
+    raise WorkerShutdown(code)
+
+
+_stopped_with: list[int] = []  # what segq_stop asked this worker process to exit with
+
+
+def stop_code() -> int:
+    """The exit code segq_stop gave this worker (its main process), else 0: Celery's worker_main returns none."""
+    return _stopped_with[-1] if _stopped_with else 0
 
 
 def stop_consuming(task: Task) -> None:

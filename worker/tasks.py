@@ -15,9 +15,9 @@ from typing import Any
 from celery import Task, chord, signature
 from celery.signals import task_revoked, worker_init
 
-from segq import faults, records, scheduler, storage
+from segq import faults, records, scheduler, sharedstorage, storage
 from segq.celery_app import app
-from segq.errors import CancelledError
+from segq.errors import CancelledError, StorageNotSharedError
 from segq.models import Status, utcnow
 from segq.modelspec import spec_from_dict
 from segq.names import (
@@ -114,6 +114,7 @@ def _parts_for(job: records.JobView) -> Any:
 def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     settings = get_settings()
     started = utcnow()
+    _require_shared_storage(task, settings.storage_root)
     prepared = jobs.prepare(job, settings, _parts_for(job))
     counts = [len(s.starts) for s in prepared.slabs]
     if not records.record_plan(job.id, job.attempt, shape=prepared.shape, spacing=prepared.spacing,
@@ -125,6 +126,16 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     records.record_step(job.id, job.attempt, "prepare", _worker(task), started, windows=len(prepared.plan.starts))
     logger.info("job %s: %d windows in %d part(s)", job.id, len(prepared.plan.starts), len(prepared.slabs))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
+
+
+def _require_shared_storage(task: Task, root: Path) -> None:
+    """A workspace written where the other workers cannot see it would fail the job at its first part elsewhere:
+    StorageNotSharedError (the step runner hands the message back and stops this worker) when ``root`` is not the
+    storage they share."""
+    client = getattr(task.backend, "client", None)
+    reason = sharedstorage.problem(client, root, _worker(task)) if client is not None else None
+    if reason is not None:
+        raise StorageNotSharedError(reason)
 
 
 def _cancel_check(job_id: str, attempt: int) -> Any:

@@ -208,3 +208,66 @@ def test_partials_that_would_not_fit_the_storage_shrink_the_split_or_refuse_with
         _assert_storage_clean(seen)
     figure("24.9 space estimate", f"12 one-window parts (2.6 MB beside the input) on a 1.6 MB storage: done in 6 "
            f"parts; the big volume: {error.split('its workspace ', 1)[1][:150]!r}")
+
+
+def _exits(proc: WorkerProcess, timeout: float) -> int:
+    assert proc.proc is not None
+    return proc.proc.wait(timeout)
+
+
+def test_a_worker_without_the_shared_storage_refuses_to_start(tmp_path: Path, unet_model: Path) -> None:
+    """Scenario 24.10 (at start): a healthy worker runs six volumes; a second worker whose SEGQ_STORAGE is another
+    directory (the mount missing on its machine) is started meanwhile. It exits 78 (EX_CONFIG: the launcher does
+    not restart it) with one line naming its storage and the fix, having taken nothing; the healthy worker does
+    all six. Before: the second worker took parts and failed all six jobs within 4 s."""
+    with deployment(tmp_path) as dep:
+        dep.worker("good")
+        scans = tmp_path / "scans"
+        for k in range(6):
+            write_volume(scans / f"v{k}.nii.gz", SMALL, seed=k + 1)
+        dep.submit([scans], tmp_path / "out", unet_model)
+        bad = WorkerProcess({**dep.env, "SEGQ_STORAGE": str(tmp_path / "not-mounted")}, "bad", tmp_path / "bad.log")
+        dep.workers.append(bad)
+        with pytest.raises(RuntimeError, match="exited with 78"):
+            bad.start()
+        errors = [line for line in bad.read_log().splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and errors[0].startswith("Error: storage is not shared: SEGQ_STORAGE="), errors
+        assert "Mount the same filesystem at the same path on every machine" in errors[0]
+        assert "Traceback" not in bad.read_log()
+        dep.wait(240)
+        rows = assert_nothing_lost(dep, unet_model, done={f"v{k}.nii.gz" for k in range(6)})
+        assert not (tmp_path / "not-mounted" / "jobs").exists()
+    figure("24.10 worker without the shared storage, at start", f"exit 78 with {errors[0][:160]!r}...; "
+           f"{len(rows)} jobs done by the healthy worker")
+
+
+@needs_mounts
+def test_a_worker_that_loses_the_shared_storage_hands_its_work_back_and_stops(tmp_path: Path,
+                                                                            unet_model: Path) -> None:
+    """Scenario 24.10 (while running): a worker started on the shared storage loses it (an empty filesystem mounted
+    over SEGQ_STORAGE in its namespace, as when a network mount drops); six volumes are submitted and it takes the
+    first. It finds its storage is not the registered one, hands the message back, stops consuming and exits 78
+    (a prefork worker: the pool process asks its own worker to shut down); a healthy worker then does all six."""
+    with deployment(tmp_path) as dep:
+        proc = WorkerProcess(dep.env, "lost", dep.root / "lost.log", prefix=["unshare", "-m", "sh", "-c",
+                                                                            'exec "$@"', "sh"])
+        dep.workers.append(proc)
+        proc.start()
+        assert proc.proc is not None
+        subprocess.run(["nsenter", "-t", str(proc.proc.pid), "-m", "mount", "-t", "tmpfs", "lost", str(dep.storage)],
+                       check=True)
+        scans = tmp_path / "scans"
+        for k in range(6):
+            write_volume(scans / f"v{k}.nii.gz", SMALL, seed=k + 1)
+        dep.submit([scans], tmp_path / "out", unet_model)
+        lost = time.monotonic()
+        assert _exits(proc, 120) == 78, proc.read_log()[-3000:]
+        stopped = time.monotonic() - lost
+        log = proc.read_log()
+        assert "handed back, stopping this worker (exit code 78): storage is not shared" in log, log[-3000:]
+        assert [r.status for r in dep.jobs()].count("failed") == 0
+        dep.worker("good")
+        dep.wait(240)
+        rows = assert_nothing_lost(dep, unet_model, done={f"v{k}.nii.gz" for k in range(6)})
+    figure("24.10 worker that loses the shared storage", f"exited 78 {stopped:.1f} s after the submit, 0 jobs failed; "
+           f"{len(rows)} done by the healthy worker")

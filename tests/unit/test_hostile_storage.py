@@ -168,3 +168,29 @@ def test_a_split_that_does_not_fit_the_storage_is_shrunk_or_refused_with_the_fig
     assert message.startswith("a.nii.gz: its workspace needs about 737 kB on /storage (the padded input 369 kB "
                               "and, in one part, its partial 369 kB), and 369 kB is free there"), message
     assert "then `segq retry --failed`" in message
+
+
+# --- item 10: a worker that cannot see the shared storage ------------------------------------------------
+
+def test_a_storage_that_is_not_the_registered_one_is_named_with_the_fix(tmp_path: Path) -> None:
+    from segq import sharedstorage
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        client = redis.client(0)
+        shared, other = tmp_path / "shared", tmp_path / "other"
+        assert sharedstorage.problem(client, shared, "a@x") is None  # nothing registered: nothing tells
+        assert sharedstorage.problem(client, shared, "a@x", start=True) is None  # the first worker registers it
+        assert (shared / sharedstorage.MARKER).is_file()
+        assert sharedstorage.problem(client, shared, "b@y", start=True) is None  # same storage, another worker
+        refused = sharedstorage.problem(client, other, "c@z", start=True)
+        assert refused is not None and refused.startswith(f"storage is not shared: SEGQ_STORAGE={other} on worker c@z")
+        assert f"it holds no .segq-storage marker; a@x registered {shared}" in refused, refused
+        assert refused.endswith("Mount the same filesystem at the same path on every machine, then start this worker "
+                                "again")
+        assert not other.exists()  # a refused worker writes nothing into the wrong storage
+        (shared / sharedstorage.MARKER).unlink()  # the mount dropped: an empty directory under the same path
+        assert sharedstorage.problem(client, shared, "a@x") is not None
+    finally:
+        redis.stop()
