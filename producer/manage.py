@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import or_, select
 
+from producer.scan import output_family
 from producer.submit import check_broker
 from segq import records, scheduler, storage
 from segq.celery_app import get_app
@@ -132,16 +133,17 @@ def _revoke(task_ids: list[str]) -> None:
                        len(task_ids), exc)
 
 
-def _remove_leftovers(job: JobRef, root: Path) -> None:
-    """Delete the job's workspace (all attempts) and any temp output a killed writer left, where visible."""
+def _remove_leftovers(job: JobRef, root: Path, outputs: bool = False) -> None:
+    """Delete the job's workspace (all attempts) and any temp output a killed writer left, where visible; with
+    ``outputs`` (a job just cancelled, so not done) also what its merge already renamed into place.
+
+    A merge still running then fails on its vanished temp file or finds its job ended: either way the worker
+    removes whatever it writes after this (worker/steps.py, _drop_outputs)."""
     storage.remove_tree(storage.job_dir(root, job.id))
-    output = Path(job.output_path)
-    stem = storage.strip_nifti_suffix(output.name)
-    prob_stem = stem.removesuffix("_seg") + "_prob"
-    if output.parent.is_dir():
-        for pattern in (f".{stem}.tmp-*", f".{prob_stem}.tmp-*"):
-            for leftover in output.parent.glob(pattern):
-                leftover.unlink(missing_ok=True)
+    for path in output_family(Path(job.output_path)):
+        storage.remove_stale_temps(path)
+        if outputs:
+            path.unlink(missing_ok=True)
 
 
 def cancel(target: str) -> list[str]:
@@ -158,7 +160,7 @@ def cancel(target: str) -> list[str]:
     _revoke(task_ids)
     root = get_settings().storage_root
     for job in cancelled:
-        _remove_leftovers(job, root)
+        _remove_leftovers(job, root, outputs=True)
     if cancelled:
         scheduler.admit_quietly()  # their room goes to volumes still waiting (of other datasets)
     logger.info("cancelled %d job(s), revoked %d task(s)", len(cancelled), len(task_ids))

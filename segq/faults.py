@@ -17,7 +17,8 @@ points
     ``in_gate`` (an engine is about to be checked against fp32 at load; context ``precision``),
     ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_infer_slab``
     (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
-    written under its temp name, not yet renamed; context ``output``), ``in_submit`` (a producer looked
+    written under its temp name, not yet renamed; context ``output``), ``before_merge_finish`` (every output
+    of the merge is in place, the job row not yet done; context ``output``), ``in_submit`` (a producer looked
     for the dataset and holds the submission lock), ``at_start`` (a ``segq`` command starts, before it imports
     anything that reads the clock).
 keys
@@ -46,8 +47,8 @@ from segq.settings import get_settings
 logger = logging.getLogger("segq.faults")
 
 ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom", "refuse", "skew")
-POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "in_submit",
-          "at_start")
+POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "before_merge_finish",
+          "in_submit", "at_start")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 

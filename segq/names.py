@@ -23,6 +23,7 @@ DELIVERIES_KEY = REDIS_KEY_PREFIX + "deliveries:{task_id}:{retries}"  # one coun
 GPU_WORKERS_KEY = REDIS_KEY_PREFIX + "gpu-workers"  # sorted set: GPU worker name -> last heartbeat (unix time)
 ENGINE_LOADING_KEY = REDIS_KEY_PREFIX + "engine-loading"  # hash: worker -> JSON {what, since} while it builds one
 INCARNATIONS_KEY = REDIS_KEY_PREFIX + "incarnations"  # hash: worker name -> token of its latest start
+STORAGE_KEY = REDIS_KEY_PREFIX + "storage"  # JSON {id, path, worker}: the shared storage's marker (segq.sharedstorage)
 
 TASK_ID_PREFIX = "segq"
 

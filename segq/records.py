@@ -148,6 +148,19 @@ def fail_job(job_id: str, error: str, attempt: int | None = None, status: Status
         return True
 
 
+def output_claimed(job_id: str, output_path: str) -> bool:
+    """True when the files at ``output_path`` belong to a job: this one, done, or another job that is not cancelled
+    or failed (a dataset that took the path over with submit --overwrite). Otherwise whatever a merge of this job
+    wrote there must go: an output exists only for a done job."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is not None and job.status == Status.DONE:
+            return True
+        other = s.scalar(select(Job.id).where(Job.output_path == output_path, Job.id != job_id,
+                                              Job.status.not_in([Status.CANCELLED, Status.FAILED])).limit(1))
+        return other is not None
+
+
 def _close_subtasks(s: Session, job_id: str, attempt: int) -> None:
     s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt,
                                     Subtask.status.in_([Status.QUEUED, Status.RUNNING]))

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import unicodedata
 import uuid
@@ -88,11 +89,28 @@ def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
 
 _DISK_ERRNOS = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota", errno.EFBIG: "refuses a file this large",
                 errno.EROFS: "is read-only"}
+# numpy's tofile (np.save to a file) reports a short fwrite in its own words and without an errno.
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def disk_problem(exc: OSError) -> str | None:
+    """What ``exc`` says of the disk ("is full (...)"), or None when it is not a full, over-quota or read-only one.
+
+    A short write is a full disk too: the filesystem took part of the data and then had no room (or quota) for
+    the rest; numpy says so as "204800 requested and 102368 written", with no errno."""
+    if exc.errno in _DISK_ERRNOS:
+        return f"{_DISK_ERRNOS[exc.errno]} ({exc.strerror})"
+    found = _SHORT_WRITE.search(str(exc)) if exc.errno is None else None
+    if found:
+        return (f"is full (a short write: {found[1]} items requested and {found[2]} written, no room for the rest, or "
+                "over its quota)")
+    return None
 
 
 @contextlib.contextmanager
 def disk_errors(path: Path) -> Iterator[None]:
-    """Turn a full, over-quota or read-only disk under ``path`` into DiskFullError, which says what to do.
+    """Turn a full, over-quota or read-only disk under ``path`` (a short write included) into DiskFullError,
+    which says what to do.
 
     Such a write fails the job (retrying at once would fail again); the temp file is gone by then, so after
     freeing space `segq retry --failed` works.
@@ -100,10 +118,24 @@ def disk_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _DISK_ERRNOS:
+        problem = disk_problem(exc)
+        if problem is None:
             raise
-        raise DiskFullError(f"cannot write {path}: the disk {_DISK_ERRNOS[exc.errno]} ({exc.strerror}); free space "
-                            "there (or make it writable), then `segq retry --failed`") from None
+        raise DiskFullError(f"cannot write {path}: the disk {problem}; free space there (or make it writable), "
+                            "then `segq retry --failed`") from None
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes free to this process on the filesystem that holds (or will hold) ``directory``."""
+    return shutil.disk_usage(_existing_ancestor(directory)).free
+
+
+def size_text(count: float) -> str:
+    """``count`` bytes for a message: 368 kB, 2.1 MB, 1.4 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}" if count < 100 * scale else f"{count / scale:.0f} {unit}"
+    return f"{int(count)} bytes"
 
 
 def remove_stale_temps(final: Path) -> list[Path]:

@@ -94,6 +94,18 @@ class WindowPlan:
         )
 
 
+def partial_bytes(plan: WindowPlan, slabs: list[Slab], channels: int = 1, itemsize: int = 4) -> int:
+    """Bytes of the partials ``slabs`` write to the workspace (.npy headers aside).
+
+    A part's partial covers the rows its windows span (``hi - lo``, at least one ROI) across the whole padded
+    y-z plane. Parts overlap by up to a ROI along the first axis, so many small parts need many times the volume:
+    a 512x512x300 CT at ROI 96, overlap 0.5 (600 windows) in parts of one window writes 112 times its float32
+    volume, 37 times at overlap 0.25 (196 windows).
+    """
+    _, ny, nz = plan.padded_shape
+    return sum(s.hi - s.lo for s in slabs) * ny * nz * channels * itemsize
+
+
 def scan_interval(padded: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> tuple[int, ...]:
     """The step between windows along each axis, as MONAI's private ``_get_scan_interval`` computes it
     (vendored: a private helper may change without notice; tests/unit/test_tiling_vs_monai.py compares them):

@@ -99,6 +99,14 @@ class Stack:
         self.workers.clear()
 
 
+def _forget_storage(url: str) -> None:
+    import redis
+
+    from segq.names import STORAGE_KEY
+
+    redis.Redis.from_url(url).delete(STORAGE_KEY)
+
+
 def _stack(root: Path, redis_url: str, db_url: str) -> Iterator[Stack]:
     env = {
         "SEGQ_BROKER_URL": redis_url,
@@ -112,6 +120,7 @@ def _stack(root: Path, redis_url: str, db_url: str) -> Iterator[Stack]:
         from segq.db import upgrade
 
         upgrade(db_url)
+        _forget_storage(redis_url)  # a new deployment, with a storage of its own, on a Redis database used before
         stack = Stack(env, root)
         try:
             yield stack

@@ -50,6 +50,8 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         ensure_schema()  # once here, so a database problem is one clear error rather than N crashing children
         sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency))
 
+    from celery.utils.nodenames import host_format
+
     from segq.broker import warn_if_unsafe
     from segq.celery_app import get_app
     from segq.db import get_engine
@@ -72,15 +74,21 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         from worker import threads
 
         threads.register(concurrency)
+    node = host_format(hostname or "segq@%h")
+    if (unshared := storage_problem(get_settings(), node)) is not None:  # it would fail every part it took
+        click.echo(f"Error: {unshared}", err=True)
+        sys.exit(EXIT_CONFIG)
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
-    argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
-            "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
+    argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel, "-n", node, "--pool", pool, *ctx.args]
     app = get_app()
-    begin_incarnation(app, hostname or "segq@%h")  # before the pool forks: every process of the worker shares it
+    begin_incarnation(app, node)  # before the pool forks: every process of the worker shares it
     app.steps["worker"].add(IncarnationStep)  # takes back what an earlier start under this name left running
     app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
     app.steps["worker"].add(SchedulerStep)  # GPU heartbeat and admission of waiting volumes
     app.worker_main(argv)
+    from worker.steps import stop_code
+
+    sys.exit(stop_code())  # 78 when the worker stopped itself (segq_stop): the launcher does not restart it
 
 
 def begin_incarnation(app: Any, hostname: str) -> str | None:
@@ -120,6 +128,21 @@ def refuse_bad_credentials() -> None:
     except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+
+
+def storage_problem(settings: Any, node: str) -> str | None:
+    """Why this worker's SEGQ_STORAGE is not the one the other workers share (segq.sharedstorage); the first worker
+    to start registers its own. None when it is, or when Redis cannot be asked (the worker's own start says why)."""
+    import redis
+
+    from segq import sharedstorage
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
+        return sharedstorage.problem(client, settings.storage_root, node, start=True)
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("could not check that SEGQ_STORAGE is the shared one: %s", exc)
+        return None
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,

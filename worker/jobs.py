@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segq import faults, storage
-from segq.errors import CancelledError, InputError
+from segq.errors import CancelledError, DiskFullError, InputError
 from segq.modelspec import ModelSpec, files_sha256, spec_from_dict
 from segq.preprocess import STD_FLOOR
 from segq.records import JobView
 from segq.settings import Settings
-from segq.tiling import Slab, WindowPlan, importance_map, plan_windows, weight_sum
+from segq.tiling import Slab, WindowPlan, importance_map, partial_bytes, plan_windows, weight_sum
 from segq.volumes import load_volume, read_header
 
 if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only when it needs it
@@ -210,7 +210,9 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
             check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
             volume, header = load_case(job, settings, path, spec.in_channels, header)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
-    slabs = plan.split(parts(len(plan.starts)))
+    input_bytes = volume.shape[0] * int(np.prod(plan.padded_shape)) * np.dtype(np.float32).itemsize
+    slabs = split_to_fit(plan, parts(len(plan.starts)), input_bytes, lambda cut: partial_bytes(plan, cut),
+                         settings.storage_root, job.input_path)
     zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
     ws.mkdir(parents=True, exist_ok=True)
     storage.save_array(ws / INPUT, zyx)
@@ -251,7 +253,9 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
         array, meta, operations = read
         grid = bundle_stages.estimated_grid(spec, np.asarray(meta["affine"]), array.shape[1:])
         plan = plan_windows(grid, spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
-        slabs = plan.split(parts(len(plan.starts)))
+        partials = functools.partial(bundle_partial_bytes, plan, spec, settings, header.shape[:3])
+        slabs = split_to_fit(plan, parts(len(plan.starts)), array.nbytes, partials, settings.storage_root,
+                             job.input_path)
         if len(slabs) == 1:
             storage.save_array(ws / SOURCE_INPUT, array)
             bundle_stages.save_context(ws, meta, operations)
@@ -259,7 +263,10 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
             return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
     model_grid, meta, operations = bundle_stages.preprocess_case(spec, files)
     plan = plan_windows(model_grid.shape[1:], spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
-    slabs = plan.split(parts(len(plan.starts)))
+    input_bytes = model_grid.shape[0] * int(np.prod(plan.padded_shape)) * model_grid.dtype.itemsize
+    slabs = split_to_fit(plan, parts(len(plan.starts)), input_bytes,
+                         functools.partial(bundle_partial_bytes, plan, spec, settings, header.shape[:3]),
+                         settings.storage_root, job.input_path)
     storage.save_array(ws / CXYZ_INPUT, pad_model_grid(model_grid, plan, spec))
     bundle_stages.save_context(ws, meta, operations)
     _save_plan(ws, plan, slabs, header.shape[:3])
@@ -310,6 +317,45 @@ def _save_plan(ws: Path, plan: WindowPlan, slabs: list[Slab], source: tuple[int,
         document["deferred"] = True
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
+
+
+def bundle_partial_bytes(plan: WindowPlan, spec: ModelSpec, settings: Settings, source: tuple[int, ...],
+                         slabs: list[Slab]) -> int:
+    """A bundle's partials: every output channel in SEGQ_PARTIAL_DTYPE; a volume in one part writes only its label
+    map instead, on the scan's own grid (counted at 8 bytes a voxel, the widest a label map is stored in)."""
+    if len(slabs) == 1:
+        return int(np.prod(source)) * 8
+    return partial_bytes(plan, slabs, spec.out_channels, np.dtype(settings.partial_dtype).itemsize)
+
+
+def split_to_fit(plan: WindowPlan, count: int, input_bytes: int, partials: Callable[[list[Slab]], int],
+                 root: Path, what: str, free: int | None = None) -> list[Slab]:
+    """The plan cut into ``count`` parts, or into fewer when the workspace they need (the padded input and the
+    ``partials(slabs)``) does not fit in what is ``free`` on the storage ``root`` (by default what the filesystem
+    says); DiskFullError when one part does not fit.
+
+    Small parts overlap, so their partials can need many times the volume (segq.tiling.partial_bytes): found
+    here, such a volume runs in fewer parts; found by the writes, it failed part-way through, at the same part
+    on every retry.
+    """
+    free = storage.free_bytes(root) if free is None else free
+    whole = plan.split(1)
+    if input_bytes + partials(whole) > free:
+        raise DiskFullError(
+            f"{storage.printable(what)}: its workspace needs about {storage.size_text(input_bytes + partials(whole))} "
+            f"on {root} (the padded input {storage.size_text(input_bytes)} and, in one part, its partial "
+            f"{storage.size_text(partials(whole))}), and {storage.size_text(free)} is free there: free space on "
+            "SEGQ_STORAGE or point it at a larger disk, then `segq retry --failed`")
+    slabs = plan.split(count)
+    wanted = need = input_bytes + partials(slabs)
+    while need > free:
+        slabs = plan.split(len(slabs) - 1)
+        need = input_bytes + partials(slabs)
+    if len(slabs) < count:
+        logger.warning("%s: %d parts would need %s of workspace (their partials overlap), more than the %s free on "
+                       "%s; cut into %d part(s) instead (%s)", storage.printable(what), count,
+                       storage.size_text(wanted), storage.size_text(free), root, len(slabs), storage.size_text(need))
+    return slabs
 
 
 def workspace_input(volume: np.ndarray, plan: WindowPlan, method: str, inplace: bool = False) -> np.ndarray:

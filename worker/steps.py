@@ -18,6 +18,9 @@ torch.OutOfMemoryError          SHRINK      retry the part with half the ROI bat
 EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
 EngineRefusedError              EXIT        the same, exit code 78: the launcher does not restart it (the
                                             accuracy gate refused the engine; a new process builds the same)
+StorageNotSharedError           STOP        this worker's SEGQ_STORAGE is not the shared one: hand the message
+                                            back and stop the whole worker, exit code 78 (a worker on the shared
+                                            storage that misses a workspace fails the job instead)
 InputError, MemoryError, other  FAIL        fail the job with the reason, delete its workspace; the worker
                                             lives on (a volume too large for the host fails alone)
 ==============================  ==========  ===========================================================
@@ -40,12 +43,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, WorkerShutdown
+from celery.worker.control import control_command
 
-from segq import db, incarnation, records, scheduler, storage
-from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
+from segq import db, incarnation, records, scheduler, sharedstorage, storage
+from segq.errors import (
+    CancelledError,
+    EngineError,
+    EngineRefusedError,
+    InputError,
+    StorageNotSharedError,
+    TransientError,
+)
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
+from worker.jobs import outputs_of
 
 logger = logging.getLogger("segq.steps")
 
@@ -57,6 +69,7 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     SHRINK = "shrink"
     EXIT = "exit"
+    STOP = "stop"
     FAIL = "fail"
     RECONNECT = "reconnect"
 
@@ -67,6 +80,7 @@ POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
     (TransientError, Outcome.RETRY),
     *((cls, Outcome.RECONNECT) for cls in db.UNAVAILABLE),  # refined by db.unavailable (SQLite's schema errors)
     (EngineError, Outcome.EXIT),
+    (StorageNotSharedError, Outcome.STOP),
     (InputError, Outcome.FAIL),
     (MemoryError, Outcome.FAIL),
 )
@@ -177,6 +191,8 @@ def _run(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T | No
     if job is None or not job.active or (step.attempt is not None and step.attempt != job.attempt):
         if step.attempt is not None:
             discard(step.job_id, step.attempt)
+        if job is not None and not job.active and step.writes_output:  # a merge killed after a write, then ended
+            _drop_outputs(Step(step.what, job.id, job.attempt, output=job.output_path))
         return None
     step.attempt = job.attempt
     step.output = job.output_path if step.writes_output else ""
@@ -202,6 +218,7 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         raise exc  # run_step waits for the database and runs the whole step again
     if result is Outcome.DISCARD:
         discard(step.job_id, step.attempt)
+        _drop_outputs(step)
         return
     if result is Outcome.SHRINK:
         size = step.batch_size or 1
@@ -232,6 +249,11 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         stop_consuming(task)
         threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
+    if result is Outcome.STOP and (reason := _not_shared(task)) is not None:
+        logger.critical("%s of job %s handed back, stopping this worker (exit code %d): %s", step.what, step.job_id,
+                        EXIT_CONFIG, reason)
+        stop_worker(task, EXIT_CONFIG, reason)
+        raise Reject(reason, requeue=True) from None
     _fail(step, f"{step.what}: {describe(exc)}")
 
 
@@ -265,6 +287,48 @@ def _reconnect(task: Task, step: Step, exc: Exception) -> None:
     raise task.retry(exc=reason, countdown=0, max_retries=budget)
 
 
+def _not_shared(task: Task) -> str | None:
+    """Why this worker's storage is not the shared one; None when it is, or when Redis cannot tell."""
+    client = getattr(task.backend, "client", None)
+    if client is None:
+        return None
+    try:
+        return sharedstorage.problem(client, get_settings().storage_root, task.request.hostname or "unknown")
+    except Exception:  # the broker away: fail the job as before rather than guess
+        logger.exception("could not compare this worker's storage with the shared one")
+        return None
+
+
+def stop_worker(task: Task, code: int, reason: str) -> None:
+    """Ask this whole worker (its consumer, also from a prefork pool process) to stop taking messages and shut down
+    with exit ``code`` (segq_stop below): its running tasks end, the messages it holds go back to the queues."""
+    try:
+        task.app.control.broadcast("segq_stop", arguments={"code": code, "reason": reason},
+                                   destination=[task.request.hostname])
+    except Exception:  # the broker away: the delivery count still bounds what this worker can take
+        logger.exception("could not stop this worker")
+
+
+@control_command(args=[("code", int), ("reason", str)], signature="<code> <reason>")
+def segq_stop(state: Any, code: int = EXIT_CONFIG, reason: str = "", **_kwargs: Any) -> None:
+    """Remote control, run by the worker's consumer: cancel every queue it consumes, then shut down (warm) with
+    exit ``code``, which the launcher does not restart when it is EX_CONFIG."""
+    consumer = state.consumer
+    for queue in [q.name for q in consumer.task_consumer.queues]:
+        consumer.cancel_task_queue(queue)
+    logger.critical("worker stopping with exit code %d: %s", code, reason)
+    _stopped_with.append(code)
+    raise WorkerShutdown(code)
+
+
+_stopped_with: list[int] = []  # what segq_stop asked this worker process to exit with
+
+
+def stop_code() -> int:
+    """The exit code segq_stop gave this worker (its main process), else 0: Celery's worker_main returns none."""
+    return _stopped_with[-1] if _stopped_with else 0
+
+
 def stop_consuming(task: Task) -> None:
     """Ask this worker to stop taking messages from every segq queue before its process ends (a threads or
     solo pool, where the task runs in the consumer's own process, as the launcher's device workers do).
@@ -289,6 +353,18 @@ def _fail(step: Step, reason: str) -> None:
     assert step.attempt is not None
     records.fail_job(step.job_id, reason, step.attempt)
     discard(step.job_id, step.attempt)
-    if step.output:  # the killed merges' temp files: no merge of this attempt will run again
-        storage.remove_stale_temps(Path(step.output))
+    _drop_outputs(step)
     scheduler.admit_quietly()
+
+
+def _drop_outputs(step: Step) -> None:
+    """A merge that ends without its job done takes every output it may have written with it (the mask, the
+    probability map, the label sidecar, the DICOM SEG) and their temp files (no merge of this attempt runs again):
+    an output exists only for a done job. Not when the job is done after all, or another live job now owns the path."""
+    if not step.output or records.output_claimed(step.job_id, step.output):
+        return
+    for path in outputs_of(Path(step.output)):
+        storage.remove_stale_temps(path)
+        if path.exists():
+            path.unlink(missing_ok=True)
+            logger.warning("removed %s: its job %s ended during the merge", storage.printable(str(path)), step.job_id)

@@ -15,9 +15,9 @@ from typing import Any
 from celery import Task, chord, signature
 from celery.signals import task_prerun, task_revoked, worker_init
 
-from segq import clock, db, records, scheduler, storage
+from segq import clock, db, faults, records, scheduler, sharedstorage, storage
 from segq.celery_app import app
-from segq.errors import CancelledError
+from segq.errors import CancelledError, StorageNotSharedError
 from segq.models import Status
 from segq.modelspec import spec_from_dict
 from segq.names import (
@@ -125,6 +125,7 @@ def _parts_for(job: records.JobView) -> Any:
 def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     settings = get_settings()
     watch = clock.Stopwatch()
+    _require_shared_storage(task, settings.storage_root)
     prepared = jobs.prepare(job, settings, _parts_for(job))
     counts = [len(s.starts) for s in prepared.slabs]
     if not records.record_plan(job.id, job.attempt, shape=prepared.shape, spacing=prepared.spacing,
@@ -136,6 +137,16 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
     logger.info("job %s: %d windows in %d part(s)", job.id, len(prepared.plan.starts), len(prepared.slabs))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
+
+
+def _require_shared_storage(task: Task, root: Path) -> None:
+    """A workspace written where the other workers cannot see it would fail the job at its first part elsewhere:
+    StorageNotSharedError (the step runner hands the message back and stops this worker) when ``root`` is not the
+    storage they share."""
+    client = getattr(task.backend, "client", None)
+    reason = sharedstorage.problem(client, root, _worker(task)) if client is not None else None
+    if reason is not None:
+        raise StorageNotSharedError(reason)
 
 
 def _cancel_check(job_id: str, attempt: int) -> Any:
@@ -203,13 +214,10 @@ def _merge(task: Task, job: records.JobView, refs: list[dict[str, Any]] | dict[s
     result = jobs.merge(ws, parts, Path(job.input_path), Path(job.output_path),
                         bool(job.params.get("save_probabilities")), spec_from_dict(job.model))
     voxels, ml = result.voxels, result.ml
+    faults.point("before_merge_finish", output=Path(job.output_path).name)
     if not records.finish_job(job.id, job.attempt, tumour_voxels=voxels, tumour_ml=ml,
                               merge_seconds=round(watch.seconds(), 3), labels=result.labels):
-        # Cancelled or failed while merging: an output must exist only for a job that is done.
-        state = records.job_status(job.id)
-        if state is None or state[0] != Status.DONE:
-            for written in jobs.outputs_of(Path(job.output_path)):
-                written.unlink(missing_ok=True)
+        # Cancelled or failed while merging: the step runner removes every output written (steps._drop_outputs).
         raise CancelledError("the job ended while it was merged")
     storage.remove_tree(storage.job_dir(settings.storage_root, job.id))
     records.record_step(job.id, job.attempt, "merge", _worker(task), watch.span())

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Stack
-from tests.helpers import environment, load_mask
+from tests.helpers import ROOT, environment, load_mask
 from tests.integration.test_pipeline import segq
 from tests.integration.test_workers_helpers import MODULE, SLEEP, Launched
 
@@ -66,28 +68,25 @@ def test_two_machines_share_a_volume_and_match_one(fresh_stack: Stack, unet_mode
                                load_mask(tmp_path / "out1" / "ct_prob.nii.gz"), atol=1e-6, rtol=0)
 
 
-def test_worker_without_the_shared_storage_fails_the_job_saying_so(fresh_stack: Stack, unet_model: Path,
-                                                                   tmp_path: Path) -> None:
-    data = np.random.default_rng(0).random((40, 40, 40)).astype(np.float32)  # not constant: that fails on its own
-    volume = write_copy(tmp_path / "scans" / "ct.nii.gz", data, "not shared")
+def test_worker_without_the_shared_storage_refuses_to_start_saying_so(fresh_stack: Stack, tmp_path: Path) -> None:
+    """A launcher's GPU worker whose SEGQ_STORAGE is not the coordinator's stops at start with one line (exit 78),
+    and the launcher does not restart it: before, it took every part and failed each job (issue 24, item 10)."""
     elsewhere = {**fresh_stack.env, "SEGQ_STORAGE": str(tmp_path / "another-machine-storage")}
     coordinator = Launched(fresh_stack.env, tmp_path / "coord.log", "--role", "coordinator", "-n", "machine-a")
     gpu = Launched(elsewhere, tmp_path / "gpu.log", "--gpus", "none", "--role", "gpu", "-n", "machine-b")
-    name = f"unshared-{tmp_path.name}"
     try:
         coordinator.start(ready=1)
-        gpu.start(ready=1)
-        result = segq("submit", str(volume), "--out", str(tmp_path / "out"), "--model", str(unet_model),
-                      "--name", name, "--wait", "--timeout", "120", env=fresh_stack.env, check=False)
+        with open(gpu.log, "ab") as handle:
+            gpu.proc = subprocess.Popen([sys.executable, "-m", "segq.cli", "worker", *gpu.args], env=gpu.env,
+                                        stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        gpu.wait_for("not restarting it", 1, 120)
     finally:
         coordinator.cleanup()
         gpu.cleanup()
-    assert result.returncode == 1, result.stdout + result.stderr
-    row = json.loads(segq("results", name, "--format", "json", env=fresh_stack.env).stdout)[0]
-    assert row["status"] == "failed", row
-    assert "storage is not shared" in row["error"] and "cpu0@machine-b" in row["error"], row["error"]
-    assert "No such file" not in row["error"], row["error"]
-    assert not (tmp_path / "out" / "ct_seg.nii.gz").exists()
+    [line] = [line for line in gpu.read_log().splitlines() if "Error: storage is not shared" in line]
+    assert "cpu0@machine-b" in line and str(tmp_path / "another-machine-storage") in line, line
+    assert "Mount the same filesystem at the same path on every machine" in line, line
+    assert "exit code 78" in gpu.read_log() and "Traceback" not in gpu.read_log()
 
 
 def test_launcher_restarts_a_killed_worker_and_lets_a_task_finish_on_sigterm(fresh_stack: Stack,
