@@ -172,14 +172,18 @@ def forget_worker(worker: str, settings: Settings | None = None) -> None:
         client.close()
 
 
+def live_after(settings: Settings) -> float:
+    """The heartbeat time (unix) before which a GPU worker counts as gone."""
+    return time.time() - HEARTBEAT_MISSES * settings.admit_interval
+
+
 def gpu_workers(settings: Settings | None = None) -> int:
     """GPU workers that beat recently (at least 1: a dataset submitted before any worker starts still
     gets one worker's room)."""
     settings = settings or get_settings()
     client = _redis(settings)
     try:
-        stale = time.time() - HEARTBEAT_MISSES * settings.admit_interval
-        client.zremrangebyscore(GPU_WORKERS_KEY, "-inf", stale)
+        client.zremrangebyscore(GPU_WORKERS_KEY, "-inf", live_after(settings))
         return max(1, int(client.zcard(GPU_WORKERS_KEY)))
     finally:
         client.close()
