@@ -177,6 +177,17 @@ def live_after(settings: Settings) -> float:
     return time.time() - HEARTBEAT_MISSES * settings.admit_interval
 
 
+def gpu_worker_names(settings: Settings | None = None) -> set[str]:
+    """The GPU workers counted now, by name (``segq watch`` says when one joins or leaves)."""
+    settings = settings or get_settings()
+    client = _redis(settings)
+    try:
+        names = client.zrangebyscore(GPU_WORKERS_KEY, f"({live_after(settings)}", "+inf")
+    finally:
+        client.close()
+    return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
+
+
 def gpu_workers(settings: Settings | None = None) -> int:
     """GPU workers that beat recently (at least 1: a dataset submitted before any worker starts still
     gets one worker's room)."""

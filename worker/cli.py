@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import click
+from celery.utils.nodenames import default_nodename, host_format
 
 from segq.names import every_queue
 
@@ -65,10 +67,38 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     warn_if_unsafe(get_settings().broker_url)  # loudly, if a Redis restart or eviction would lose queued work
+    name = host_format(default_nodename(hostname or "segq@%h"))
+    join(name, queue_list, pool)
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
-    argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel,
-            "-n", hostname or "segq@%h", "--pool", pool, *ctx.args]
+    argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel, "-n", name, "--pool", pool, *ctx.args]
     get_app().worker_main(argv)
+
+
+def join(name: str, queues: str, pool: str) -> None:
+    """A GPU worker builds the engines of the datasets running now before Celery starts consuming.
+
+    Only a threads or solo pool runs its tasks in this process (as the launcher's GPU workers do); a prefork
+    pool's children build their own, and this process must stay free of CUDA before it forks them.
+    """
+    from segq.errors import EngineError, EngineRefusedError
+    from segq.names import EXIT_CONFIG, EXIT_ENGINE_BROKEN
+    from segq.settings import get_settings
+    from worker.preflight import serves_gpu_queue
+
+    settings = get_settings()
+    if pool == "prefork" or settings.backend == "simulate" or not serves_gpu_queue(queues):
+        return
+    from worker.runtime import warm_up
+
+    started = time.perf_counter()
+    try:
+        built = warm_up(settings, name)
+    except EngineError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG if isinstance(exc, EngineRefusedError) else EXIT_ENGINE_BROKEN)
+    if built:
+        logger.info("%s: %d engine(s) ready in %.1f s; joining: taking GPU work now", name, built,
+                    time.perf_counter() - started)
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,

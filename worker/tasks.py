@@ -105,8 +105,11 @@ def _parts_for(job: records.JobView) -> Any:
     sw_batch = int(job.model.get("sw_batch_size") or 4)
 
     def parts(windows: int) -> int:
-        return scheduler.split_parts(windows, scheduler.gpu_workers(settings), scheduler.backlog(exclude=job.id),
-                                     2 * sw_batch, cap)
+        gpus, waiting = scheduler.gpu_workers(settings), scheduler.backlog(exclude=job.id)
+        n = scheduler.split_parts(windows, gpus, waiting, 2 * sw_batch, cap)
+        logger.info("job %s: %d windows in %d part(s): %d GPU worker(s), %d other volume(s) waiting", job.id,
+                    windows, n, gpus, waiting)
+        return n
 
     return parts
 
@@ -123,7 +126,6 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
         raise CancelledError("the job ended while its volume was prepared")
     dispatch(job, len(prepared.slabs))
     records.record_step(job.id, job.attempt, "prepare", _worker(task), started, windows=len(prepared.plan.starts))
-    logger.info("job %s: %d windows in %d part(s)", job.id, len(prepared.plan.starts), len(prepared.slabs))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 
 
