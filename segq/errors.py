@@ -34,5 +34,10 @@ class DiskFullError(InputError):
     """The output or storage disk is full or read-only: fail the job saying so; `segq retry --failed` after."""
 
 
+class WorkerLeaving(SegqError):
+    """This worker is leaving (SIGTERM) and the step would not end within SEGQ_STOP_GRACE: its message goes back
+    to the queue for another worker, and nothing it computed is kept."""
+
+
 class CancelledError(SegqError):
     """The job was cancelled while this task ran."""

@@ -314,6 +314,14 @@ def record_step(job_id: str, attempt: int, step: str, worker: str, started_at: d
                    busy_finished_at=busy[1] if busy else None, windows=windows))
 
 
+def hand_back_subtask(job_id: str, attempt: int, slab: int) -> None:
+    """A part handed back by a worker that is leaving waits again (``segq metrics``, the split rule's backlog)."""
+    with session_scope() as s:
+        s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt, Subtask.slab == slab,
+                                        Subtask.status == Status.RUNNING)
+                  .values(status=Status.QUEUED, worker=None, started_at=None))
+
+
 def active_models(limit: int = 4) -> list[tuple[dict[str, Any], str]]:
     """(model, checksum) of the datasets with volumes not finished, oldest dataset first, each model once (at most
     ``limit``): the engines a GPU worker that joins builds before it takes a message."""

@@ -40,15 +40,21 @@ ROLE_HELP = ("With --gpus: 'all' runs the GPU (or CPU) workers and a coordinator
 @click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True,
               help="Pool of a plain worker, as Celery's -P. With --gpus, GPU workers use threads and the "
                    "coordinator prefork.")
+@click.option("--max-idle", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Leave (exit 0) once no task has come for this many seconds, for autoscalers; with --gpus, each "
+                   "worker process leaves on its own and the launcher does not restart it (default: "
+                   "SEGQ_MAX_IDLE, else never).")
 @click.pass_context
 def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
-           gpus: str | None, role: str | None, coordinator_concurrency: int | None, pool: str) -> None:
+           gpus: str | None, role: str | None, coordinator_concurrency: int | None, pool: str,
+           max_idle: float | None) -> None:
     """Start Celery workers; any further options are passed to every `celery worker`."""
     from segq.db import ensure_schema
 
     if gpus is not None or role is not None:
         ensure_schema()  # once here, so a database problem is one clear error rather than N crashing children
-        sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency))
+        sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency,
+                        max_idle))
 
     from segq.broker import warn_if_unsafe
     from segq.celery_app import get_app
@@ -56,6 +62,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     from segq.errors import EngineError
     from segq.names import EXIT_CONFIG
     from segq.settings import get_settings
+    from worker.leaving import IdleStep
     from worker.preflight import preflight
 
     ensure_schema()
@@ -71,7 +78,10 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     join(name, queue_list, pool)
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel, "-n", name, "--pool", pool, *ctx.args]
-    get_app().worker_main(argv)
+    app = get_app()
+    app.conf.segq_max_idle = get_settings().max_idle if max_idle is None else max_idle
+    app.steps["worker"].add(IdleStep)  # --max-idle: leave once idle (worker/leaving.py)
+    app.worker_main(argv)
 
 
 def join(name: str, queues: str, pool: str) -> None:
@@ -102,7 +112,7 @@ def join(name: str, queues: str, pool: str) -> None:
 
 
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
-           gpus: str | None, role: str, coordinator_concurrency: int | None) -> int:
+           gpus: str | None, role: str, coordinator_concurrency: int | None, max_idle: float | None = None) -> int:
     """Run the per-GPU launcher; returns its exit code. Never imports torch or touches CUDA."""
     from segq.settings import child_environment, get_settings
     from worker.launcher import Launcher, count_gpus, parse_gpus, plan_children, visible_devices
@@ -121,9 +131,10 @@ def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         if concurrency != 1:
             raise click.UsageError("--concurrency sets the number of CPU workers of --gpus none; a GPU worker "
                                    "runs one task at a time")
+    idle = {} if max_idle is None else {"SEGQ_MAX_IDLE": str(max_idle)}  # each child leaves on its own
     specs = plan_children(selected, cpu_workers=concurrency, role=role, hostname=hostname,
                           coordinator_concurrency=coordinator_concurrency, loglevel=loglevel, extra=ctx.args,
-                          base_env=child_environment(), prefetch=get_settings().gpu_prefetch)
+                          base_env=child_environment(**idle), prefetch=get_settings().gpu_prefetch)
     for spec in specs:
         logger.info("%s consumes %s", spec.name, spec.argv[spec.argv.index("-Q") + 1])
     return Launcher(specs).run()

@@ -14,6 +14,9 @@ torch.OutOfMemoryError          SHRINK      retry the part with half the ROI bat
 EngineError, a broken device    EXIT        hand the message back and end this process (exit code 70)
 EngineRefusedError              EXIT        the same, exit code 78: the launcher does not restart it (the
                                             accuracy gate refused the engine; a new process builds the same)
+WorkerLeaving                   HAND_BACK   the worker is leaving (SIGTERM) and the part would not end within
+                                            SEGQ_STOP_GRACE: the message goes back to the queue, this delivery
+                                            uncounted, the part waits again (worker/leaving.py)
 InputError, MemoryError, other  FAIL        fail the job with the reason, delete its workspace; the worker
                                             lives on (a volume too large for the host fails alone)
 ==============================  ==========  ===========================================================
@@ -37,9 +40,10 @@ from celery import Task
 from celery.exceptions import Reject
 
 from segq import records, scheduler, storage
-from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError
+from segq.errors import CancelledError, EngineError, EngineRefusedError, InputError, TransientError, WorkerLeaving
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
+from worker import leaving
 
 logger = logging.getLogger("segq.steps")
 
@@ -51,12 +55,14 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     SHRINK = "shrink"
     EXIT = "exit"
+    HAND_BACK = "hand_back"
     FAIL = "fail"
 
 
 # First match wins; anything not listed is FAIL, unless it leaves the device unusable (EXIT).
 POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
     (CancelledError, Outcome.DISCARD),
+    (WorkerLeaving, Outcome.HAND_BACK),
     (TransientError, Outcome.RETRY),
     (EngineError, Outcome.EXIT),
     (InputError, Outcome.FAIL),
@@ -116,7 +122,7 @@ def outcome(exc: BaseException) -> Outcome:
 
 def describe(exc: BaseException) -> str:
     """The reason stored on the job: our own errors speak for themselves, others carry their class."""
-    if isinstance(exc, InputError | TransientError | EngineError):
+    if isinstance(exc, InputError | TransientError | EngineError | WorkerLeaving):
         return str(exc)
     if isinstance(exc, MemoryError):
         return (f"out of host memory ({exc or 'MemoryError'}): this volume needs more memory than this worker "
@@ -151,6 +157,9 @@ def run_step(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T 
     """Run ``body(job)`` for ``step`` under the one policy; returns its result, or None when it did not run."""
     if _broken.is_set():
         raise Reject("this process's device is broken; another worker takes the message", requeue=True)
+    if leaving.leaving():  # fetched as the worker was told to go: it never starts here
+        logger.info("%s of job %s: this worker is leaving; handed back before it started", step.what, step.job_id)
+        raise Reject("this worker is leaving; another worker takes the message", requeue=True)
     job = records.load_job(step.job_id)
     if job is None or not job.active or (step.attempt is not None and step.attempt != job.attempt):
         if step.attempt is not None:
@@ -178,6 +187,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
     if result is Outcome.DISCARD:
         discard(step.job_id, step.attempt)
         return
+    if result is Outcome.HAND_BACK:
+        _hand_back(task, step, exc)
     if result is Outcome.SHRINK:
         size = step.batch_size or 1
         if size > 1:
@@ -206,6 +217,19 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(code,)).start()
         raise Reject(describe(exc), requeue=True) from exc
     _fail(step, f"{step.what}: {describe(exc)}")
+
+
+def _hand_back(task: Task, step: Step, exc: Exception) -> None:
+    """Give the message back to the queue without counting this delivery against the step (an orderly
+    departure is not a worker lost), and let the part wait again; raises Reject."""
+    assert step.attempt is not None
+    client = getattr(task.backend, "client", None)
+    if client is not None:
+        client.decr(DELIVERIES_KEY.format(task_id=task.request.id, retries=task.request.retries or 0))
+    if step.part is not None:
+        records.hand_back_subtask(step.job_id, step.attempt, step.part)
+    logger.warning("%s of job %s handed back: %s", step.what, step.job_id, describe(exc))
+    raise Reject(describe(exc), requeue=True) from None  # orderly: no traceback in the log
 
 
 def stop_consuming(task: Task) -> None:

@@ -32,7 +32,7 @@ from segq.names import (
     slab_task_id,
 )
 from segq.settings import get_settings
-from worker import jobs
+from worker import jobs, leaving
 from worker.steps import Step, discard, run_step
 
 logger = logging.getLogger("segq.tasks")
@@ -142,6 +142,21 @@ def _cancel_check(job_id: str, attempt: int) -> Any:
     return should_stop
 
 
+def _stop_check(job: records.JobView, ws: Path, slab: int, batch_size: int) -> Any:
+    """What a part asks before each ROI batch: is the job still wanted (False stops it), and may this worker,
+    if it is leaving, still finish it within the grace (WorkerLeaving hands it back, worker/leaving.py)."""
+    _plan, slabs = jobs.load_plan(ws)
+    windows = len(slabs[slab].starts) if 0 <= slab < len(slabs) else 0
+    clock = leaving.PartClock(-(-windows // max(batch_size, 1)))
+    cancelled = _cancel_check(job.id, job.attempt)
+
+    def should_stop() -> bool:
+        clock()
+        return bool(cancelled())
+
+    return should_stop
+
+
 @app.task(name=INFER, bind=True)
 def infer_slab(self: Task, job_id: str, attempt: int, slab: int,
                batch_size: int | None = None) -> dict[str, Any] | None:
@@ -170,8 +185,8 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     step.batch_size = spec.sw_batch_size
     started, clock = utcnow(), time.perf_counter()
     lease = DeviceLease(engine)
-    ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease,
-                        settings.partial_dtype)
+    ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _stop_check(job, ws, slab, step.batch_size),
+                        lease, settings.partial_dtype)
     records.finish_subtask(job.id, job.attempt, slab, round(time.perf_counter() - clock, 3), step.batch_size,
                            lease.peak_bytes)
     records.record_step(job.id, job.attempt, "infer", worker, started, part=slab, device=lease.label,
