@@ -70,6 +70,7 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
     deadline = None if timeout is None else time.monotonic() + timeout
     reported: set[tuple[str, int]] = set()  # (job, attempt): a re-queued volume is announced again when it ends
     loading_said: set[str] = set()
+    roster: set[str] | None = None  # the GPU workers at the last look: a line when one joins or leaves
     display: Any = None
     say = echo
     if live:
@@ -79,8 +80,14 @@ def follow(dataset_ids: Sequence[str], *, timeout: float | None = None, poll: fl
         display.start()
         say = _plain_printer(display.console)
     title = title or f"dataset {', '.join(dataset_ids)}"
+    from producer.watch import gpu_workers_now, roster_lines
+
     try:
         while True:
+            present = gpu_workers_now()
+            for line in roster_lines(roster, present):
+                say(line)
+            roster = present if present is not None else roster
             states = _states(dataset_ids)
             ended = [job_id for job_id, status, attempt in states if status.final and (job_id, attempt) not in reported]
             for job in sorted(_jobs(ended), key=_order):

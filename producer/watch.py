@@ -237,6 +237,30 @@ def engines_loading(now: float) -> dict[str, tuple[str, float]]:
         return {}
 
 
+def gpu_workers_now() -> set[str] | None:
+    """The GPU workers admission counts now, from Redis; None when Redis does not answer."""
+    import redis
+
+    from segq.scheduler import gpu_worker_names
+
+    try:
+        return gpu_worker_names()
+    except redis.RedisError:
+        return None
+
+
+def roster_lines(before: set[str] | None, now: set[str] | None) -> list[str]:
+    """A line for each GPU worker that joined or left between two looks (the first look lists who is there)."""
+    if now is None:
+        return []
+    count = f"{len(now)} GPU worker(s) now"
+    if before is None:
+        return [printable(f"GPU workers: {', '.join(sorted(now)) or 'none yet'}")]
+    joined = [printable(f"{w} joined: engine ready, taking GPU work ({count})") for w in sorted(now - before)]
+    left = [printable(f"{w} left ({count})") for w in sorted(before - now)]
+    return joined + left
+
+
 def snapshot(dataset_ids: Sequence[str], horizon: float = HORIZON_SECONDS) -> Snapshot:
     now = clock.now()
     snap = summarize(*load(dataset_ids, now, horizon), now=now, horizon=horizon, busy=recent_busy(now, horizon))

@@ -39,5 +39,10 @@ class ConfigError(SegqError):
     the launcher does not restart, since a new process would meet the same refusal."""
 
 
+class WorkerLeaving(SegqError):
+    """This worker is leaving (SIGTERM) and the step would not end within SEGQ_STOP_GRACE: its message goes back
+    to the queue for another worker, and nothing it computed is kept."""
+
+
 class CancelledError(SegqError):
     """The job was cancelled while this task ran."""

@@ -19,7 +19,8 @@ from sqlalchemy import func, select
 
 from segq.db import ensure_schema, session_scope
 from segq.models import Dataset, Job, Status, Subtask, utcnow
-from segq.names import every_queue
+from segq.names import GPU_WORKERS_KEY, every_queue
+from segq.scheduler import IN_FLIGHT, live_after
 from segq.settings import get_settings
 
 logger = logging.getLogger("segq.metrics")
@@ -102,24 +103,56 @@ def database_metrics() -> str:
     ])
 
 
+def backlog_metrics() -> str:
+    """The work waiting, for an autoscaler: volumes waiting for room, volumes admitted and not finished, and the
+    windows of GPU parts no GPU has started (docs/DEPLOY.md, Autoscaling)."""
+    current = (Subtask.job_id == Job.id) & (Subtask.attempt == Job.attempt)
+    with session_scope() as s:
+        queued = s.scalar(select(func.count()).select_from(Job)
+                          .where(Job.status == Status.QUEUED, Job.admitted_at.is_(None))) or 0
+        admitted = s.scalar(select(func.count()).select_from(Job).where(IN_FLIGHT)) or 0
+        parts, windows = s.execute(select(func.count(), func.sum(Subtask.windows)).join(Job, current)
+                                   .where(Job.status == Status.RUNNING, Subtask.status == Status.QUEUED)).one()
+    return "".join([
+        family("segq_volumes_queued", "gauge", "Volumes waiting in the database for room to be prepared.",
+               [({}, float(queued))]),
+        family("segq_volumes_admitted", "gauge",
+               "Volumes admitted and not finished: preparing, waiting for a GPU, on a GPU or merging.",
+               [({}, float(admitted))]),
+        family("segq_gpu_parts_queued", "gauge", "GPU parts of running volumes that no GPU worker has started.",
+               [({}, float(parts or 0))]),
+        family("segq_gpu_windows_queued", "gauge", "Sliding windows in those parts: the GPU work waiting.",
+               [({}, float(windows or 0))]),
+    ])
+
+
 def broker_metrics() -> str:
-    """Messages waiting per queue (Redis brokers only: a queue is a list)."""
-    url = get_settings().broker_url
+    """Messages waiting per queue and the GPU workers beating now (Redis brokers only: a queue is a list)."""
+    settings = get_settings()
+    url = settings.broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return ""
     import redis
 
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-    queues = every_queue()
-    return family("segq_queue_messages", "gauge", "Messages waiting in each broker queue.",
-                  [({"queue": q}, float(client.llen(q))) for q in queues])
+    try:
+        queues = every_queue()
+        lengths = [({"queue": q}, float(client.llen(q))) for q in queues]
+        gpus = float(client.zcount(GPU_WORKERS_KEY, f"({live_after(settings, client)}", "+inf"))
+    finally:
+        client.close()
+    return "".join([
+        family("segq_queue_messages", "gauge", "Messages waiting in each broker queue.", lengths),
+        family("segq_gpu_workers", "gauge", "GPU workers with an engine ready that beat recently (as admission "
+               "counts them; a simulated worker counts as its SEGQ_SIMULATE_DEVICES).", [({}, gpus)]),
+    ])
 
 
 def exposition() -> str:
     """Everything, with segq_up{source} saying which part could be read this time."""
     started = time.perf_counter()
     text, up = [], []
-    for source, collect in (("database", database_metrics), ("broker", broker_metrics)):
+    for source, collect in (("database", database_metrics), ("backlog", backlog_metrics), ("broker", broker_metrics)):
         try:
             text.append(collect())
             up.append(({"source": source}, 1.0))

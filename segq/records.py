@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -358,3 +359,26 @@ def record_step(job_id: str, attempt: int, step: str, worker: str, span: tuple[d
         s.add(Step(job_id=job_id, attempt=attempt, step=step, part=part, worker=worker, device=device,
                    started_at=span[0], finished_at=span[1], busy_started_at=busy[0] if busy else None,
                    busy_finished_at=busy[1] if busy else None, windows=windows))
+
+
+def hand_back_subtask(job_id: str, attempt: int, slab: int) -> None:
+    """A part handed back by a worker that is leaving waits again (``segq metrics``, the split rule's backlog)."""
+    with session_scope() as s:
+        s.execute(update(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt, Subtask.slab == slab,
+                                        Subtask.status == Status.RUNNING)
+                  .values(status=Status.QUEUED, worker=None, started_at=None))
+
+
+def active_models(limit: int = 4) -> list[tuple[dict[str, Any], str]]:
+    """(model, checksum) of the datasets with volumes not finished, oldest dataset first, each model once (at most
+    ``limit``): the engines a GPU worker that joins builds before it takes a message."""
+    unfinished = select(Job.dataset_id).where(Job.status.in_((Status.QUEUED, Status.RUNNING)))
+    with session_scope() as s:
+        rows = s.execute(select(Dataset.params, Dataset.model_sha256).where(Dataset.id.in_(unfinished))
+                         .order_by(Dataset.created_at)).all()
+    models: dict[str, tuple[dict[str, Any], str]] = {}
+    for params, sha in rows:
+        model = dict((params or {}).get("model") or {})
+        if model:
+            models.setdefault(sha + json.dumps(model, sort_keys=True), (model, sha))
+    return list(models.values())[:limit]

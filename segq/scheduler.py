@@ -172,14 +172,29 @@ def forget_worker(worker: str, settings: Settings | None = None) -> None:
         client.close()
 
 
+def live_after(settings: Settings, client: Any) -> float:
+    """The heartbeat time (unix, on the broker's clock) before which a GPU worker counts as gone."""
+    return clock.redis_time(client) - HEARTBEAT_MISSES * settings.admit_interval
+
+
+def gpu_worker_names(settings: Settings | None = None) -> set[str]:
+    """The GPU workers counted now, by name (``segq watch`` says when one joins or leaves)."""
+    settings = settings or get_settings()
+    client = _redis(settings)
+    try:
+        names = client.zrangebyscore(GPU_WORKERS_KEY, f"({live_after(settings, client)}", "+inf")
+    finally:
+        client.close()
+    return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
+
+
 def gpu_workers(settings: Settings | None = None) -> int:
     """GPU workers that beat recently (at least 1: a dataset submitted before any worker starts still
     gets one worker's room)."""
     settings = settings or get_settings()
     client = _redis(settings)
     try:
-        stale = clock.redis_time(client) - HEARTBEAT_MISSES * settings.admit_interval
-        client.zremrangebyscore(GPU_WORKERS_KEY, "-inf", stale)
+        client.zremrangebyscore(GPU_WORKERS_KEY, "-inf", live_after(settings, client))
         return max(1, int(client.zcard(GPU_WORKERS_KEY)))
     finally:
         client.close()

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     # job_deadline; each worker sweeps every watchdog_interval seconds (0: only `segq watchdog`).
     allowed_roots: str = ""
     watchdog_interval: int = Field(default=300, ge=0)
+    # Leaving (worker/leaving.py): on SIGTERM a worker finishes the GPU parts that end within stop_grace seconds and
+    # hands the others back, and is gone within stop_grace + 5 s. max_idle > 0 (`segq worker --max-idle N`): a
+    # worker that has had no task for that many seconds leaves by itself (exit 0; the launcher does not restart it).
+    stop_grace: float = Field(default=20.0, ge=0)
+    max_idle: float = Field(default=0.0, ge=0)
     # Every this many seconds each worker pings the others; a subtask running on a worker that missed two
     # pings in a row is re-queued (a new attempt of its job), not left to the visibility timeout. 0: off.
     dead_worker_interval: int = Field(default=30, ge=0)

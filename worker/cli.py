@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import click
+from celery.utils.nodenames import default_nodename, host_format
 
 from segq.names import every_queue
 
@@ -39,18 +41,22 @@ ROLE_HELP = ("With --gpus: 'all' runs the GPU (or CPU) workers and a coordinator
 @click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True,
               help="Pool of a plain worker, as Celery's -P. With --gpus, GPU workers use threads and the "
                    "coordinator prefork.")
+@click.option("--max-idle", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Leave (exit 0) once no task has come for this many seconds, for autoscalers; with --gpus, each "
+                   "worker process leaves on its own and the launcher does not restart it (default: "
+                   "SEGQ_MAX_IDLE, else never).")
 @click.pass_context
 def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
-           gpus: str | None, role: str | None, coordinator_concurrency: int | None, pool: str) -> None:
+           gpus: str | None, role: str | None, coordinator_concurrency: int | None, pool: str,
+           max_idle: float | None) -> None:
     """Start Celery workers; any further options are passed to every `celery worker`."""
     from segq.db import ensure_schema
 
     refuse_bad_credentials()
     if gpus is not None or role is not None:
         ensure_schema()  # once here, so a database problem is one clear error rather than N crashing children
-        sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency))
-
-    from celery.utils.nodenames import host_format
+        sys.exit(launch(ctx, hostname, concurrency, queues, loglevel, gpus, role or "all", coordinator_concurrency,
+                        max_idle))
 
     from segq.broker import warn_if_unsafe
     from segq.celery_app import get_app
@@ -59,6 +65,7 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
     from segq.names import EXIT_CONFIG
     from segq.settings import get_settings
     from segq.watchdog import IncarnationStep, SchedulerStep, WatchdogStep
+    from worker.leaving import IdleStep
     from worker.preflight import preflight
 
     ensure_schema()
@@ -74,17 +81,20 @@ def worker(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         from worker import threads
 
         threads.register(concurrency)
-    node = host_format(hostname or "segq@%h")
+    node = host_format(default_nodename(hostname or "segq@%h"))
     if (unshared := storage_problem(get_settings(), node)) is not None:  # it would fail every part it took
         click.echo(f"Error: {unshared}", err=True)
         sys.exit(EXIT_CONFIG)
+    join(node, queue_list, pool)
     get_engine().dispose()  # the pool processes fork from this one: they must not share its database connection
     argv = ["worker", "-Q", queue_list, "-c", str(concurrency), "-l", loglevel, "-n", node, "--pool", pool, *ctx.args]
     app = get_app()
+    app.conf.segq_max_idle = get_settings().max_idle if max_idle is None else max_idle
     begin_incarnation(app, node)  # before the pool forks: every process of the worker shares it
     app.steps["worker"].add(IncarnationStep)  # takes back what an earlier start under this name left running
     app.steps["worker"].add(WatchdogStep)  # fails jobs stuck past SEGQ_JOB_DEADLINE (off with interval 0)
     app.steps["worker"].add(SchedulerStep)  # GPU heartbeat and admission of waiting volumes
+    app.steps["worker"].add(IdleStep)  # --max-idle: leave once idle (worker/leaving.py)
     app.worker_main(argv)
     from worker.steps import stop_code
 
@@ -145,8 +155,35 @@ def storage_problem(settings: Any, node: str) -> str | None:
         return None
 
 
+def join(name: str, queues: str, pool: str) -> None:
+    """A GPU worker builds the engines of the datasets running now before Celery starts consuming.
+
+    Only a threads or solo pool runs its tasks in this process (as the launcher's GPU workers do); a prefork
+    pool's children build their own, and this process must stay free of CUDA before it forks them.
+    """
+    from segq.errors import EngineError, EngineRefusedError
+    from segq.names import EXIT_CONFIG, EXIT_ENGINE_BROKEN
+    from segq.settings import get_settings
+    from worker.preflight import serves_gpu_queue
+
+    settings = get_settings()
+    if pool == "prefork" or settings.backend == "simulate" or not serves_gpu_queue(queues):
+        return
+    from worker.runtime import warm_up
+
+    started = time.perf_counter()
+    try:
+        built = warm_up(settings, name)
+    except EngineError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG if isinstance(exc, EngineRefusedError) else EXIT_ENGINE_BROKEN)
+    if built:
+        logger.info("%s: %d engine(s) ready in %.1f s; joining: taking GPU work now", name, built,
+                    time.perf_counter() - started)
+
+
 def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: str | None, loglevel: str,
-           gpus: str | None, role: str, coordinator_concurrency: int | None) -> int:
+           gpus: str | None, role: str, coordinator_concurrency: int | None, max_idle: float | None = None) -> int:
     """Run the per-GPU launcher; returns its exit code. Never imports torch or touches CUDA."""
     from segq.deadworkers import hand_back_quietly
     from segq.settings import child_environment, get_settings
@@ -166,9 +203,10 @@ def launch(ctx: click.Context, hostname: str | None, concurrency: int, queues: s
         if concurrency != 1:
             raise click.UsageError("--concurrency sets the number of CPU workers of --gpus none; a GPU worker "
                                    "runs one task at a time")
+    idle = {} if max_idle is None else {"SEGQ_MAX_IDLE": str(max_idle)}  # each child leaves on its own
     specs = plan_children(selected, cpu_workers=concurrency, role=role, hostname=hostname,
                           coordinator_concurrency=coordinator_concurrency, loglevel=loglevel, extra=ctx.args,
-                          base_env=child_environment(), prefetch=get_settings().gpu_prefetch)
+                          base_env=child_environment(**idle), prefetch=get_settings().gpu_prefetch)
     for spec in specs:
         logger.info("%s consumes %s", spec.name, spec.argv[spec.argv.index("-Q") + 1])
     return Launcher(specs, on_death=hand_back_quietly).run()

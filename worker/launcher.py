@@ -8,10 +8,11 @@ GPUs with ``nvidia-smi -L`` (or torch in a throwaway subprocess) and starts ever
 
 The CPU work of a job (load, preprocess, merge, write) runs in a separate coordinator process, so a
 GPU worker never sits on it. A child that dies is restarted with a growing delay; one that keeps dying
-within seconds of its start is given up with an error. The work a child that died by surprise was running is
-handed back at once (``on_death``: its jobs start new attempts), not left to the visibility timeout.
-SIGTERM (or Ctrl-C) is passed on as Celery's warm shutdown: running tasks finish, then everything exits; a
-second one, or SIGQUIT, is a cold one.
+within seconds of its start is given up with an error; one that exits 0 left on purpose (``--max-idle``, or
+a SIGTERM of its own) and is not restarted. The work a child that died by surprise was running is handed back at
+once (``on_death``: its jobs start new attempts), not left to the visibility timeout. SIGTERM (or Ctrl-C) is
+passed on as Celery's warm shutdown: GPU parts that end within SEGQ_STOP_GRACE finish, the others are handed back,
+then everything exits (worker/leaving.py); a second one, or SIGQUIT, is a cold one.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ class Child:
     fast_crashes: int = 0
     restart_at: float | None = None
     given_up: bool = False
+    left: bool = False  # exited 0 on its own (idle, or its own SIGTERM): not restarted
     pending: bytes = b""
     exit_codes: list[int] = field(default_factory=list)
 
@@ -283,6 +285,11 @@ class Launcher:
             if all(c.given_up for c in self.children):
                 logger.error("every worker process was given up after repeated crashes: exiting")
                 return 1
+            if all(c.given_up or c.left for c in self.children):
+                given_up = any(c.given_up for c in self.children)
+                logger.log(logging.ERROR if given_up else logging.INFO, "every worker process left on its own "
+                           "(--max-idle or SIGTERM)%s: exiting", " or was given up" if given_up else "")
+                return 1 if given_up else 0
 
     def _handle_signals(self) -> None:
         while self.signals:
@@ -295,7 +302,8 @@ class Launcher:
             logger.warning("%s received: %s shutdown of %d worker(s)%s", signal.Signals(signum).name,
                            self.stopping, sum(c.running for c in self.children),
                            "; running tasks are cut short and handed back" if cold else
-                           "; running tasks finish first (send it again, or SIGQUIT, to cut them short)")
+                           "; parts that end within SEGQ_STOP_GRACE finish, the others are handed back (send it again, "
+                           "or SIGQUIT, to cut them short)")
             for child in self.children:
                 child.restart_at = None
                 if child.running:
@@ -363,6 +371,11 @@ class Launcher:
             logger.info("%s stopped (exit code %d)", child.spec.name, code)
             return
         ran = now - child.started
+        if code == 0:
+            child.left = True
+            logger.info("%s left on its own (exit code 0: --max-idle, or a SIGTERM sent to it): not restarting it",
+                        child.spec.name)
+            return
         if self.on_death is not None and code not in HANDED_BACK:
             self.on_death(child.spec.name, code)
         if code == EXIT_CONFIG:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from segq import clock
-from segq.errors import InputError
+from segq import clock, records
+from segq.errors import EngineError, InputError
 from segq.modelspec import ModelSpec, spec_from_dict
 from segq.scheduler import loading
 from segq.settings import Settings, get_settings
@@ -59,6 +59,28 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
             logger.info("engine ready in %.1f s", time.perf_counter() - started)
             _engines[key] = engine
     return spec, engine
+
+
+def warm_up(settings: Settings, worker: str) -> int:
+    """Build the engines of the datasets running now, before this worker takes any message; returns how many.
+
+    A GPU worker that joins a running dataset must not hold parts while it compiles (a first torch.compile
+    takes minutes): it builds first, then starts consuming, and only then counts in the admission window and
+    the split rule (its heartbeat starts with the consumer). A model that cannot load here is left to the part
+    that needs it, whose step fails it by the policy (worker/steps.py); a broken or refused engine ends the
+    process as a step would (EngineError).
+    """
+    built = 0
+    for model, sha in records.active_models():
+        try:
+            engine_for(model, sha, settings, None, worker)
+            built += 1
+        except EngineError:
+            raise
+        except Exception as exc:  # this dataset's own parts fail it with the reason; the worker joins anyway
+            logger.warning("could not build the engine of model %s before joining (%s); its parts will",
+                           sha[:12], exc)
+    return built
 
 
 def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:

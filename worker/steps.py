@@ -21,6 +21,9 @@ EngineRefusedError              EXIT        the same, exit code 78: the launcher
 StorageNotSharedError           STOP        this worker's SEGQ_STORAGE is not the shared one: hand the message
                                             back and stop the whole worker, exit code 78 (a worker on the shared
                                             storage that misses a workspace fails the job instead)
+WorkerLeaving                   HAND_BACK   the worker is leaving (SIGTERM) and the part would not end within
+                                            SEGQ_STOP_GRACE: the message goes back to the queue, this delivery
+                                            uncounted, the part waits again (worker/leaving.py)
 InputError, MemoryError, other  FAIL        fail the job with the reason, delete its workspace; the worker
                                             lives on (a volume too large for the host fails alone)
 ==============================  ==========  ===========================================================
@@ -54,9 +57,11 @@ from segq.errors import (
     InputError,
     StorageNotSharedError,
     TransientError,
+    WorkerLeaving,
 )
 from segq.names import DELIVERIES_KEY, EXIT_CONFIG, EXIT_ENGINE_BROKEN, every_queue
 from segq.settings import get_settings
+from worker import leaving
 from worker.jobs import outputs_of
 
 logger = logging.getLogger("segq.steps")
@@ -70,6 +75,7 @@ class Outcome(enum.Enum):
     SHRINK = "shrink"
     EXIT = "exit"
     STOP = "stop"
+    HAND_BACK = "hand_back"
     FAIL = "fail"
     RECONNECT = "reconnect"
 
@@ -77,6 +83,7 @@ class Outcome(enum.Enum):
 # First match wins; anything not listed is FAIL, unless it leaves the device unusable (EXIT).
 POLICY: tuple[tuple[type[BaseException], Outcome], ...] = (
     (CancelledError, Outcome.DISCARD),
+    (WorkerLeaving, Outcome.HAND_BACK),
     (TransientError, Outcome.RETRY),
     *((cls, Outcome.RECONNECT) for cls in db.UNAVAILABLE),  # refined by db.unavailable (SQLite's schema errors)
     (EngineError, Outcome.EXIT),
@@ -142,7 +149,7 @@ def outcome(exc: BaseException) -> Outcome:
 
 def describe(exc: BaseException) -> str:
     """The reason stored on the job: our own errors speak for themselves, others carry their class."""
-    if isinstance(exc, InputError | TransientError | EngineError):
+    if isinstance(exc, InputError | TransientError | EngineError | WorkerLeaving):
         return str(exc)
     if isinstance(exc, MemoryError):
         return (f"out of host memory ({exc or 'MemoryError'}): this volume needs more memory than this worker "
@@ -177,6 +184,9 @@ def run_step(task: Task, step: Step, body: Callable[[records.JobView], T]) -> T 
     """Run ``body(job)`` for ``step`` under the one policy; returns its result, or None when it did not run."""
     if _broken.is_set():
         raise Reject("this process's device is broken; another worker takes the message", requeue=True)
+    if leaving.leaving():  # fetched as the worker was told to go: it never starts here
+        logger.info("%s of job %s: this worker is leaving; handed back before it started", step.what, step.job_id)
+        raise Reject("this worker is leaving; another worker takes the message", requeue=True)
     try:
         return _run(task, step, body)
     except Exception as exc:  # a lost database anywhere in the step, its failure handling included
@@ -220,6 +230,8 @@ def _handle(task: Task, step: Step, exc: Exception) -> None:
         discard(step.job_id, step.attempt)
         _drop_outputs(step)
         return
+    if result is Outcome.HAND_BACK:
+        _hand_back(task, step, exc)
     if result is Outcome.SHRINK:
         size = step.batch_size or 1
         if size > 1:
@@ -327,6 +339,19 @@ _stopped_with: list[int] = []  # what segq_stop asked this worker process to exi
 def stop_code() -> int:
     """The exit code segq_stop gave this worker (its main process), else 0: Celery's worker_main returns none."""
     return _stopped_with[-1] if _stopped_with else 0
+
+
+def _hand_back(task: Task, step: Step, exc: Exception) -> None:
+    """Give the message back to the queue without counting this delivery against the step (an orderly
+    departure is not a worker lost), and let the part wait again; raises Reject."""
+    assert step.attempt is not None
+    client = getattr(task.backend, "client", None)
+    if client is not None:
+        client.decr(DELIVERIES_KEY.format(task_id=task.request.id, retries=task.request.retries or 0))
+    if step.part is not None:
+        records.hand_back_subtask(step.job_id, step.attempt, step.part)
+    logger.warning("%s of job %s handed back: %s", step.what, step.job_id, describe(exc))
+    raise Reject(describe(exc), requeue=True) from None  # orderly: no traceback in the log
 
 
 def stop_consuming(task: Task) -> None:

@@ -33,7 +33,7 @@ from segq.names import (
     slab_task_id,
 )
 from segq.settings import get_settings
-from worker import jobs
+from worker import jobs, leaving
 from worker.steps import Step, discard, run_step
 
 logger = logging.getLogger("segq.tasks")
@@ -116,8 +116,11 @@ def _parts_for(job: records.JobView) -> Any:
     sw_batch = int(job.model.get("sw_batch_size") or 4)
 
     def parts(windows: int) -> int:
-        return scheduler.split_parts(windows, scheduler.gpu_workers(settings), scheduler.backlog(exclude=job.id),
-                                     2 * sw_batch, cap)
+        gpus, waiting = scheduler.gpu_workers(settings), scheduler.backlog(exclude=job.id)
+        n = scheduler.split_parts(windows, gpus, waiting, 2 * sw_batch, cap)
+        logger.info("job %s: %d windows in %d part(s): %d GPU worker(s), %d other volume(s) waiting", job.id,
+                    windows, n, gpus, waiting)
+        return n
 
     return parts
 
@@ -135,7 +138,6 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
         raise CancelledError("the job ended while its volume was prepared")
     dispatch(job, len(prepared.slabs))
     records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
-    logger.info("job %s: %d windows in %d part(s)", job.id, len(prepared.plan.starts), len(prepared.slabs))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 
 
@@ -158,6 +160,21 @@ def _cancel_check(job_id: str, attempt: int) -> Any:
             state = records.job_status(job_id)
             last[0], last[1] = now, state is None or state[1] != attempt or state[0].final
         return bool(last[1])
+
+    return should_stop
+
+
+def _stop_check(job: records.JobView, ws: Path, slab: int, batch_size: int) -> Any:
+    """What a part asks before each ROI batch: is the job still wanted (False stops it), and may this worker,
+    if it is leaving, still finish it within the grace (WorkerLeaving hands it back, worker/leaving.py)."""
+    _plan, slabs = jobs.load_plan(ws)
+    windows = len(slabs[slab].starts) if 0 <= slab < len(slabs) else 0
+    pace = leaving.PartClock(-(-windows // max(batch_size, 1)))
+    cancelled = _cancel_check(job.id, job.attempt)
+
+    def should_stop() -> bool:
+        pace()
+        return bool(cancelled())
 
     return should_stop
 
@@ -190,8 +207,8 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     step.batch_size = spec.sw_batch_size
     watch = clock.Stopwatch()
     lease = DeviceLease(engine)
-    ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _cancel_check(job.id, job.attempt), lease,
-                        settings.partial_dtype)
+    ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _stop_check(job, ws, slab, step.batch_size),
+                        lease, settings.partial_dtype)
     records.finish_subtask(job.id, job.attempt, slab, round(watch.seconds(), 3), step.batch_size, lease.peak_bytes)
     records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device=lease.label,
                         busy=lease.interval, windows=ref.get("windows"))

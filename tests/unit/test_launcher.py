@@ -4,6 +4,7 @@ with stand-in child processes (small Python scripts, no Celery)."""
 from __future__ import annotations
 
 import io
+import logging
 import signal
 import socket
 import subprocess
@@ -233,11 +234,28 @@ def test_a_child_refused_by_preflight_is_given_up_at_once(caplog: pytest.LogCapt
 def test_deaths_after_a_long_run_are_always_restarted(alarm: list[float]) -> None:
     policy = RestartPolicy(initial_delay=0.05, max_delay=0.4, fast_seconds=0.0, max_fast_crashes=2)
     assert [RestartPolicy(1, 60, 60, 5).delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
-    launcher = Launcher([fake("flaky@t", "import time; time.sleep(0.1)")], policy, out=io.BytesIO())
+    launcher = Launcher([fake("flaky@t", "import sys, time; time.sleep(0.1); sys.exit(1)")], policy, out=io.BytesIO())
     start_alarm(alarm, 3.0)
     assert launcher.run() == 0
     child = launcher.children[0]
     assert not child.given_up and child.starts >= 3, child
+
+
+def test_a_child_that_left_on_its_own_is_not_restarted(alarm: list[float], caplog: pytest.LogCaptureFixture) -> None:
+    """Exit 0 is a departure (--max-idle, a SIGTERM of its own), not a crash: the others run on, and the
+    launcher exits 0 once every child has left."""
+    caplog.set_level(logging.INFO, logger="segq.launcher")
+    idle = fake("idle@t", "import time; time.sleep(0.2)")
+    launcher = Launcher([idle, fake("sleep@t", SLEEPER)], RestartPolicy(0.01, 0.05, 30, 3), out=io.BytesIO())
+    start_alarm(alarm, 2.0)
+    assert launcher.run() == 0
+    left, sleeper = launcher.children
+    assert left.left and left.starts == 1 and left.exit_codes == [0] and not left.given_up
+    assert sleeper.starts == 1 and sleeper.exit_codes == [0]
+    assert "idle@t left on its own (exit code 0" in caplog.text
+    alone = Launcher([fake("idle@t", "pass")], RestartPolicy(0.01, 0.05, 30, 3), out=io.BytesIO())
+    assert alone.run() == 0 and alone.children[0].starts == 1
+    assert "every worker process left on its own" in caplog.text
 
 
 def test_second_sigterm_is_a_cold_shutdown(alarm: list[float]) -> None:

@@ -61,6 +61,9 @@ def test_exposition_from_the_database(database: str) -> None:
     assert 'segq_worker_busy_seconds_total{worker="w2@h"} 1' in text
     assert f'segq_worker_gpu_peak_bytes{{worker="w1@h"}} {3 << 30}' in text and 'gpu_peak_bytes{worker="w2' not in text
     assert 'segq_up{source="database"} 1' in text and 'segq_up{source="broker"} 0' in text
+    # the backlog: the queued job waits for room; the done job's parts are not waiting
+    assert "segq_volumes_queued 1" in text and "segq_volumes_admitted 0" in text
+    assert "segq_gpu_windows_queued 0" in text and 'segq_up{source="backlog"} 1' in text
 
 
 def test_http_server_answers_metrics_and_404(database: str) -> None:
