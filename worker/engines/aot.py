@@ -42,7 +42,7 @@ from torch import nn
 
 from segq import storage
 from segq.errors import EngineError, EngineRefusedError
-from worker.engines.cache import LOCK_TIMEOUT, build_lock, model_dir
+from worker.engines.files import LOCK_TIMEOUT, build_lock, model_dir
 from worker.engines.plans import sidecar_path
 
 logger = logging.getLogger("segq.engine.aot")
