@@ -9,7 +9,8 @@ a BraTS-size volume (240x240x155), so the modes' speeds come from one run.
 
 On the GPU (SwinUNETR fs48 fp16, ROI batch 16): eager fp16, the whole network compiled, the regional compile:
 
-    python -m bench.warm_start --modes off:2,default:2,regional:3 --out "$OUT/warm_start.jsonl" --compile-profile
+    python -m bench.warm_start --modes regional:3,off:1,default:2 --compile-profile --budget 420 \\
+        --out "$OUT/warm_start_h200.jsonl"
 
 On a CPU, a tiny SwinUNETR (what tests/unit/test_bench_warm_start.py runs):
 
@@ -17,8 +18,9 @@ On a CPU, a tiny SwinUNETR (what tests/unit/test_bench_warm_start.py runs):
 
 JSON lines go to --out: one a start (process seconds, "ready" seconds, the steps, the gate and how its verdict
 was reached, the speed), then one summary a mode and one comparing the modes' speeds. The starts' own logs go to
-<out>.log. ``--compile-profile`` adds one more start of the whole-network mode from the cache, with TORCH_LOGS
-and cProfile, and prints where its compile spends its time (dynamo's compile_times and cProfile's top entries).
+<out>.log. Every start records dynamo's compile_times (its top entries); ``--compile-profile`` runs the
+whole-network mode's warm starts with TORCH_LOGS and prints those entries, and ``--cprofile`` adds cProfile's top
+entries for its last one: where a compile from inductor's cache spends its time.
 """
 
 from __future__ import annotations
@@ -185,9 +187,10 @@ def _sync(device: Any) -> None:
 
 
 def start(
-    args: argparse.Namespace, model: Path, mode: str, engines: Path, log: Path, timed_speed: bool, profile: bool = False
+    args: argparse.Namespace, model: Path, mode: str, engines: Path, log: Path, timed_speed: bool, profile: str = ""
 ) -> dict[str, Any]:
-    """One start in a fresh process: its wall time and the child's record."""
+    """One start in a fresh process: its wall time and the child's record. ``profile``: "logs" sets TORCH_LOGS,
+    "cprofile" also runs the start under cProfile."""
     env = {
         **os.environ,
         "SEGQ_ENGINE_DIR": str(engines),
@@ -197,30 +200,18 @@ def start(
         "SEGQ_BACKEND": "torch",
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
     }
-    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the engine puts it under SEGQ_ENGINE_DIR, as in a worker
+    env.pop("SEGQ_INDUCTOR_CACHE_DIR", None)  # inductor's cache goes under SEGQ_ENGINE_DIR, as in a worker
     if profile:
         env["TORCH_LOGS"] = args.torch_logs
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.warm_start",
-        "--child",
-        "--model",
-        str(model),
-        "--top",
-        str(args.top),
-        "--repeats",
-        str(args.repeats),
-        "--speed-shape",
-        *map(str, args.speed_shape),
-    ]
+    argv = [sys.executable, "-m", "bench.warm_start", "--child", "--model", str(model), "--top", str(args.top)]
+    argv += ["--repeats", str(args.repeats), "--speed-shape", *map(str, args.speed_shape)]
     argv += ["--speed"] if timed_speed else []
-    argv += ["--cprofile"] if profile else []
+    argv += ["--cprofile"] if profile == "cprofile" else []
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
     with open(log, "a") as handle:
-        handle.write(f"===== {mode} (profile {profile}) exit {done.returncode} =====\n{done.stdout}{done.stderr}\n")
+        handle.write(f"===== {mode} ({profile or 'plain'}) exit {done.returncode} =====\n{done.stdout}{done.stderr}\n")
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = "\n".join(done.stderr.splitlines()[-15:])
@@ -232,6 +223,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     from bench.throughput import network_model
     from segq.pipeline.toml import load_model_spec
 
+    began = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = args.out.with_suffix(".log")
     model = network_model(args, root)
@@ -250,41 +242,44 @@ def run(args: argparse.Namespace, root: Path) -> None:
             raise SystemExit(f"{engines} is not empty: the first start would not be a cold one")
         records = []
         for number in range(starts):
-            figures = start(args, model, mode, engines, log, timed_speed=number == starts - 1)
-            record = {
-                "bench": "warm_start",
-                **network,
-                "torch_compile": mode,
-                "start": number,
-                "cache": "cold" if number == 0 else "warm",
-                **figures,
-            }
+            if args.budget is not None and time.perf_counter() - began > args.budget:
+                emit(
+                    {"bench": "warm_start", **network, "torch_compile": mode, "start": number, "skipped": "budget"},
+                    args.out,
+                )
+                print(f"{mode} start {number} skipped: past --budget {args.budget} s", flush=True)
+                break
+            profile = _profile_of(args, mode, number, starts)
+            figures = start(args, model, mode, engines, log, timed_speed=number == starts - 1, profile=profile)
+            cache = "cold" if number == 0 else "warm"
+            record = {"bench": "warm_start", **network, "torch_compile": mode, "start": number, "cache": cache}
+            record.update(profile=profile or None, **figures)
             emit(record, args.out)
             records.append(record)
             _say(record)
-        if args.compile_profile and mode == "default":
-            figures = start(args, model, mode, engines, log, timed_speed=False, profile=True)
-            emit(
-                {
-                    "bench": "warm_start",
-                    **network,
-                    "torch_compile": mode,
-                    "start": "profile",
-                    "cache": "warm",
-                    "torch_logs": args.torch_logs,
-                    **figures,
-                },
-                args.out,
-            )
-            print("whole-network compile from the cache, dynamo's compile_times (top entries):", flush=True)
-            for row in figures["compile_times"]:
-                print(f"  {row['seconds']:9.2f} s  {row['calls']:4d}x  {row['what']}", flush=True)
-        summary = summarise(mode, records)
-        emit({"bench": "warm_start_summary", **network, **summary}, args.out)
-        if summary.get("speed_best_seconds") is not None:
-            speeds[mode] = summary["speed_best_seconds"]
+            if profile:
+                _print_compile_times(mode, figures["compile_times"])
+        if records:
+            summary = summarise(mode, records)
+            emit({"bench": "warm_start_summary", **network, **summary}, args.out)
+            if summary.get("speed_best_seconds") is not None:
+                speeds[mode] = summary["speed_best_seconds"]
     if speeds:
         emit({"bench": "warm_start_speeds", **network, "best_seconds": speeds, **compare(speeds)}, args.out)
+
+
+def _profile_of(args: argparse.Namespace, mode: str, number: int, starts: int) -> str:
+    """The whole-network mode's warm starts run with TORCH_LOGS under --compile-profile; its last one also under
+    cProfile with --cprofile (which slows it: its times are then not a plain start's)."""
+    if not args.compile_profile or mode != "default" or number == 0:
+        return ""
+    return "cprofile" if args.cprofile and number == starts - 1 else "logs"
+
+
+def _print_compile_times(mode: str, rows: list[dict[str, Any]]) -> None:
+    print(f"{mode}, compile from the cache: dynamo's compile_times, top entries:", flush=True)
+    for row in rows:
+        print(f"  {row['seconds']:9.2f} s  {row['calls']:4d}x  {row['what']}", flush=True)
 
 
 def summarise(mode: str, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -337,6 +332,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda:0", help="SEGQ_DEVICE of the starts: cuda:0, or cpu.")
     parser.add_argument(
         "--modes",
+        "--torch-compile",
+        dest="modes",
         default="off:2,default:2,regional:3",
         help="SEGQ_TORCH_COMPILE values with their starts, MODE[:STARTS],...; each mode gets an "
         "empty engine directory, so its first start is a cold one.",
@@ -359,8 +356,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-profile",
         action="store_true",
-        help="One more start of the whole-network mode (default) from the cache, with TORCH_LOGS and "
-        "cProfile; prints dynamo's compile_times and cProfile's top entries.",
+        help="The whole-network mode's (default) warm starts run with TORCH_LOGS, and dynamo's compile_times of each "
+        "are printed: where its compile from the cache spends its time.",
     )
     parser.add_argument("--torch-logs", default=TORCH_LOGS, help="TORCH_LOGS of the --compile-profile start.")
     parser.add_argument("--top", type=int, default=25, help="Entries of compile_times and cProfile to keep.")
@@ -371,15 +368,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Keep each mode's engine directory here (engines-<mode>); default: a temporary one.",
     )
-    parser.add_argument("--out", type=Path, default=None, help="JSON lines file; the starts' logs go to <out>.log.")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON lines file (a directory: <out>/warm_start.jsonl); logs: <out>.log."
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--speed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cprofile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="With --compile-profile: the whole-network mode's last warm start also runs under cProfile (slower) and "
+        "prints cProfile's top entries; in a start process, run it under cProfile.",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="Seconds after which no new start begins (the run stays inside a device call's limit).",
+    )
     args = parser.parse_args(argv)
     if args.child:
         return args
     if args.out is None:
         parser.error("--out is required")
+    if args.out.is_dir():
+        args.out = args.out / "warm_start.jsonl"
     if args.quick:
         given = set(argv or sys.argv[1:])
         args.feature_size, args.roi, args.sw_batch_size = 12, 64, 2

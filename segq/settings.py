@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     # matches all of them reads it instead of running the gate again (worker/engines/verdicts.py). false: always run.
     gate_cache: bool = True
     # Inductor's on-disk cache (compiled kernels and graphs), kept between starts. Unset: <engine_dir>/inductor.
-    # Not SEGQ_-prefixed: PyTorch's own variable, which the engine sets to this directory for inductor.
-    inductor_cache_dir: Path | None = Field(default=None, validation_alias="TORCHINDUCTOR_CACHE_DIR")
+    # A compiling engine points PyTorch's own TORCHINDUCTOR_CACHE_DIR here (worker/engines/torch_engine.py).
+    inductor_cache_dir: Path | None = None
     # Celery reliability: the visibility timeout must exceed the hard time limit, or Redis
     # redelivers a task that is still running.
     task_time_limit: int = Field(default=3600, ge=10)

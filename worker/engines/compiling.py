@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 logger = logging.getLogger("segq.engine.compile")
@@ -32,6 +33,7 @@ REGIONS: dict[str, tuple[str, ...]] = {
     "UNet": ("ResidualUnit", "Convolution"),
     "SegResNet": ("ResBlock",),
 }
+_TORCH_COMPILE = torch.compile
 MIN_REPEATED = 2  # below this a network has nothing that repeats: regional compilation would save no tracing
 
 
@@ -53,8 +55,9 @@ class TorchFeatures:
 def _installed() -> TorchFeatures:
     import torch._inductor
 
-    # torch.compile only wraps the function here; nothing is traced or compiled until it is called.
-    compiled = torch.compile(_identity)
+    # torch.compile only wraps the function here; nothing is traced or compiled until it is called. The one
+    # PyTorch installed, as imported with this module: not a stand-in a test may have put in its place since.
+    compiled = _TORCH_COMPILE(_identity)
     return TorchFeatures(
         torch.__version__,
         hasattr(compiled, "aot_compile"),
