@@ -163,3 +163,52 @@ def test_auto_compiles_fp16_on_a_gpu_and_leaves_regional_or_whole_to_the_engine(
     from worker.engines import compile_mode
 
     assert compile_mode(setting, precision, torch.device(device)) == expected
+
+
+def test_aot_compile_behind_dynamos_flag_counts_as_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch.compile gives ``aot_compile`` only with ``enable_aot_compile`` on (off by default in some
+    releases), the feature is there: the engine switches the flag on for its build and load."""
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo.config, "enable_aot_compile"):
+        pytest.skip(f"PyTorch {torch.__version__} has no enable_aot_compile flag")
+    monkeypatch.setattr(torch._dynamo.config, "enable_aot_compile", False)
+    assert not hasattr(torch.compile(lambda x: x), "aot_compile")
+    compiling._installed.cache_clear()
+    try:
+        assert TorchFeatures.installed().aot_compile is hasattr(torch.compiler, "load_compiled_function")
+        assert torch._dynamo.config.enable_aot_compile is False, "switched on only while it is used"
+    finally:
+        compiling._installed.cache_clear()
+
+
+def test_a_precompile_that_fails_falls_back_with_one_line_instead_of_stopping_the_worker(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from segq.errors import EngineRefusedError
+    from worker.engines import aot
+    from worker.engines.torch_engine import TorchEngine
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise EngineRefusedError("the compiled network x cannot be used: the process that loaded it died of SIGSEGV")
+
+    monkeypatch.setattr(aot, "ensure", refused)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: None)
+    monkeypatch.setattr(compiling, "_noted", set())
+    spec = _spec("UNet", sw_batch_size=2)
+    model = TargetClassProbability(build_network(spec), 1, 2).eval()
+    with caplog.at_level(logging.WARNING, logger="segq.engine.compile"):
+        engine = TorchEngine(
+            spec,
+            torch.device("cpu"),
+            "fp32",
+            "precompile",
+            model=model,
+            engine_root=tmp_path,
+            features=ALL,
+            model_sha256="ab" * 32,
+        )
+    assert engine.compile_mode == "regional" and engine.package is None and engine.static is not None
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "precompile did not work with PyTorch 2.13.0" in line and "died of SIGSEGV" in line
+    assert engine(torch.randn(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)

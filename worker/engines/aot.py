@@ -42,6 +42,7 @@ from torch import nn
 
 from segq import storage
 from segq.errors import EngineError, EngineRefusedError
+from worker.engines.compiling import aot_compile_switch
 from worker.engines.files import LOCK_TIMEOUT, build_lock, model_dir
 from worker.engines.plans import sidecar_path
 
@@ -113,8 +114,9 @@ def build(network: nn.Module, example: torch.Tensor, path: Path, options: dict[s
     """Compile ``network`` for ``example``'s shape into ``path`` (minutes), as the path's kind says."""
     if kind_of(path) == "precompile":
         skip_input_size_checks(network)
-        compiled = torch.compile(network, fullgraph=True, dynamic=False, options=options)
-        with torch.inference_mode():  # the mode the engine calls it in: dynamo's guards check it
+        # the mode the engine calls it in (dynamo's guards check it), with aot_compile switched on where it is a flag
+        with aot_compile_switch(), torch.inference_mode():
+            compiled = torch.compile(network, fullgraph=True, dynamic=False, options=options)
             function = compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined]
         function.save_compiled_function(str(path))
         return
@@ -138,7 +140,7 @@ def skip_input_size_checks(network: nn.Module) -> None:
 def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
     """The runner in ``path``; a precompiled function is bound to ``network()`` (it holds no weights)."""
     if kind_of(path) == "precompile":
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle, aot_compile_switch():
             function = torch.compiler.load_compiled_function(handle)
         # Dynamo's guards would also compare the input's dispatch keys (an inference tensor or not), which
         # varies with where a batch was made; the engine alone calls it, always at the one shape, dtype and device.

@@ -17,6 +17,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +58,11 @@ def _installed() -> TorchFeatures:
 
     # torch.compile only wraps the function here; nothing is traced or compiled until it is called. The one
     # PyTorch installed, as imported with this module: not a stand-in a test may have put in its place since.
-    compiled = _TORCH_COMPILE(_identity)
+    with aot_compile_switch():
+        compiled = _TORCH_COMPILE(_identity)
     return TorchFeatures(
         torch.__version__,
-        hasattr(compiled, "aot_compile"),
+        hasattr(compiled, "aot_compile") and hasattr(torch.compiler, "load_compiled_function"),
         hasattr(torch._inductor, "aoti_compile_and_package"),
         hasattr(nn.Module, "compile"),
     )
@@ -68,6 +70,18 @@ def _installed() -> TorchFeatures:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def aot_compile_switch() -> AbstractContextManager[Any]:
+    """Switch on ``torch._dynamo.config.enable_aot_compile`` where the installed PyTorch has it.
+
+    torch.compile gives its wrapper ``aot_compile`` only when that flag is on: on by default in PyTorch 2.13, off
+    in at least one earlier release, which is what "no attribute 'aot_compile'" on PyTorch 2.11 may have been.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    return config.patch(enable_aot_compile=True) if hasattr(config, "enable_aot_compile") else nullcontext()
 
 
 @dataclass(frozen=True)

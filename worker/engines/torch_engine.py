@@ -23,7 +23,14 @@ from segq.errors import EngineError
 from segq.modelspec import ModelSpec
 from segq.settings import TorchCompile
 from worker.engines import aot
-from worker.engines.compiling import TorchFeatures, choose, compile_regions, note_once, repeated_blocks
+from worker.engines.compiling import (
+    TorchFeatures,
+    choose,
+    compile_regions,
+    describe,
+    note_once,
+    repeated_blocks,
+)
 from worker.engines.model import TargetClassProbability, load_model
 from worker.engines.plans import Profile, chunk_batch
 from worker.engines.startup import StartClock, timed
@@ -123,9 +130,14 @@ class TorchEngine:
         def network() -> TargetClassProbability:
             return prepared_network(spec, device, self.dtype, fused_attention, self.channels_last, model, clock)
 
+        features = features or (TorchFeatures.installed() if compile_mode is not None else None)
+
+        def blocks() -> int:
+            return len(repeated_blocks(network()))
+
         if compile_mode is not None:
-            choice = choose(compile_mode, features or TorchFeatures.installed(),
-                            lambda: len(repeated_blocks(network())))
+            assert features is not None
+            choice = choose(compile_mode, features, blocks)
             note_once(choice.note)
             compile_mode = choice.mode
         # A compiled graph is specialised to one batch size: batches are padded or split to
@@ -146,12 +158,21 @@ class TorchEngine:
             sha = model_sha256 or spec.checksum()
             self.package = aot.package_path(engine_root, sha, precision, spec.sw_batch_size, device, compile_mode)
             example = torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=self.dtype)
-            with timed(clock, "compile"):
-                runner, meta = aot.ensure(self.package, spec.to_dict(), sha, precision, spec.sw_batch_size, device,
-                                          network, example, compile_options(compile_mode))
-            self.model: Callable[[torch.Tensor], torch.Tensor] = runner
-            self.accuracy = meta.accuracy
-            return
+            try:
+                with timed(clock, "compile"):
+                    runner, meta = aot.ensure(self.package, spec.to_dict(), sha, precision, spec.sw_batch_size,
+                                              device, network, example, compile_options(compile_mode))
+                self.model: Callable[[torch.Tensor], torch.Tensor] = runner
+                self.accuracy = meta.accuracy
+                return
+            except EngineError as exc:
+                if compile_mode != "precompile":  # aot has its own refusal with the way out (exit 78)
+                    raise
+                assert features is not None
+                compile_mode = self.compile_mode = choose("auto", features, blocks).mode
+                self.package = None
+                note_once(f"SEGQ_TORCH_COMPILE=precompile did not work with PyTorch {features.version}: "
+                          f"{str(exc)[:300]}; compiling {describe(compile_mode)} instead")
         self.model = network()
         if compile_mode == "regional":
             with timed(clock, "compile"):
