@@ -150,20 +150,8 @@ def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
     return runner
 
 
-# Run by `probe` in a process of its own: load the file as a worker would and run it once on zeros.
-PROBE = """
-import json, sys
-from pathlib import Path
-import torch
-from segq.modelspec import spec_from_dict
-from worker.engines import aot
-from worker.engines.torch_engine import DTYPES, prepared_network
-path, spec = Path(sys.argv[1]), spec_from_dict(json.loads(sys.argv[2]))
-device, dtype = torch.device(sys.argv[3]), DTYPES[sys.argv[4]]
-runner = aot.load(path, lambda: prepared_network(spec, device, dtype))
-with torch.inference_mode():
-    runner(torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=dtype))
-"""
+# `probe` loads the file in a process of its own, as a worker would.
+PROBE_COMMAND = [sys.executable, "-m", "worker.engines.aot_probe"]
 PROBE_TIMEOUT = 600
 
 
@@ -175,7 +163,7 @@ def probe(path: Path, spec: dict[str, Any], device: torch.device, precision: str
     (bench/results/aot_load_check_h200.jsonl). In the worker that would be a crash on every start instead
     of an error that says what to do.
     """
-    argv = [sys.executable, "-c", PROBE, str(path), json.dumps(spec), str(device), precision]
+    argv = [*PROBE_COMMAND, str(path), json.dumps(spec), str(device), precision]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -19,10 +19,10 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+import worker.engines.aot as aot
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
 from segq.settings import TorchCompile
-from worker.engines import aot
 from worker.engines.compiling import (
     TorchFeatures,
     choose,
