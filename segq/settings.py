@@ -17,11 +17,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "simulate"]
 Precision = Literal["fp32", "fp16", "bf16"]
-# auto (the default): torch.compile an fp16 network on a GPU (1.41-1.48x the tuned MONAI loop in process, 1.37x
-# segq's eager fp16 through the queue on an H200: docs/BENCHMARKS.md), eager otherwise; off; a torch.compile mode
-# by name (worker/engines/torch_engine.compile_options); aot, an AOTInductor package; or precompile, torch.compile
-# with dynamo's result saved too (both in worker/engines/aot.py).
-TorchCompile = Literal["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot",
+# auto (the default): on a GPU in fp16, torch.compile the network's repeated blocks one by one (regional: 9.9 s
+# from inductor's cache against 66 s for the whole network on an H200, as fast) where it has blocks segq knows
+# (SwinUNETR, UNet, SegResNet), else the whole network; eager otherwise (worker/engines/compiling.py). off;
+# regional; a torch.compile mode for the whole network by name (worker/engines/torch_engine.compile_options); aot,
+# an AOTInductor package; or precompile, torch.compile with dynamo's result saved too (both in
+# worker/engines/aot.py; where the installed PyTorch lacks their API, what auto picks, said in one line).
+TorchCompile = Literal["auto", "off", "regional", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot",
                        "precompile"]
 
 
@@ -78,6 +80,12 @@ class Settings(BaseSettings):
     trt_max_batch: int = Field(default=16, ge=1)
     trt_workspace_gb: float = Field(default=10.0, gt=0)
     gate_min_dice: float = Field(default=0.99, ge=0, le=1)
+    # A passed gate's verdict is kept under engine_dir per engine, PyTorch, GPU and checkpoint, and a start that
+    # matches all of them reads it instead of running the gate again (worker/engines/verdicts.py). false: always run.
+    gate_cache: bool = True
+    # Inductor's on-disk cache (compiled kernels and graphs), kept between starts. Unset: <engine_dir>/inductor.
+    # A compiling engine points PyTorch's own TORCHINDUCTOR_CACHE_DIR here (worker/engines/torch_engine.py).
+    inductor_cache_dir: Path | None = None
     # Celery reliability: the visibility timeout must exceed the hard time limit, or Redis
     # redelivers a task that is still running.
     task_time_limit: int = Field(default=3600, ge=10)
@@ -151,6 +159,10 @@ class Settings(BaseSettings):
     @property
     def engine_root(self) -> Path:
         return (self.engine_dir or self.storage_root / "engines").expanduser().resolve()
+
+    @property
+    def inductor_root(self) -> Path:
+        return (self.inductor_cache_dir or self.engine_root / "inductor").expanduser().resolve()
 
     @classmethod
     def settings_customise_sources(

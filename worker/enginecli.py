@@ -97,7 +97,8 @@ def build_engine(onnx_path: Path, fp16: bool, min_batch: int, opt_batch: int, ma
     """Build a TensorRT plan for this machine's GPU (what trtexec --onnx --saveEngine --fp16 --minShapes
     --optShapes --maxShapes does), gate its accuracy against fp32 PyTorch, and store it with a sidecar."""
     from segq.settings import get_settings
-    from worker.engines.cache import build_and_gate, model_dir
+    from worker.engines.cache import build_and_gate
+    from worker.engines.files import model_dir
     from worker.engines.onnx_export import OnnxMeta
     from worker.engines.plans import Profile, plan_name
     from worker.engines.trt_build import current_target, tensorrt_module

@@ -16,10 +16,12 @@ from segq.modelspec import ModelSpec, spec_from_dict
 from segq.scheduler import loading
 from segq.settings import Settings, get_settings
 from worker.engines import Engine, compile_mode, create_engine, pick_device
+from worker.engines.startup import StartClock
 
 logger = logging.getLogger("segq.runtime")
 
 _engines: dict[tuple[str, str, str, int], Engine] = {}
+_starts: dict[tuple[str, str, str, int], StartClock] = {}
 _lock = threading.Lock()
 
 
@@ -51,13 +53,12 @@ def engine_for(model: dict[str, Any], model_sha256: str, settings: Settings,
             logger.info("loading the %s engine on %s for model %s", what, device, model_sha256[:12])
             started = time.perf_counter()
             slow = mode is not None or settings.backend != "torch"  # a compile, an ONNX export or a TensorRT build
+            clock = StartClock()
             with loading(worker if slow else None, what, settings):
-                engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings,
-                                       model_sha256)
-                if settings.backend == "torch" and (mode or settings.precision != "fp32"):
-                    gate(engine, spec, settings)
-            logger.info("engine ready in %.1f s", time.perf_counter() - started)
+                engine = _start(spec, model_sha256, settings, device, mode, clock)
+            logger.info("engine ready in %.1f s (%s)", time.perf_counter() - started, clock.line())
             _engines[key] = engine
+            _starts[key] = clock
     return spec, engine
 
 
@@ -83,18 +84,48 @@ def warm_up(settings: Settings, worker: str) -> int:
     return built
 
 
-def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
-    """Refuse a reduced-precision or compiled engine whose masks disagree with fp32 eager PyTorch.
+def _start(spec: ModelSpec, model_sha256: str, settings: Settings, device: torch.device, mode: str | None,
+           clock: StartClock) -> Engine:
+    """Build the engine, run it once (a compiled engine compiles there) and gate it, each step on ``clock``."""
+    if device.type == "cuda":
+        with clock.step("cuda init"):
+            torch.empty(0, device=device)
+    engine = create_engine(spec, settings.backend, settings.precision, device, mode, settings, model_sha256, clock)
+    if settings.backend != "torch":
+        return engine
+    if mode is not None or device.type == "cuda":  # the compile, cuDNN's autotuning: paid now, not by a part
+        with clock.step("first call"):
+            engine(torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi)))
+    if mode or settings.precision != "fp32":
+        with clock.step("gate"):
+            how, result = gate(engine, spec, settings, model_sha256)
+        clock.notes.update(gate_verdict=how, gate_dice=result["dice"], gate_agreement=result["agreement"])
+    return engine
+
+
+def last_start(model_sha256: str, settings: Settings, sw_batch_size: int) -> StartClock | None:
+    """The timed steps of the start of this process's engine for the model (None if it has not started)."""
+    device = pick_device(settings.device)
+    mode = compile_mode(settings.torch_compile, settings.precision, device) if settings.backend == "torch" else None
+    return _starts.get((model_sha256, settings.backend, settings.precision, sw_batch_size if mode else 0))
+
+
+def gate(engine: Engine, spec: ModelSpec, settings: Settings,
+         model_sha256: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Refuse a reduced-precision or compiled engine whose masks disagree with fp32 eager PyTorch; returns how the
+    verdict was reached, and the verdict.
 
     Run when a worker loads the engine, on the gate's synthetic reference volume, so a PyTorch or driver
     upgrade that breaks the numerics of a mode is refused (EngineRefusedError: the worker exits with 78 and is
-    not restarted) before it writes a mask. For a compiled engine this is also where the compile happens. A saved
-    compiled network (``aot``, ``precompile``) keeps its verdict (its name holds the model, GPU architecture and
-    PyTorch build), so only its first load runs the gate.
+    not restarted) before it writes a mask. A saved compiled network (``aot``, ``precompile``) keeps its verdict
+    (its name holds the model, GPU architecture and PyTorch build), so only its first load runs the gate. Any other
+    engine's passed verdict is kept per engine, model, PyTorch and GPU (worker/engines/verdicts.py): a start that
+    matches one reads it, and the fp32 reference is computed once per machine.
     """
     from segq import faults
-    from worker.engines.gate import check_accuracy, reference_volume
+    from worker.engines.gate import reference_volume
     from worker.engines.torch_engine import TorchEngine
+    from worker.engines.verdicts import gate as run_gate
 
     faults.point("in_gate", precision=engine.precision)
     recorded = getattr(engine, "accuracy", None)
@@ -102,16 +133,14 @@ def gate(engine: Engine, spec: ModelSpec, settings: Settings) -> None:
     if recorded is not None and recorded["dice"] >= settings.gate_min_dice:
         logger.info("accuracy gate passed when the package was built: Dice %.5f, voxel agreement %.4f%% against "
                     "fp32 eager", recorded["dice"], 100 * recorded["agreement"])
-        return
-    reference = TorchEngine(spec, engine.device, "fp32")
-    result = check_accuracy(engine, reference, spec, reference_volume(spec), settings.gate_min_dice)
-    del reference
-    if engine.device.type == "cuda":
-        torch.cuda.empty_cache()
+        return "passed when the package was built", recorded
+    result, how = run_gate(engine, spec, model_sha256 or spec.checksum(), reference_volume(spec),
+                           settings.engine_root, settings.gate_min_dice, settings.gate_cache)
     if isinstance(engine, TorchEngine):
-        engine.record_accuracy(result.as_dict())
-    logger.info("accuracy gate passed: Dice %.5f, voxel agreement %.4f%% against fp32 eager", result.dice,
-                100 * result.agreement)
+        engine.record_accuracy(result)
+    logger.info("accuracy gate passed: Dice %.5f, voxel agreement %.4f%% against fp32 eager (%s)", result["dice"],
+                100 * result["agreement"], how)
+    return how, result
 
 
 class DeviceLease:
@@ -160,3 +189,4 @@ class DeviceLease:
 def clear() -> None:
     with _lock:
         _engines.clear()
+        _starts.clear()

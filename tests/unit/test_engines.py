@@ -305,18 +305,6 @@ def test_segq_torch_compile_refuses_an_unknown_mode() -> None:
         Settings(torch_compile="turbo")
 
 
-@pytest.mark.parametrize(("setting", "precision", "device", "expected"), [
-    ("auto", "fp16", "cuda", "default"),  # the measured winner
-    ("auto", "fp32", "cuda", None), ("auto", "bf16", "cuda", None), ("auto", "fp32", "cpu", None),
-    ("off", "fp16", "cuda", None), ("default", "fp32", "cpu", "default"),
-    ("reduce-overhead", "fp16", "cuda", "reduce-overhead"),
-])
-def test_auto_compiles_fp16_on_a_gpu_only(setting: str, precision: str, device: str, expected: str | None) -> None:
-    from worker.engines import compile_mode
-
-    assert compile_mode(setting, precision, torch.device(device)) == expected
-
-
 def test_a_mixed_precision_engine_is_gated_at_load_and_a_refusal_ends_the_worker_for_good(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 on the CPU is a mixed mode: the engine is checked against fp32 eager before it is kept. A refusal
@@ -325,20 +313,21 @@ def test_a_mixed_precision_engine_is_gated_at_load_and_a_refusal_ends_the_worker
     from segq.pipeline.toml import load_model_spec
     from tests.helpers import write_model
     from worker import runtime
-    from worker.engines import gate
+    from worker.engines import verdicts
 
     toml = write_model(tmp_path / "m", "UNet", roi=32, feature_size=4, sw_batch_size=4)
     spec = load_model_spec(toml)
     model, sha = spec.to_dict(), spec.checksum()
-    settings = Settings(backend="torch", precision="bf16", device="cpu", broker_url="redis://127.0.0.1:1/0")
+    settings = Settings(backend="torch", precision="bf16", device="cpu", broker_url="redis://127.0.0.1:1/0",
+                        engine_dir=tmp_path / "engines")
     calls: list[str] = []
-    real = gate.check_accuracy
+    real = verdicts.check_mask
 
-    def counted(candidate: object, reference: object, *args: object, **kwargs: object) -> object:
-        calls.append(f"{candidate.precision} vs {reference.precision}")  # type: ignore[attr-defined]
-        return real(candidate, reference, *args, **kwargs)  # type: ignore[arg-type]
+    def counted(candidate: object, *args: object, **kwargs: object) -> object:
+        calls.append(f"{candidate.precision} vs fp32")  # type: ignore[attr-defined]
+        return real(candidate, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gate, "check_accuracy", counted)
+    monkeypatch.setattr(verdicts, "check_mask", counted)
     runtime.clear()
     try:
         runtime.engine_for(model, sha, settings)

@@ -5,6 +5,7 @@ when it does not load."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_a_package_that_does_not_load_is_probed_once_and_refused_with_the_way_ou
 
 def test_a_crashing_probe_is_named_by_its_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the H200 machine's PyTorch 2.11 did: the loading process died of SIGSEGV (here it kills itself)."""
-    monkeypatch.setattr(aot, "PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(aot, "PROBE_COMMAND", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), 11)"])
     spec = load_model_spec(write_model(tmp_path / "m", "UNet", roi=32, feature_size=4))
     assert aot.probe(tmp_path / "p.pt2", spec.to_dict(), CPU, "fp32") == "the process that loaded it died of SIGSEGV"
 

@@ -13,6 +13,7 @@ from segq.errors import EngineError
 from segq.modelspec import ModelSpec
 from segq.settings import Settings, get_settings
 from worker.engines.base import Engine
+from worker.engines.startup import StartClock
 
 __all__ = ["Engine", "compile_mode", "create_engine", "pick_device"]
 
@@ -33,23 +34,25 @@ def compile_mode(setting: str, precision: str, device: torch.device) -> str | No
     """The torch.compile mode SEGQ_TORCH_COMPILE asks for here, None for eager.
 
     ``auto`` compiles fp16 on a GPU, the combination measured faster than the tuned MONAI loop with masks
-    that agree (docs/BENCHMARKS.md); fp32, bf16 and CPU workers stay eager unless a mode is named.
+    that agree (docs/BENCHMARKS.md); fp32, bf16 and CPU workers stay eager unless a mode is named. How an
+    ``auto`` engine compiles (regionally or whole) the engine decides from its network (compiling.choose).
     """
     if setting == "auto":
-        return "default" if precision == "fp16" and device.type == "cuda" else None
+        return "auto" if precision == "fp16" and device.type == "cuda" else None
     return None if setting == "off" else setting
 
 
 def create_engine(spec: ModelSpec, backend: str, precision: str, device: torch.device,
                   compile_mode: str | None = None, settings: Settings | None = None,
-                  model_sha256: str | None = None) -> Engine:
-    """The engine for ``backend``; raises EngineError saying what is missing when it cannot load."""
+                  model_sha256: str | None = None, clock: StartClock | None = None) -> Engine:
+    """The engine for ``backend``; raises EngineError saying what is missing when it cannot load. ``clock`` times
+    a torch engine's start."""
+    settings = settings or get_settings()
     if backend == "torch":
         from worker.engines.torch_engine import TorchEngine
 
-        return TorchEngine(spec, device, precision, compile_mode,
-                           engine_root=(settings or get_settings()).engine_root, model_sha256=model_sha256)
-    settings = settings or get_settings()
+        return TorchEngine(spec, device, precision, compile_mode, engine_root=settings.engine_root,
+                           model_sha256=model_sha256, inductor_dir=settings.inductor_root, clock=clock)
     if backend == "onnxruntime":
         from worker.engines.cache import ensure_onnx
         from worker.engines.ort_engine import OnnxRuntimeEngine, onnxruntime_module

@@ -42,7 +42,8 @@ from torch import nn
 
 from segq import storage
 from segq.errors import EngineError, EngineRefusedError
-from worker.engines.cache import LOCK_TIMEOUT, build_lock, model_dir
+from worker.engines.compiling import aot_compile_switch
+from worker.engines.files import LOCK_TIMEOUT, build_lock, model_dir
 from worker.engines.plans import sidecar_path
 
 logger = logging.getLogger("segq.engine.aot")
@@ -113,8 +114,9 @@ def build(network: nn.Module, example: torch.Tensor, path: Path, options: dict[s
     """Compile ``network`` for ``example``'s shape into ``path`` (minutes), as the path's kind says."""
     if kind_of(path) == "precompile":
         skip_input_size_checks(network)
-        compiled = torch.compile(network, fullgraph=True, dynamic=False, options=options)
-        with torch.inference_mode():  # the mode the engine calls it in: dynamo's guards check it
+        # the mode the engine calls it in (dynamo's guards check it), with aot_compile switched on where it is a flag
+        with aot_compile_switch(), torch.inference_mode():
+            compiled = torch.compile(network, fullgraph=True, dynamic=False, options=options)
             function = compiled.forward.aot_compile(((example,), {}))  # type: ignore[attr-defined]
         function.save_compiled_function(str(path))
         return
@@ -138,7 +140,7 @@ def skip_input_size_checks(network: nn.Module) -> None:
 def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
     """The runner in ``path``; a precompiled function is bound to ``network()`` (it holds no weights)."""
     if kind_of(path) == "precompile":
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle, aot_compile_switch():
             function = torch.compiler.load_compiled_function(handle)
         # Dynamo's guards would also compare the input's dispatch keys (an inference tensor or not), which
         # varies with where a batch was made; the engine alone calls it, always at the one shape, dtype and device.
@@ -148,20 +150,8 @@ def load(path: Path, network: Callable[[], nn.Module]) -> Runner:
     return runner
 
 
-# Run by `probe` in a process of its own: load the file as a worker would and run it once on zeros.
-PROBE = """
-import json, sys
-from pathlib import Path
-import torch
-from segq.modelspec import spec_from_dict
-from worker.engines import aot
-from worker.engines.torch_engine import DTYPES, prepared_network
-path, spec = Path(sys.argv[1]), spec_from_dict(json.loads(sys.argv[2]))
-device, dtype = torch.device(sys.argv[3]), DTYPES[sys.argv[4]]
-runner = aot.load(path, lambda: prepared_network(spec, device, dtype))
-with torch.inference_mode():
-    runner(torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=dtype))
-"""
+# `probe` loads the file in a process of its own, as a worker would.
+PROBE_COMMAND = [sys.executable, "-m", "worker.engines.aot_probe"]
 PROBE_TIMEOUT = 600
 
 
@@ -173,7 +163,7 @@ def probe(path: Path, spec: dict[str, Any], device: torch.device, precision: str
     (bench/results/aot_load_check_h200.jsonl). In the worker that would be a crash on every start instead
     of an error that says what to do.
     """
-    argv = [sys.executable, "-c", PROBE, str(path), json.dumps(spec), str(device), precision]
+    argv = [*PROBE_COMMAND, str(path), json.dumps(spec), str(device), precision]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:

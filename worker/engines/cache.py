@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec, file_sha256
 from segq.settings import Settings
+from worker.engines.files import LOCK_TIMEOUT, build_lock, model_dir
 from worker.engines.plans import (
     PlanMeta,
     PlanRefusedError,
@@ -33,20 +34,9 @@ from worker.engines.plans import (
 
 logger = logging.getLogger("segq.engine.cache")
 
-LOCK_TIMEOUT = 3 * 3600  # a SwinUNETR plan builds in minutes; an hour-long wait means a stuck builder
-
-
-def model_dir(root: Path, model_sha256: str) -> Path:
-    return root / model_sha256[:16]
-
 
 def onnx_file(root: Path, model_sha256: str, precision: str) -> Path:
     return model_dir(root, model_sha256) / f"model-{precision}.onnx"
-
-
-def build_lock(path: Path) -> FileLock:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT)
 
 
 def _onnx_fits(path: Path, model_sha256: str, precision: str) -> bool:

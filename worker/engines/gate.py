@@ -85,17 +85,26 @@ def decision(probability: np.ndarray) -> np.ndarray:
     return probability >= 0.5
 
 
-def check_accuracy(candidate: Engine, reference: Engine, spec: ModelSpec, volume: np.ndarray,
-                   min_dice: float = 0.99) -> GateResult:
-    """Dice of ``candidate``'s mask against ``reference``'s; EngineRefusedError with the figure below ``min_dice``."""
-    ref_mask = decision(volume_probability(reference, volume, spec))
-    cand_mask = decision(volume_probability(candidate, volume, spec))
-    result = compare_masks(ref_mask, cand_mask)
-    logger.info("accuracy gate: Dice %.5f, voxel agreement %.5f (%s %s vs %s %s)", result.dice, result.agreement,
-                candidate.backend, candidate.precision, reference.backend, reference.precision)
+def reference_mask(reference: Engine, volume: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """The mask the gate holds an engine to: ``reference``'s (fp32 eager PyTorch) decision on ``volume``."""
+    return decision(volume_probability(reference, volume, spec))
+
+
+def check_mask(candidate: Engine, ref_mask: np.ndarray, spec: ModelSpec, volume: np.ndarray,
+               min_dice: float = 0.99) -> GateResult:
+    """Dice of ``candidate``'s mask against ``ref_mask``; EngineRefusedError with the figure below ``min_dice``."""
+    result = compare_masks(ref_mask, decision(volume_probability(candidate, volume, spec)))
+    logger.info("accuracy gate: Dice %.5f, voxel agreement %.5f (%s %s vs torch fp32)", result.dice, result.agreement,
+                candidate.backend, candidate.precision)
     if result.dice < min_dice:
         raise EngineRefusedError(
             f"accuracy gate refused the {candidate.backend} {candidate.precision} engine: Dice {result.dice:.4f} "
             f"against the fp32 PyTorch mask (need >= {min_dice}); voxel agreement {result.agreement:.4%}. "
             f"{EngineRefusedError.HINT}")
     return result
+
+
+def check_accuracy(candidate: Engine, reference: Engine, spec: ModelSpec, volume: np.ndarray,
+                   min_dice: float = 0.99) -> GateResult:
+    """Dice of ``candidate``'s mask against ``reference``'s; EngineRefusedError with the figure below ``min_dice``."""
+    return check_mask(candidate, reference_mask(reference, volume, spec), spec, volume, min_dice)

@@ -11,6 +11,7 @@ from torch import nn
 from segq.errors import InputError
 from segq.modelspec import ModelSpec
 from segq.pipeline.bundle_stages import network_def
+from worker.engines.startup import StartClock, timed
 
 logger = logging.getLogger("segq.model")
 
@@ -139,34 +140,37 @@ def build_bundle_network(spec: ModelSpec) -> nn.Module:
     return checked_load(network, state, weights, f"bundle {spec.bundle}").eval()
 
 
-def build_checked(spec: ModelSpec) -> nn.Module:
+def build_checked(spec: ModelSpec, clock: StartClock | None = None) -> nn.Module:
     """The bare network with the spec's checkpoint loaded; InputError in one line when either does not fit.
 
     Submit calls this once on the CPU, so a checkpoint that does not fit its model file is refused before
     anything is queued, not by every volume on the workers.
     """
     if spec.is_bundle:
-        return build_bundle_network(spec)
+        with timed(clock, "network build"):  # a bundle's network comes with its checkpoint loaded
+            return build_bundle_network(spec)
     where = f"model file {spec.path}" if spec.path else f"{spec.arch} spec"
     try:
-        network = build_network(spec)
+        with timed(clock, "network build"):
+            network = build_network(spec)
     except (ValueError, TypeError, AssertionError, RuntimeError) as exc:  # MONAI's checks, e.g. GroupNorm groups
         reason = " ".join(str(exc).split())[:300]
         raise InputError(f"{where}: {spec.arch} cannot be built with these settings ({reason}); "
                          "fix the model file") from None
-    state = load_state_dict(spec.checkpoint)
-    problem = _mismatch(network, state)
-    if problem:
-        raise InputError(f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {where}: "
-                         f"{problem}; fix the model file or use the matching checkpoint")
-    network.load_state_dict(state, strict=True)
+    with timed(clock, "checkpoint load"):
+        state = load_state_dict(spec.checkpoint)
+        problem = _mismatch(network, state)
+        if problem:
+            raise InputError(f"checkpoint {spec.checkpoint} does not fit {spec.arch} as configured in {where}: "
+                             f"{problem}; fix the model file or use the matching checkpoint")
+        network.load_state_dict(state, strict=True)
     return network
 
 
-def load_model(spec: ModelSpec) -> TargetClassProbability:
+def load_model(spec: ModelSpec, clock: StartClock | None = None) -> TargetClassProbability:
     """The wrapped network with the spec's checkpoint loaded, in eval mode, on the CPU: the target class's
     probability for a model.toml, every channel's logits for a bundle."""
-    network = build_checked(spec)
+    network = build_checked(spec, clock)
     if spec.is_bundle:
         return AllChannels(network, spec.out_channels).eval()  # type: ignore[return-value]
     return TargetClassProbability(network, spec.target_class, spec.out_channels).eval()

@@ -19,18 +19,28 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+import worker.engines.aot as aot
 from segq.errors import EngineError
 from segq.modelspec import ModelSpec
 from segq.settings import TorchCompile
-from worker.engines import aot
+from worker.engines.compiling import (
+    TorchFeatures,
+    choose,
+    compile_regions,
+    describe,
+    note_once,
+    repeated_blocks,
+)
 from worker.engines.model import TargetClassProbability, load_model
 from worker.engines.plans import Profile, chunk_batch
+from worker.engines.startup import StartClock, timed
 
 logger = logging.getLogger("segq.engine.torch")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The torch.compile modes by name: SEGQ_TORCH_COMPILE's values less its two switches.
-COMPILE_MODES = tuple(mode for mode in get_args(TorchCompile) if mode not in ("auto", "off"))
+# The torch.compile modes by name: SEGQ_TORCH_COMPILE's values less its switches (auto, off) and regional, which
+# compiles blocks with the default mode's options.
+COMPILE_MODES = tuple(mode for mode in get_args(TorchCompile) if mode not in ("auto", "off", "regional"))
 
 
 def compile_options(mode: str | None) -> dict[str, str | int | bool | Callable[..., Any]]:
@@ -67,16 +77,24 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
 
 def prepared_network(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                      fused_attention: bool | None = None, channels_last: bool = False,
-                     model: TargetClassProbability | None = None) -> TargetClassProbability:
+                     model: TargetClassProbability | None = None,
+                     clock: StartClock | None = None) -> TargetClassProbability:
     """The wrapped network (``model``, else the spec's checkpoint) on ``device`` in ``dtype``; MONAI's fused
     window attention on a GPU unless ``fused_attention`` says otherwise."""
-    wrapped = model if model is not None else load_model(spec)
-    wrapped.network.to(device=device, dtype=dtype)
-    if channels_last:
-        wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    wrapped = model if model is not None else load_model(spec, clock)
+    with timed(clock, "to device"):
+        wrapped.network.to(device=device, dtype=dtype)
+        if channels_last:
+            wrapped.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     if fused_attention if fused_attention is not None else device.type == "cuda":
         use_fused_attention(wrapped)
     return wrapped
+
+
+def use_inductor_cache(directory: Path) -> None:
+    """Point inductor's on-disk cache (kernels, FX graphs, AOTAutograd results) at ``directory`` (the settings'
+    ``inductor_root``), so it outlives the process: inductor reads the variable each time it looks."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
 
 
 class TorchEngine:
@@ -86,9 +104,12 @@ class TorchEngine:
                  compile_mode: str | None = None, fused_attention: bool | None = None,
                  cudnn_benchmark: bool | None = None, channels_last: bool = False,
                  model: TargetClassProbability | None = None, engine_root: Path | None = None,
-                 model_sha256: str | None = None) -> None:
-        """``compile_mode``: None runs eager; a SEGQ_TORCH_COMPILE mode name compiles (``aot``: an AOTInductor
-        package under ``engine_root``, which torch.compile's modes use for inductor's cache)."""
+                 model_sha256: str | None = None, inductor_dir: Path | None = None,
+                 clock: StartClock | None = None, features: TorchFeatures | None = None) -> None:
+        """``compile_mode``: None runs eager; ``auto`` or a SEGQ_TORCH_COMPILE mode name compiles, as
+        ``compiling.choose`` decides for the installed PyTorch (``features``) and this network (``aot`` and
+        ``precompile``: a file under ``engine_root``). Inductor's cache goes to ``inductor_dir``, by default
+        ``engine_root/inductor``. ``clock`` times the steps of the start."""
         if precision not in DTYPES:
             raise EngineError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         if precision == "fp16" and device.type == "cpu":
@@ -101,13 +122,24 @@ class TorchEngine:
         self.device = device
         self.dtype = DTYPES[precision]
         self.channels_last = channels_last and on_gpu
+        self.fused_attention = fused_attention if fused_attention is not None else on_gpu
         if on_gpu and (cudnn_benchmark if cudnn_benchmark is not None else True):
             torch.backends.cudnn.benchmark = True
 
         @functools.cache  # built at most once, whether a package's build, its load or eager mode asks first
         def network() -> TargetClassProbability:
-            return prepared_network(spec, device, self.dtype, fused_attention, self.channels_last, model)
+            return prepared_network(spec, device, self.dtype, fused_attention, self.channels_last, model, clock)
 
+        features = features or (TorchFeatures.installed() if compile_mode is not None else None)
+
+        def blocks() -> int:
+            return len(repeated_blocks(network()))
+
+        if compile_mode is not None:
+            assert features is not None
+            choice = choose(compile_mode, features, blocks)
+            note_once(choice.note)
+            compile_mode = choice.mode
         # A compiled graph is specialised to one batch size: batches are padded or split to
         # spec.sw_batch_size, so a volume's last, short batch does not trigger a second compile.
         self.compile_mode = compile_mode
@@ -118,25 +150,42 @@ class TorchEngine:
         # (runtime.gate skips a recorded pass).
         self.package: Path | None = None
         self.accuracy: dict[str, Any] | None = None
-        if compiled and engine_root is not None:  # inductor's on-disk cache: kernels compiled once per machine
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(engine_root / "inductor"))
+        inductor_dir = inductor_dir or (engine_root / "inductor" if engine_root is not None else None)
+        if compiled and inductor_dir is not None:  # inductor's on-disk cache: kernels compiled once per machine
+            use_inductor_cache(inductor_dir)
         if compile_mode in aot.KINDS:
             assert engine_root is not None
             sha = model_sha256 or spec.checksum()
             self.package = aot.package_path(engine_root, sha, precision, spec.sw_batch_size, device, compile_mode)
             example = torch.zeros((spec.sw_batch_size, spec.in_channels, *spec.roi), device=device, dtype=self.dtype)
-            runner, meta = aot.ensure(self.package, spec.to_dict(), sha, precision, spec.sw_batch_size, device, network,
-                                      example, compile_options(compile_mode))
-            self.model: Callable[[torch.Tensor], torch.Tensor] = runner
-            self.accuracy = meta.accuracy
-            return
+            try:
+                with timed(clock, "compile"):
+                    runner, meta = aot.ensure(self.package, spec.to_dict(), sha, precision, spec.sw_batch_size,
+                                              device, network, example, compile_options(compile_mode))
+                self.model: Callable[[torch.Tensor], torch.Tensor] = runner
+                self.accuracy = meta.accuracy
+                return
+            except EngineError as exc:
+                if compile_mode != "precompile":  # aot has its own refusal with the way out (exit 78)
+                    raise
+                assert features is not None
+                compile_mode = self.compile_mode = choose("auto", features, blocks).mode
+                self.package = None
+                note_once(f"SEGQ_TORCH_COMPILE=precompile did not work with PyTorch {features.version}: "
+                          f"{str(exc)[:300]}; compiling {describe(compile_mode)} instead")
         self.model = network()
-        if compiled:
-            logger.info("compiling the network with torch.compile (%s) on first use: minutes for SwinUNETR the "
-                        "first time on this machine, a minute and more from inductor's cache after (the 'aot' mode "
-                        "loads in seconds)", compile_mode)
-            self.model = torch.compile(self.model, dynamic=False,
-                                       options=compile_options(compile_mode))
+        if compile_mode == "regional":
+            with timed(clock, "compile"):
+                count = compile_regions(repeated_blocks(self.model), compile_options("default"))
+            logger.info("compiling %d repeated blocks of the network one by one (regional torch.compile) on first "
+                        "use: about a minute for SwinUNETR the first time on this machine, seconds from inductor's "
+                        "cache after", count)
+        elif compiled:
+            logger.info("compiling the whole network with torch.compile (%s) on first use: minutes for SwinUNETR the "
+                        "first time on this machine, a minute and more from inductor's cache after (SEGQ_TORCH_COMPILE"
+                        "=regional starts in seconds from the cache)", compile_mode)
+            with timed(clock, "compile"):
+                self.model = torch.compile(self.model, dynamic=False, options=compile_options(compile_mode))
 
     def record_accuracy(self, result: dict[str, Any]) -> None:
         """Keep a passed gate's verdict with the AOT package, so later starts load it without the gate."""
