@@ -1,12 +1,12 @@
 """A MONAI bundle's stages, as segq runs them: read at submit, network on the worker, preprocessing at
-prepare, postprocessing (with the inversion back to the scan's grid) at merge.
+prepare or on the GPU worker, postprocessing (with the inversion back to the scan's grid) where the logits are.
 
-Where each runs, and why: preprocessing (orientation, spacing, intensity) runs on the coordinator's CPU
-with the bundle's own MONAI transforms. They are the bundle's definition of its input, their trace is
-what ``Invertd`` needs, and a part then reads the model-grid array it would otherwise have to rebuild.
-bench/volume_costs.py times each step. Postprocessing runs at merge on the summed logits, as the bundle's
-evaluator runs it on ``sliding_window_inference``'s output: activation, inversion and argmax or
-threshold in the bundle's own order.
+Where each runs, and why (docs/MODELS.md; bench/volume_costs.py times each step): a case that goes in one part
+is only read on the coordinator (:func:`read_case`); the rest of the bundle's own preprocessing runs on its GPU
+worker (:func:`preprocess_on_device`), which then inverts and decides it there. A case split over several parts
+is preprocessed whole on the coordinator (:func:`preprocess_case`), its trace kept as JSON for ``Invertd``, and
+decided at merge on the summed logits, as the bundle's evaluator runs it on ``sliding_window_inference``'s
+output: activation, inversion and argmax or threshold in the bundle's own order.
 """
 
 from __future__ import annotations
