@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ RETRY_SECONDS = 5.0  # after a failed measurement (the broker away), when to try
 WARN_OFFSET_SECONDS = 5.0  # an offset this large is logged once: the machine's clock needs NTP
 
 _lock = threading.Lock()
+
+
+def _new_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # a pool process forked while another thread held it would wait on it for ever
+
+
+os.register_at_fork(after_in_child=_new_lock)
 _state = {"offset": 0.0, "next": -math.inf, "warned": 0.0}
 
 

@@ -113,7 +113,11 @@ def begin_incarnation(app: Any, hostname: str) -> str | None:
 
     name = host_format(hostname)
     try:
-        taken = any(name in reply for reply in app.control.ping(destination=[name], timeout=1.0) or [])
+        # On a connection of its own: a ping through the app's pools before the pool forks left every pool process
+        # forked later (one replacing a killed one) hanging before its UP message.
+        with app.connection_for_write() as connection:
+            replies = app.control.ping(destination=[name], timeout=1.0, connection=connection) or []
+        taken = any(name in reply for reply in replies)
     except Exception:  # the broker is not there yet: Celery retries the connection; nobody else answers either
         taken = False
     if taken:
