@@ -210,6 +210,8 @@ def test_resume_after_workers_killed_and_redis_restarted(fresh_stack: Stack, own
 
 def test_cancel_mid_volume_leaves_nothing_behind(fresh_stack: Stack, unet_model: Path, tmp_path: Path) -> None:
     stack = fresh_stack
+    # Slab 3 waits, so the volume is still running when two slabs are done, however fast this machine runs the rest.
+    stack.env["SEGQ_FAULTS"] = "pause_in_infer_slab:slab=3:times=1:seconds=8"
     worker = stack.worker("w1")
     scans = tmp_path / "scans"
     write_volume(scans / "big.nii.gz", (96, 80, 64), seed=3)

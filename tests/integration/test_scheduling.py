@@ -115,6 +115,9 @@ def test_first_mask_early_bounded_workspaces_and_a_later_dataset_not_starved(
 
 def test_cancel_keeps_every_volume_already_merged(lookahead_stack: Stack, unet_model: Path, tmp_path: Path) -> None:
     stack = lookahead_stack
+    # Each volume's GPU part takes at least 1.5 s, so the cancel (a command's start-up) lands before the dataset ends
+    # on however fast a machine.
+    stack.env["SEGQ_FAULTS"] = "pause_in_infer_slab:seconds=1.5"
     stack.worker("w1")
     scans, out = _scans(tmp_path / "scans", 12), tmp_path / "out"
     submit(stack, scans, out, unet_model, "stop-me")
