@@ -160,6 +160,7 @@ class Rows:
     sent: list[str] = field(default_factory=list)  # queued ahead, their hash now recorded
     attempts: dict[str, int] = field(default_factory=dict)
     prior: dict[str, tuple[str, str]] = field(default_factory=dict)  # re-queued ahead: (sha256, fingerprint) before
+    identities: dict[str, tuple[str, str]] = field(default_factory=dict)  # ahead, with a twin: (sha256, fingerprint)
     twins: dict[str, tuple[Job, Path]] = field(default_factory=dict)  # job -> a done job of the same fingerprint
 
 

@@ -280,7 +280,7 @@ def _queue_ahead(ask: Request, inputs: list[Input], count: int, timings: Timings
         sent = scheduler.admit()
     except Exception as exc:  # kombu's OperationalError, redis' ResponseError (OOM): the broker refused
         for job_id in rows.again:
-            records.restore_hash(job_id, *rows.prior[job_id])
+            records.record_hash(job_id, *rows.prior[job_id])
         _unqueue(rows.dataset_id, rows.fresh, rows.again, rows.reused, exc)
     if set(sent) & set(rows.ahead.values()):
         timings.mark("prepare_sent")
@@ -330,19 +330,22 @@ def _record_hash(s: Session, job: Job, fields: dict[str, Any], rows: Rows, save_
                  item: Input) -> None:
     """The hash of a volume queued ahead of it: its prepare, waiting at its gate, goes on (or refuses a changed file).
 
-    Found done elsewhere (same fingerprint), it gets that mask after this transaction, as a new volume would.
+    Found done elsewhere (same fingerprint), its hash stays pending here: after this transaction the twin's mask
+    is copied and the job marked done with its hash at once, so its prepare stops at the gate without running on.
     Another submission that recorded other content meanwhile loses: this one's is the file now, as a new attempt.
     """
     if job.input_sha256 not in (PENDING_SHA256, fields["input_sha256"]):
         rows.again.append(job.id)
     else:
         rows.sent.append(job.id)
+    rows.attempts[job.id] = job.attempt
+    twin = done_twin(s, fields["fingerprint"], save_probabilities, item.output_format)
+    if twin is not None and twin.id != job.id and job.input_sha256 == PENDING_SHA256:
+        rows.twins[job.id] = (twin, item.output)
+        rows.identities[job.id] = (fields["input_sha256"], fields["fingerprint"])
+        fields = {key: value for key, value in fields.items() if key not in ("input_sha256", "fingerprint")}
     for key, value in fields.items():
         setattr(job, key, value)
-    rows.attempts[job.id] = job.attempt
-    twin = done_twin(s, job.fingerprint, save_probabilities, item.output_format)
-    if twin is not None and twin.id != job.id:
-        rows.twins[job.id] = (twin, item.output)
 
 
 def _record_hash_steps(rows: Rows, spans: dict[Path, tuple[datetime, datetime]]) -> None:
@@ -358,12 +361,15 @@ def _queue_rest(rows: Rows, ahead: Rows, refused: list[str], save_probabilities:
     """Copy the masks of volumes done elsewhere, re-queue and admit what waits; a broker that refuses takes back
     everything this submission queued, those sent ahead too."""
     for job_id, (twin, output) in rows.twins.items():
-        if copy_outputs(twin, output, save_probabilities) and records.copy_result(job_id, twin.id):
+        identity = rows.identities.get(job_id)  # queued ahead: its hash is recorded with the copied result
+        if copy_outputs(twin, output, save_probabilities) and records.copy_result(job_id, twin.id, identity):
             logger.info("job %s: same volume, model and parameters as done job %s; copied its output", job_id, twin.id)
             for waiting in (rows.fresh, rows.sent):
                 if job_id in waiting:
                     waiting.remove(job_id)
             rows.done.append(job_id)
+        elif identity is not None:
+            records.record_hash(job_id, *identity)  # segmented after all: its prepare goes on
     for job_id in rows.again:
         records.requeue_job(job_id)
     queued = rows.sent + rows.fresh + rows.again  # they wait in SQL; the scheduler sends each when there is room
@@ -387,7 +393,7 @@ def _withdraw(ahead: Rows, exc: BaseException) -> None:
     try:
         records.forget_submission(ahead.dataset_id, ahead.fresh, drop_dataset=not ahead.reused)
         for job_id in ahead.again:
-            records.restore_hash(job_id, *ahead.prior[job_id])
+            records.record_hash(job_id, *ahead.prior[job_id])
             records.fail_job(job_id, reason)
     except Exception:  # the database away: each prepare waiting for its hash fails after SEGQ_SUBMIT_HASH_WAIT
         logger.exception("could not withdraw the %d volume(s) queued ahead of their hash", len(ahead.ahead))

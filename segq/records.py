@@ -74,8 +74,9 @@ def recorded_hash(job_id: str) -> tuple[str, Status, int] | None:
         return (row[0], row[1], row[2]) if row else None
 
 
-def restore_hash(job_id: str, sha256: str, fingerprint: str) -> None:
-    """Give a job queued ahead of its hash its former identity back (a submission withdrawn), if still pending."""
+def record_hash(job_id: str, sha256: str, fingerprint: str) -> None:
+    """Set the identity of a job queued ahead of its hash, if still pending: its hash, or its former one when the
+    submission is withdrawn."""
     with session_scope() as s:
         s.execute(update(Job).where(Job.id == job_id, Job.input_sha256 == PENDING_SHA256)
                   .values(input_sha256=sha256, fingerprint=fingerprint))
@@ -300,17 +301,21 @@ RESULT_FIELDS = ("shape", "spacing", "tumour_voxels", "tumour_ml", "windows", "s
                  "preprocess_seconds", "inference_seconds", "merge_seconds", "workers", "backend", "precision", "dice")
 
 
-def copy_result(job_id: str, source_id: str) -> bool:
+def copy_result(job_id: str, source_id: str, identity: tuple[str, str] | None = None) -> bool:
     """Mark the job done with the figures of an identical job (same fingerprint) that is done already.
 
     Used by an idempotent submission: the volume's output was copied beside the new job's output path,
     so no inference runs. False (nothing changed) if the source is not done or the job already ended.
+    ``identity`` (sha256, fingerprint): a job queued ahead of its hash gets it in the same transaction, so its
+    waiting prepare sees it done, never its hash alone.
     """
     with session_scope() as s:
         job = s.get(Job, job_id, with_for_update=True)
         source = s.get(Job, source_id)
         if job is None or source is None or source.status != Status.DONE or job.status.final:
             return False
+        if identity is not None and job.input_sha256 == PENDING_SHA256:
+            job.input_sha256, job.fingerprint = identity
         if source.fingerprint != job.fingerprint:
             raise ValueError(f"job {source_id} is not the same work as job {job_id}: their fingerprints differ")
         for name in RESULT_FIELDS:

@@ -9,6 +9,7 @@ withdraws what it queued ahead, and nothing is left behind either.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -140,3 +141,28 @@ def test_a_hash_that_cannot_be_recorded_withdraws_the_early_job(fresh_stack: Sta
 
 def _prepares(worker: WorkerProcess, what: str) -> int:
     return sum(1 for line in worker.read_log().splitlines() if "segq.segment_volume[" in line and what in line)
+
+
+def test_a_volume_its_late_hash_finds_done_elsewhere_gets_that_mask(fresh_stack: Stack, unet_model: Path,
+                                                                    tmp_path: Path) -> None:
+    """The same content under a new path, in a new dataset: queued ahead (this model never read that path), its
+    hash, known late, names a done twin. Its mask is copied and the job done with its hash in one step, as a new
+    volume's would be; its prepare, waiting at its gate, stops: no part runs, nothing is left behind."""
+    worker = _worker(fresh_stack, tmp_path)
+    first = write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1)
+    segq("submit", str(first), "--out", str(tmp_path / "out-a"), "--model", str(unet_model), "--name", "first",
+         "--wait", "--timeout", "120", env=fresh_stack.env)
+    twin = tmp_path / "elsewhere" / "b.nii.gz"
+    twin.parent.mkdir()
+    shutil.copyfile(first, twin)
+    proc = _submit(fresh_stack, tmp_path, twin, SLOW_HASH, unet_model)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "queued 0 volume(s), 1 already done" in stdout, stdout + stderr
+    assert "prepare_sent_s" in _timings(stderr), "the twin was not queued ahead of its hash"
+    job = _job()
+    assert job.status == Status.DONE and job.input_sha256 == file_sha256(first)
+    assert Path(job.output_path).read_bytes() == (tmp_path / "out-a" / "a_seg.nii.gz").read_bytes()
+    until(lambda: _prepares(worker, "succeeded") == 2, 30, "the early prepare to stop")
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Subtask).where(Subtask.job_id == job.id)) == 0
+    assert not leftovers(fresh_stack, tmp_path / "out")
