@@ -170,19 +170,11 @@ class ModelSpec:
         return data
 
 
-# The default segment codes, as pydicom's codes.SCT has them (tests/unit/test_submit_startup.py compares): a model
-# file that keeps the defaults is checked without importing pydicom, a fifth of a second of each `segq submit`.
-DEFAULT_CODES = {"MorphologicallyAbnormalStructure": ("49755003", "SCT", "Morphologically Abnormal Structure"),
-                 "Neoplasm": ("108369006", "SCT", "Neoplasm")}
-
-
 def parse_code(text: str) -> tuple[str, str, str]:
     """A coded concept as (value, scheme, meaning) from a pydicom ``codes.SCT`` keyword or "SCHEME:VALUE:Meaning"."""
     parts = text.split(":", 2)
     if len(parts) == 3 and all(p.strip() for p in parts):
         return parts[1].strip(), parts[0].strip(), parts[2].strip()
-    if text in DEFAULT_CODES:
-        return DEFAULT_CODES[text]
     try:
         from pydicom.sr.codedict import codes
     except ImportError:  # the producer without the dicom extra: checked where the SEG is written

@@ -1,6 +1,6 @@
 """`segq submit`'s own start-up, on the way to a waited-for volume's prepare (issue 23, item 2): what it skips stays
-right (the schema head read from the migration files, the default segment codes), its timings are sound, and the
-latency benchmark's arithmetic is right."""
+right (the schema head read from the migration files, not Alembic), its timings are sound, and the latency
+benchmark's arithmetic is right."""
 
 from __future__ import annotations
 
@@ -21,28 +21,14 @@ def test_the_schema_head_read_from_the_files_is_alembics(tmp_path: Path) -> None
     assert [db.migration_head()] == heads
 
 
-def test_the_default_segment_codes_are_pydicoms() -> None:
-    from pydicom.sr.codedict import codes
-
-    from segq.modelspec import DEFAULT_CODES
-
-    for keyword, code in DEFAULT_CODES.items():
-        found = getattr(codes.SCT, keyword)
-        assert code == (str(found.value), str(found.scheme_designator), str(found.meaning))
-
-
-def test_a_model_file_and_a_current_schema_need_neither_alembic_nor_pydicom(tmp_path: Path) -> None:
-    """The imports `segq submit` makes before its first prepare message, for a model.toml with the default codes on
-    a database at the head."""
+def test_a_current_schema_is_checked_without_alembic(tmp_path: Path) -> None:
+    """What `segq submit` checks of the database before its first prepare message, on a database at the head."""
     from segq import db
-    from tests.helpers import write_model
 
     url = f"sqlite:///{tmp_path / 'segq.db'}"
     db.upgrade(url)
-    model = write_model(tmp_path / "model")
-    code = ("import sys\nfrom segq.pipeline import load_pipeline\nfrom segq import db\n"
-            f"load_pipeline({str(model)!r})\nassert db.schema_is_current({url!r})\n"
-            "print(','.join(sorted(m for m in ('alembic', 'pydicom', 'torch') if m in sys.modules)))\n")
+    code = (f"import sys\nfrom segq import db\nassert db.schema_is_current({url!r})\n"
+            "print(','.join(sorted(m for m in ('alembic', 'torch') if m in sys.modules)))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "", f"imported {result.stdout.strip()}"
 
