@@ -249,15 +249,15 @@ def _queue_ahead(ask: Request, inputs: list[Input], count: int, timings: Timings
         return rows
     with session_scope() as s:
         records.lock_submissions(s)
+        seen = segmented_before(s, [str(item.path) for item in candidates], ask.model_sha)
+        candidates = [item for item in candidates if str(item.path) not in seen]
+        if not candidates:
+            return rows  # no row, not even a new dataset's, before the hashes
         dataset, rows.reused = open_dataset(s, ask)
         rows.dataset_id = dataset.id
         claim_outputs(s, dataset, inputs, ask.overwrite)
-        paths = [str(item.path) for item in candidates]
-        seen = segmented_before(s, paths, ask.model_sha)
-        existing = existing_jobs(s, dataset.id, paths)
+        existing = existing_jobs(s, dataset.id, [str(item.path) for item in candidates])
         for item in candidates:
-            if str(item.path) in seen:
-                continue
             fields = job_fields(item, PENDING_SHA256, PENDING_SHA256)
             job = existing.get(str(item.path))
             if job is None:
@@ -271,8 +271,6 @@ def _queue_ahead(ask: Request, inputs: list[Input], count: int, timings: Timings
                     setattr(job, key, value)
                 rows.again.append(job.id)
             rows.ahead[str(item.path)] = job.id
-    if not rows.ahead:
-        return rows
     timings.mark("job_row")
     for job_id in rows.again:
         records.requeue_job(job_id)
