@@ -39,8 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import peer_folder
-from bench.common import ROOT, deployment_env, emit, run_in_tempdir
+from bench import latency, peer_folder
+from bench.common import ROOT, deployment_env, emit, run_in_tempdir, segq
 from bench.throughput import add_network_arguments, launched, network_model, run_set
 from segq.settings import get_settings
 from worker.launcher import count_gpus, visible_devices
@@ -182,7 +182,8 @@ def keep_log(log: Path, copy: Path) -> Iterator[None]:
 
 
 def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: Path, warmup: list[Path],
-              inputs: list[Path], ct: list[Path], compile_mode: str) -> list[dict[str, Any]]:
+              inputs: list[Path], ct: list[Path], compile_mode: str,
+              engine_seconds: float | None = None) -> list[dict[str, Any]]:
     """The dataset and the CT latency on ``n`` GPUs, in one warm launcher."""
     import redis
 
@@ -215,20 +216,35 @@ def segq_arms(args: argparse.Namespace, root: Path, broker: str, n: int, model: 
                         "cases_per_hour": round(len(rows) / wall * 3600, 1), "submit_wait_seconds": round(seconds, 3),
                         "max_workspaces": workspaces.most, "lookahead_bound": n * (args.lookahead + 1), **figures})
         if ct:
-            latencies = []
-            for repeat, scan in enumerate(ct):  # a new volume each time: the same one again would be reused
-                name = f"ct{repeat}"
-                started = datetime.now(UTC)
-                ct_seconds, ct_rows = run_set(env, [scan], arm_root / name, model, name, args.max_windows_per_subtask,
-                                              args.timeout, ["--overlap", str(args.ct_overlap)])
-                latencies.append({"submit_wait_seconds": round(ct_seconds, 3), "windows": ct_rows[0]["windows"],
-                                  **timeline_figures(env, name, started)})
-            records.append({"arm": arm_name("ct latency", compile_mode, args), "gpus": n, "shape": list(args.ct_shape),
-                            "overlap": args.ct_overlap,
-                            "runs": latencies,
-                            "seconds": min(r["queued_to_mask_seconds"] for r in latencies),
-                            "to_last_mask_seconds": min(r["to_last_mask_seconds"] for r in latencies)})
+            records.append(ct_latency(args, env, arm_root, n, model, ct, compile_mode, engine_seconds))
     return records
+
+
+def ct_latency(args: argparse.Namespace, env: dict[str, str], arm_root: Path, n: int, model: Path, ct: list[Path],
+               compile_mode: str, engine_seconds: float | None) -> dict[str, Any]:
+    """The CT-size volume alone, ``--ct-repeats`` times in the warm launcher: submit to mask (the `segq submit`
+    process' start included), job row to mask, both against the engine alone (bench/latency.py)."""
+    runs = []
+    for repeat, scan in enumerate(ct):  # a new volume each time: the same one again would be reused
+        name = f"ct{repeat}"
+        extra = ("--max-windows-per-subtask", str(args.max_windows_per_subtask), "--overlap", str(args.ct_overlap))
+        started, seconds, timings = latency.submit_and_wait(env, scan, arm_root / name, model, name, args.timeout,
+                                                            extra)
+        figures = timeline_figures(env, name, started)
+        rows = json.loads(segq(env, "results", name, "--format", "json"))
+        runs.append({"submit_wait_seconds": round(seconds, 3), "windows": rows[0]["windows"], **figures,
+                     **latency.run_figures(figures, timings, engine_seconds)})
+    summary = latency.summary(runs, engine_seconds, n)
+    return {"arm": arm_name("ct latency", compile_mode, args), "shape": list(args.ct_shape), "overlap": args.ct_overlap,
+            "runs": runs, **summary, "seconds": min(r["queued_to_mask_seconds"] for r in runs),
+            "to_last_mask_seconds": min(r["to_last_mask_seconds"] for r in runs)}
+
+
+def ct_engine_seconds(results: list[dict[str, Any]], args: argparse.Namespace, compile_mode: str) -> float | None:
+    """The engine alone on the CT-size volume, from this run's engine arm (else ``--ct-engine-seconds``)."""
+    found = [r["seconds"] for r in results if r.get("arm") == "engine alone" and r.get("shape") == list(args.ct_shape)
+             and r.get("torch_compile", "off") == engine_compile_mode(compile_mode, args.precision)]
+    return min(found) if found else args.ct_engine_seconds
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -244,6 +260,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ct-shape", type=int, nargs=3, default=(512, 512, 300))
     parser.add_argument("--ct-overlap", type=float, default=0.5)
     parser.add_argument("--ct-repeats", type=int, default=2)
+    parser.add_argument("--ct-engine-seconds", type=float, default=None,
+                        help="The engine alone on the CT-size volume, for the ct arm's ratios when the engine arm "
+                        "does not run (3.93: SwinUNETR fs48 fp16 compiled on an H200).")
     add_network_arguments(parser, "SwinUNETR", 48, 96, 16)
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--max-windows-per-subtask", type=int, default=1024)
@@ -307,7 +326,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
                                                              args.roi, args.sw_batch_size, args.overlap)})
                 emit(results[-1], args.out / "scale_gpus_arms.jsonl")  # each arm as it ends: a cut-off run keeps it
             for mode in args.torch_compile if arms & {"segq", "ct"} else []:
-                for record in segq_arms(args, root, broker, n, model, warmup, inputs, ct, mode):
+                engine = ct_engine_seconds(results, args, mode) if ct else None
+                for record in segq_arms(args, root, broker, n, model, warmup, inputs, ct, mode, engine):
                     results.append({**setting, **record})
                     emit(results[-1], args.out / "scale_gpus_arms.jsonl")
     finish(results, out)
@@ -342,15 +362,15 @@ def finish(results: list[dict[str, Any]], out: Path) -> None:
         if record["arm"].startswith("ct latency") and base:
             record["speedup_vs_own_first"] = round(base["seconds"] / record["seconds"], 3)
             record["speedup_from_submit"] = round(base["to_last_mask_seconds"] / record["to_last_mask_seconds"], 3)
+            latency.add_speedups([r for r in results if r["arm"] == record["arm"]])
         emit(record, out)
     for record in results:
         if record["arm"] == "engine alone":
             print(f"engine alone {record['shape']} compile {record.get('torch_compile', 'off')}: "
                   f"{record['seconds']:.3f} s ({record['ms_per_window']} ms a window)")
         elif record["arm"].startswith("ct latency"):
-            print(f"{record['gpus']} GPU(s) {record['arm']}: {record['seconds']:7.2f} s queued to mask "
-                  f"(speedup {record.get('speedup_vs_own_first', 1.0):.2f}), {record['to_last_mask_seconds']:.2f} s "
-                  f"from submit (speedup {record.get('speedup_from_submit', 1.0):.2f})")
+            print(f"{record['arm']}, {latency.describe(record)} (medians; best {record['seconds']:.2f} s job row to "
+                  f"mask, {record['to_last_mask_seconds']:.2f} s from submit)")
         else:
             extra = f"  x peer {record['ratio_vs_peer']:.2f}" if "ratio_vs_peer" in record else ""
             busy = record.get("busy_fraction_steady")

@@ -50,6 +50,9 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
               help="Take over output paths another dataset owns (its jobs for them are cancelled, saying why).")
 @click.option("--wait", is_flag=True, help="Return when every volume has finished, printing a line each.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--timings", is_flag=True,
+              help="Print on stderr one line, 'timings {json}': seconds from this process' start to its imports, "
+                   "checks, first job row, first prepare message and recorded hashes, and each input's hash.")
 @click.option("--trust-model", is_flag=True,
               help="Run a MONAI bundle's config as code: any _target_, $ expression and import it holds. Without it, "
                    "only MONAI and torch.nn classes and literal expressions run (docs/MODELS.md).")
@@ -59,8 +62,7 @@ def exit_on_failures(jobs: list[Any], title: str, label: str) -> None:
 def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: float | None,
            sw_batch_size: int | None, mode: str | None, name: str | None, priority: str,
            max_windows_per_subtask: int | None, save_probabilities: bool, output_format: str, overwrite: bool,
-           wait: bool,
-           timeout: float | None, trust_model: bool, datalist: Path | None) -> None:
+           wait: bool, timeout: float | None, timings: bool, trust_model: bool, datalist: Path | None) -> None:
     """Queue every NIfTI volume and DICOM series in INPUTS (files or directories), and every case of --datalist,
     for segmentation.
 
@@ -71,11 +73,17 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     """
     if not inputs and datalist is None:
         raise click.UsageError("pass INPUTS (NIfTI files, DICOM series or directories), --datalist FILE, or both")
+    from producer.timings import Timings
+
+    marks = Timings()
+    marks.mark("command")
     from producer.scan import collect
     from producer.submit import check_dataset_name
     from producer.submit import submit as submit_dataset
     from segq.pipeline import load_pipeline
     from segq.storage import printable
+
+    marks.mark("imported")
 
     if name:
         check_dataset_name(name)  # before the scan and the model load: a bad --name costs nothing
@@ -88,13 +96,17 @@ def submit(inputs: tuple[Path, ...], out_dir: Path, model_path: Path, overlap: f
     if save_probabilities and spec.is_bundle:
         raise click.UsageError("--save-probabilities writes a model.toml's target probability; a bundle's "
                                "postprocessing decides on its own grid, so it has none to save")
+    marks.mark("model_loaded")
     collected = collect(list(inputs), out_dir.expanduser().resolve(), output_format, in_channels=spec.in_channels,
                         datalist=datalist)
+    marks.mark("scanned")
     # every input refused: the error names each one
     submitted = submit_dataset(collected.inputs, out_dir, spec, name=name, priority=priority,
                                max_windows_per_subtask=max_windows_per_subtask,
                                save_probabilities=save_probabilities, refused=[r.line() for r in collected.refused],
-                               overwrite=overwrite)
+                               overwrite=overwrite, timings=marks)
+    if timings:
+        click.echo(marks.line(), err=True)
     for refusal in submitted.refused:
         click.echo(f"refused {printable(refusal)}", err=True)
     again = " (same dataset as before)" if submitted.reused_dataset else ""

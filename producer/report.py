@@ -147,7 +147,7 @@ def timeline_plot(steps: list[Step]) -> str | None:
     origin = min(st.started_at for st in steps)
     workers = sorted({st.worker for st in steps}, key=lambda w: (not any(
         st.step == "infer" and st.worker == w for st in steps), w))
-    colours = {"infer": "#2e86de", "prepare": "#f39c12", "merge": "#10ac84"}
+    colours = {"infer": "#2e86de", "prepare": "#f39c12", "merge": "#10ac84", "hash": "#8395a7"}  # hash: segq submit
     fig, ax = plt.subplots(figsize=(9.6, 0.45 * len(workers) + 1.2), dpi=90)
     for row, worker in enumerate(workers):
         for kind, colour in colours.items():
@@ -162,7 +162,7 @@ def timeline_plot(steps: list[Step]) -> str | None:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), loc="upper right", fontsize=7, ncol=3)
-    ax.set_title("Timeline: GPU parts (device held), prepares and merges")
+    ax.set_title("Timeline: GPU parts (device held), prepares and merges (and submit's hashes)")
     return _png(fig)
 
 

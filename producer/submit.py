@@ -13,35 +13,58 @@ and the rest is queued.
 
 A case of several files (one per channel) is one volume whose identity is the hash of its files' hashes in
 channel order; its headers must show one channel each on one grid, else it is refused alone.
+
+The content hashes are computed in the background (producer/hashing.py) and do not hold up a dataset's first
+volumes (SEGQ_SUBMIT_AHEAD, one urgent CT among them): their job rows are written with the hash pending and their
+prepare messages sent at once, then the hashes are recorded, and the rest of the dataset is queued as before. A
+prepare goes on only once the recorded hash equals the one it computed itself (worker/submitted.py), so a file
+that changed is still refused; a volume queued ahead that turns out to be done already (same fingerprint) gets
+that mask as before, its prepare stopped; a submission that cannot record its hashes (an input unreadable, an
+interrupt) withdraws what it queued ahead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
+import socket
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from producer.cases import check_case
+from producer.hashing import Hashing
+from producer.rows import (
+    Request,
+    Rows,
+    claim_outputs,
+    copy_outputs,
+    done_twin,
+    existing_jobs,
+    fingerprint,
+    identity,
+    job_fields,
+    open_dataset,
+    outputs_present,
+    segmented_before,
+)
 from producer.scan import Input
-from segq import faults, records, scheduler
+from producer.timings import Timings
+from segq import records, scheduler
 from segq.broker import check_writable
 from segq.celery_app import get_app
 from segq.db import ensure_schema, session_scope
 from segq.dicom import check_volume as check_series
-from segq.dicom import seg_output, series_sha256
 from segq.errors import InputError, TransientError
-from segq.models import Dataset, Job, Status, Subtask, utcnow
-from segq.modelspec import ModelSpec, file_sha256, files_sha256
+from segq.models import Dataset, Job, Status
+from segq.modelspec import ModelSpec
+from segq.records import PENDING_SHA256
 from segq.settings import get_settings
-from segq.storage import atomic_path, controls_in, printable, probability_path, temp_name
+from segq.storage import controls_in, printable, temp_name
 from segq.volumes import check_channels, read_header
 
 logger = logging.getLogger("segq.submit")
@@ -59,12 +82,6 @@ class Submitted:
     refused: list[str] = field(default_factory=list)  # one line each: what was not queued, and why
 
 
-def fingerprint(input_sha256: str, model_sha256: str, params: dict[str, object]) -> str:
-    """A volume's identity for this work: content hash, model checksum and parameters."""
-    blob = json.dumps({"input": input_sha256, "model": model_sha256, "params": params}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def check_broker(timeout: float = 5.0) -> None:
     """Fail before any row is written when the broker does not answer."""
     conn = get_app().connection_for_write()
@@ -76,70 +93,6 @@ def check_broker(timeout: float = 5.0) -> None:
         ) from exc
     finally:
         conn.release()
-
-
-def hash_inputs(inputs: list[Input]) -> dict[Path, str]:
-    """Each input's sha256 (a DICOM series': of its files'), several at once (hashlib releases the GIL): a
-    48-volume dataset is 1.7 GB to hash, seconds on one core before anything is queued."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, max(len(inputs), 1))) as pool:
-        return dict(zip([item.path for item in inputs], pool.map(_input_sha256, inputs), strict=True))
-
-
-def job_outputs(output: str | Path, save_probabilities: bool, output_format: str | None = "nifti") -> list[Path]:
-    """Every file a done job leaves: the mask and, as asked, its probabilities and DICOM SEG."""
-    path = Path(output)
-    if output_format == "dicom-seg":
-        return [path]
-    found = [path, *([probability_path(path)] if save_probabilities else [])]
-    return found + ([seg_output(path)] if output_format == "both" else [])
-
-
-def outputs_present(output: str | Path, save_probabilities: bool, output_format: str | None = "nifti") -> bool:
-    return all(p.is_file() for p in job_outputs(output, save_probabilities, output_format))
-
-
-def _same_dataset(params: dict[str, Any], other: dict[str, Any]) -> bool:
-    """Same model and parameters; the priority may change between submissions."""
-    return {k: v for k, v in params.items() if k != "priority"} == {k: v for k, v in other.items() if k != "priority"}
-
-
-def _find_dataset(s: Session, name: str, out_dir: Path, model_sha: str, params: dict[str, Any]) -> Dataset | None:
-    query = (select(Dataset).where(Dataset.name == name, Dataset.out_dir == str(out_dir),
-                                   Dataset.model_sha256 == model_sha).order_by(Dataset.created_at.desc()))
-    return next((ds for ds in s.scalars(query) if _same_dataset(ds.params, params)), None)
-
-
-def _done_twin(s: Session, fp: str, save_probabilities: bool, output_format: str) -> Job | None:
-    """The newest done job with this fingerprint whose output files (of the same format) still exist."""
-    query = select(Job).where(Job.fingerprint == fp, Job.status == Status.DONE).order_by(Job.finished_at.desc())
-    return next((job for job in s.scalars(query) if (job.output_format or "nifti") == output_format
-                 and outputs_present(job.output_path, save_probabilities, output_format)), None)
-
-
-def _copy_file(source: Path, target: Path) -> None:
-    """Hard-link (same filesystem) or copy ``source`` to ``target``, atomically."""
-    with atomic_path(target) as tmp:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copy2(source, tmp)
-
-
-def _copy_outputs(source: Job, target: Path, save_probabilities: bool) -> bool:
-    origin = Path(source.output_path)
-    fmt = source.output_format or "nifti"
-    pairs = list(zip(job_outputs(origin, save_probabilities, fmt), job_outputs(target, save_probabilities, fmt),
-                     strict=True))
-    try:
-        for src, dst in pairs:
-            if src.resolve() != dst.resolve():
-                _copy_file(src, dst)
-    except OSError as exc:
-        logger.warning("cannot copy %s to %s (%s): segmenting the volume again", origin, target, exc)
-        return False
-    return True
 
 
 def check_volume(path: Path, spec: ModelSpec, max_voxels: int) -> None:
@@ -198,31 +151,6 @@ def check_dataset_name(name: str) -> str:
     return name
 
 
-def _claim_outputs(s: Session, dataset: Dataset, inputs: list[Input], overwrite: bool) -> None:
-    """Each output path has one owner: a queued, running or done job of another dataset refuses the submission,
-    unless ``overwrite``, which cancels that job with a reason naming this dataset (so its results say so)."""
-    wanted = [str(item.output) for item in inputs]
-    owners: list[Job] = []
-    for i in range(0, len(wanted), 500):
-        # A failed or cancelled job wrote nothing there; `segq retry` leaves it alone while another dataset owns it.
-        owners += s.scalars(select(Job).where(Job.output_path.in_(wanted[i:i + 500]), Job.dataset_id != dataset.id,
-                                              Job.status.not_in([Status.CANCELLED, Status.FAILED]))).all()
-    if not owners:
-        return
-    others = sorted({job.dataset_id for job in owners})
-    if not overwrite:
-        raise InputError(f"{len(owners)} output(s) already belong to dataset(s) {', '.join(others)}, e.g. "
-                         f"{owners[0].output_path}: choose another --out, or pass --overwrite to take them over")
-    for job in owners:
-        job.status, job.finished_at = Status.CANCELLED, job.finished_at or utcnow()
-        job.error = f"output {job.output_path} taken over by dataset {dataset.id} '{dataset.name}' (submit --overwrite)"
-        s.execute(update(Subtask).where(Subtask.job_id == job.id, Subtask.attempt == job.attempt,
-                                        Subtask.status.in_([Status.QUEUED, Status.RUNNING]))
-                  .values(status=Status.CANCELLED))
-    logger.warning("dataset %s takes over %d output(s) from dataset(s) %s (--overwrite): their jobs are cancelled",
-                   dataset.id, len(owners), ", ".join(others))
-
-
 def _unqueue(dataset_id: str, fresh: list[str], unsent: list[str], reused: bool, exc: Exception) -> None:
     """Undo a submission the broker refused half-way, so nothing stays queued without a message.
 
@@ -235,21 +163,6 @@ def _unqueue(dataset_id: str, fresh: list[str], unsent: list[str], reused: bool,
         records.fail_job(job_id, reason)
     raise TransientError(f"the broker refused a message ({exc}): nothing of this submission was queued; "
                          "free memory in Redis or fix the connection, then submit again") from exc
-
-
-def _identity(item: Input, spec: ModelSpec) -> dict[str, object]:
-    """What besides content and model makes two volumes the same work: for a series, what its SEG says."""
-    params: dict[str, object] = dict(spec.params())
-    if item.series is not None:
-        params["output_format"] = item.output_format
-        params["segment"] = [spec.segment_label, spec.segment_category, spec.segment_type]
-    return params
-
-
-def _input_sha256(item: Input) -> str:
-    if item.series is not None:
-        return series_sha256(item.series.files)
-    return files_sha256(item.channels) if item.channels else file_sha256(item.path)
 
 
 def _check(inputs: list[Input], spec: ModelSpec, max_voxels: int) -> tuple[list[Input], list[str]]:
@@ -270,32 +183,47 @@ def _check(inputs: list[Input], spec: ModelSpec, max_voxels: int) -> tuple[list[
     return kept, refused
 
 
-def _job_fields(item: Input, sha: str, fp: str) -> dict[str, Any]:
-    series = item.series
-    return {"input_sha256": sha, "fingerprint": fp, "output_path": str(item.output),
-            "output_format": item.output_format,
-            "study_uid": series.study_uid if series else None, "series_uid": series.uid if series else None,
-            "modality": series.modality if series else None,
-            "source_files": [str(f) for f in series.files] if series else None,
-            "channel_files": [str(f) for f in item.channels] if item.channels else None}
-
-
 def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | None = None,
            priority: str = "normal", max_windows_per_subtask: int | None = None,
-           save_probabilities: bool = False, refused: list[str] | None = None, overwrite: bool = False) -> Submitted:
-    """Write (or reuse) the dataset's rows, then queue what is not done.
+           save_probabilities: bool = False, refused: list[str] | None = None, overwrite: bool = False,
+           timings: Timings | None = None) -> Submitted:
+    """Write (or reuse) the dataset's rows, then queue what is not done; the first volumes go before their hashes.
 
     Nothing is queued if a NIfTI header, the checkpoint or the output directory is bad, or if another dataset
     owns an output path (unless ``overwrite``). ``refused`` (lines from the scan) is passed through to the
-    result, with the series refused here added.
+    result, with the series refused here added. ``timings`` gets the moments a waiting user sees: checks done,
+    first job row, first prepare message sent, hashes known and recorded.
     """
     settings = get_settings()
+    timings = timings or Timings()
     out_dir = out_dir.expanduser().resolve()
     name = check_dataset_name(name or out_dir.name)
     inputs, thin = _check(inputs, spec, settings.max_voxels)
     refused = [*(refused or []), *thin]
     if not inputs:
         raise InputError("nothing to segment: every input was refused:\n" + "\n".join(map(printable, refused)))
+    with Hashing(inputs, timings) as hashes:
+        ask = _request(name, out_dir, spec, priority, max_windows_per_subtask, save_probabilities, overwrite)
+        timings.mark("checked")
+        ahead = _queue_ahead(ask, inputs, settings.submit_ahead, timings)
+        try:
+            digests = hashes.all()
+            timings.mark("hashed")
+            rows = _write_rows(ask, inputs, digests, ahead)
+        except BaseException as exc:  # an input unreadable, an interrupt, the database away: withdraw, then raise
+            _withdraw(ahead, exc)
+            raise
+    timings.mark("hash_recorded")
+    _record_hash_steps(rows, hashes.spans)
+    submitted = _queue_rest(rows, ahead, refused, save_probabilities)
+    timings.mark("submitted")
+    return submitted
+
+
+def _request(name: str, out_dir: Path, spec: ModelSpec, priority: str, max_windows_per_subtask: int | None,
+             save_probabilities: bool, overwrite: bool) -> Request:
+    """The checks that need no content hash, before any row: output directory, broker, schema, checkpoint."""
+    settings = get_settings()
     prepare_out_dir(out_dir)
     check_broker()
     check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
@@ -305,61 +233,168 @@ def submit(inputs: list[Input], out_dir: Path, spec: ModelSpec, *, name: str | N
         check_checkpoint(spec)
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,
               "max_windows_per_subtask": max_windows_per_subtask, "save_probabilities": save_probabilities}
-    hashes = hash_inputs(inputs)
-    fresh: list[str] = []
-    again: list[str] = []
-    done: list[str] = []
-    twins: dict[str, tuple[Job, Path]] = {}
+    return Request(name, out_dir, spec, model_sha, params, priority, save_probabilities, overwrite)
+
+
+def _queue_ahead(ask: Request, inputs: list[Input], count: int, timings: Timings) -> Rows:
+    """Queue the first ``count`` volumes with their hashes pending and send their prepare messages now.
+
+    Every output is claimed first (a refusal leaves nothing). A DICOM series, and a file this model has already
+    segmented (a done job of any dataset read it: its hash says whether it is still the same work, and then its
+    mask is reused without a prepare), wait for their hashes as before.
+    """
+    candidates = [item for item in inputs[:count] if item.series is None]
+    rows = Rows()
+    if not candidates:
+        return rows
     with session_scope() as s:
-        records.lock_submissions(s)  # two submits of one dataset at once: the second waits, then reuses it
-        dataset = _find_dataset(s, name, out_dir, model_sha, params)
-        faults.point("in_submit")
-        reused = dataset is not None
-        if dataset is None:
-            dataset = Dataset(name=name, out_dir=str(out_dir), model_path=str(spec.path), model_sha256=model_sha,
-                              params=params, priority=priority)
-            s.add(dataset)
-            s.flush()
-        elif dataset.priority != priority:
-            dataset.priority, dataset.params = priority, {**dataset.params, "priority": priority}
-        _claim_outputs(s, dataset, inputs, overwrite)
-        existing = {job.input_path: job for job in s.scalars(select(Job).where(Job.dataset_id == dataset.id))}
-        job_ids = []
-        for item in inputs:
-            fp = fingerprint(hashes[item.path], model_sha, _identity(item, spec))
-            fields = _job_fields(item, hashes[item.path], fp)
+        records.lock_submissions(s)
+        seen = segmented_before(s, [str(item.path) for item in candidates], ask.model_sha)
+        candidates = [item for item in candidates if str(item.path) not in seen]
+        if not candidates:
+            return rows  # no row, not even a new dataset's, before the hashes
+        dataset, rows.reused = open_dataset(s, ask)
+        rows.dataset_id = dataset.id
+        claim_outputs(s, dataset, inputs, ask.overwrite)
+        existing = existing_jobs(s, dataset.id, [str(item.path) for item in candidates])
+        for item in candidates:
+            fields = job_fields(item, PENDING_SHA256, PENDING_SHA256)
             job = existing.get(str(item.path))
             if job is None:
                 job = Job(dataset_id=dataset.id, input_path=str(item.path), status=Status.QUEUED, **fields)
                 s.add(job)
                 s.flush()
-                twin = _done_twin(s, fp, save_probabilities, item.output_format)
+                rows.fresh.append(job.id)
+            else:
+                rows.prior[job.id] = (job.input_sha256, job.fingerprint)
+                for key, value in fields.items():
+                    setattr(job, key, value)
+                rows.again.append(job.id)
+            rows.ahead[str(item.path)] = job.id
+    timings.mark("job_row")
+    for job_id in rows.again:
+        records.requeue_job(job_id)
+    try:
+        sent = scheduler.admit()
+    except Exception as exc:  # kombu's OperationalError, redis' ResponseError (OOM): the broker refused
+        for job_id in rows.again:
+            records.record_hash(job_id, *rows.prior[job_id])
+        _unqueue(rows.dataset_id, rows.fresh, rows.again, rows.reused, exc)
+    if set(sent) & set(rows.ahead.values()):
+        timings.mark("prepare_sent")
+    return rows
+
+
+def _write_rows(ask: Request, inputs: list[Input], digests: dict[Path, str], ahead: Rows) -> Rows:
+    """With every hash known: record those of the volumes queued ahead, and write (or find) every other row."""
+    rows = Rows(ahead=ahead.ahead)
+    queued_ahead = set(ahead.ahead.values())
+    with session_scope() as s:
+        records.lock_submissions(s)  # two submits of one dataset at once: the second waits, then reuses it
+        dataset = s.get(Dataset, ahead.dataset_id) if ahead.dataset_id else None
+        if dataset is None:
+            dataset, rows.reused = open_dataset(s, ask)
+        else:
+            rows.reused = ahead.reused
+        rows.dataset_id = dataset.id
+        claim_outputs(s, dataset, inputs, ask.overwrite)
+        existing = existing_jobs(s, dataset.id)
+        for item in inputs:
+            fp = fingerprint(digests[item.path], ask.model_sha, identity(item, ask.spec))
+            fields = job_fields(item, digests[item.path], fp)
+            job = existing.get(str(item.path))
+            if job is not None and job.id in queued_ahead:
+                _record_hash(s, job, fields, rows, ask.save_probabilities, item)
+            elif job is None:
+                job = Job(dataset_id=dataset.id, input_path=str(item.path), status=Status.QUEUED, **fields)
+                s.add(job)
+                s.flush()
+                twin = done_twin(s, fp, ask.save_probabilities, item.output_format)
                 if twin is not None:
-                    twins[job.id] = (twin, item.output)
-                fresh.append(job.id)
+                    rows.twins[job.id] = (twin, item.output)
+                rows.fresh.append(job.id)
             elif (job.fingerprint == fp and job.status == Status.DONE
-                  and outputs_present(job.output_path, save_probabilities, job.output_format)):
-                done.append(job.id)
+                  and outputs_present(job.output_path, ask.save_probabilities, job.output_format)):
+                rows.done.append(job.id)
             else:
                 for key, value in fields.items():
                     setattr(job, key, value)
-                again.append(job.id)
-            job_ids.append(job.id)
-        dataset_id = dataset.id
-    for job_id, (twin, output) in twins.items():
-        if _copy_outputs(twin, output, save_probabilities) and records.copy_result(job_id, twin.id):
+                rows.again.append(job.id)
+            rows.job_ids.append(job.id)
+    return rows
+
+
+def _record_hash(s: Session, job: Job, fields: dict[str, Any], rows: Rows, save_probabilities: bool,
+                 item: Input) -> None:
+    """The hash of a volume queued ahead of it: its prepare, waiting at its gate, goes on (or refuses a changed file).
+
+    Found done elsewhere (same fingerprint), its hash stays pending here: after this transaction the twin's mask
+    is copied and the job marked done with its hash at once, so its prepare stops at the gate without running on.
+    Another submission that recorded other content meanwhile loses: this one's is the file now, as a new attempt.
+    """
+    if job.input_sha256 not in (PENDING_SHA256, fields["input_sha256"]):
+        rows.again.append(job.id)
+    else:
+        rows.sent.append(job.id)
+    rows.attempts[job.id] = job.attempt
+    twin = done_twin(s, fields["fingerprint"], save_probabilities, item.output_format)
+    if twin is not None and twin.id != job.id and job.input_sha256 == PENDING_SHA256:
+        rows.twins[job.id] = (twin, item.output)
+        rows.identities[job.id] = (fields["input_sha256"], fields["fingerprint"])
+        fields = {key: value for key, value in fields.items() if key not in ("input_sha256", "fingerprint")}
+    for key, value in fields.items():
+        setattr(job, key, value)
+
+
+def _record_hash_steps(rows: Rows, spans: dict[Path, tuple[datetime, datetime]]) -> None:
+    """Each hash a volume's prepare could wait for, on the timeline (``steps``) beside that prepare."""
+    worker = f"segq submit@{socket.gethostname()}"
+    for path, job_id in rows.ahead.items():
+        span = spans.get(Path(path))
+        if span is not None and job_id in rows.attempts:
+            records.record_step(job_id, rows.attempts[job_id], "hash", worker, span)
+
+
+def _queue_rest(rows: Rows, ahead: Rows, refused: list[str], save_probabilities: bool) -> Submitted:
+    """Copy the masks of volumes done elsewhere, re-queue and admit what waits; a broker that refuses takes back
+    everything this submission queued, those sent ahead too."""
+    for job_id, (twin, output) in rows.twins.items():
+        identity = rows.identities.get(job_id)  # queued ahead: its hash is recorded with the copied result
+        if copy_outputs(twin, output, save_probabilities) and records.copy_result(job_id, twin.id, identity):
             logger.info("job %s: same volume, model and parameters as done job %s; copied its output", job_id, twin.id)
-            fresh.remove(job_id)
-            done.append(job_id)
-    for job_id in again:
+            for waiting in (rows.fresh, rows.sent):
+                if job_id in waiting:
+                    waiting.remove(job_id)
+            rows.done.append(job_id)
+        elif identity is not None:
+            records.record_hash(job_id, *identity)  # segmented after all: its prepare goes on
+    for job_id in rows.again:
         records.requeue_job(job_id)
-    queued = fresh + again  # they wait in SQL; the scheduler sends each when there is room
+    queued = rows.sent + rows.fresh + rows.again  # they wait in SQL; the scheduler sends each when there is room
     try:
         scheduler.admit()
     except Exception as exc:  # kombu's OperationalError, redis' ResponseError (OOM): the broker refused
-        _unqueue(dataset_id, fresh, again, reused, exc)
-    logger.debug("dataset %s: queued %d volume(s), %d already done", dataset_id, len(queued), len(done))
-    return Submitted(dataset_id, job_ids, queued, done, reused, refused)
+        _unqueue(rows.dataset_id, rows.fresh + ahead.fresh, rows.again + ahead.again, rows.reused, exc)
+    logger.debug("dataset %s: queued %d volume(s), %d already done", rows.dataset_id, len(queued), len(rows.done))
+    return Submitted(rows.dataset_id, rows.job_ids, queued, rows.done, rows.reused, refused)
+
+
+def _withdraw(ahead: Rows, exc: BaseException) -> None:
+    """Undo the volumes queued ahead of their hashes when those cannot be recorded (an input unreadable, an
+    interrupt): rows created for them go, with their dataset if it is new, and a prepare already running finds no
+    job at its gate and stops, leaving nothing; jobs re-queued for them get their former hash back and fail,
+    saying why."""
+    if not ahead.ahead:
+        return
+    reason = (f"not queued: `segq submit` stopped before it recorded the input's sha256 ({type(exc).__name__}: "
+              f"{exc}); submit again")
+    try:
+        records.forget_submission(ahead.dataset_id, ahead.fresh, drop_dataset=not ahead.reused)
+        for job_id in ahead.again:
+            records.record_hash(job_id, *ahead.prior[job_id])
+            records.fail_job(job_id, reason)
+    except Exception:  # the database away: each prepare waiting for its hash fails after SEGQ_SUBMIT_HASH_WAIT
+        logger.exception("could not withdraw the %d volume(s) queued ahead of their hash", len(ahead.ahead))
 
 
 __all__ = ["submit", "Submitted", "fingerprint", "check_broker", "outputs_present", "InputError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -191,7 +192,32 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+_REVISION = re.compile(r"^(down_revision|revision)\s*=\s*['\"]([^'\"]+)['\"]", re.M)
+
+
+def migration_head() -> str | None:
+    """The newest migration's revision, read from the migration files' ``revision``/``down_revision`` lines without
+    importing Alembic; None where they are not one chain so written (then Alembic itself decides)."""
+    revisions, parents = set(), set()
+    for path in resources.files("migrations").joinpath("versions").iterdir():
+        if not path.name.endswith(".py") or path.name.startswith("__"):
+            continue
+        found = dict((key, value) for key, value in _REVISION.findall(path.read_text()))
+        if "revision" not in found:
+            return None
+        revisions.add(found["revision"])
+        parents.update([found["down_revision"]] if "down_revision" in found else [])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
 def schema_is_current(url: str | None = None) -> bool:
+    """True when the database is at the newest migration. A database that records exactly the head the migration
+    files name is current without Alembic (its import and the parse of every migration: a fifth of a second of each
+    `segq submit`, on the way to a waited-for volume's prepare); any other answer is Alembic's."""
+    head = migration_head()
+    if head is not None and _recorded_revisions(url) == {head}:
+        return True
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
@@ -199,6 +225,15 @@ def schema_is_current(url: str | None = None) -> bool:
     with get_engine(url).connect() as conn:
         current = set(MigrationContext.configure(conn).get_current_heads())
     return current == heads
+
+
+def _recorded_revisions(url: str | None) -> set[str]:
+    """What the database's ``alembic_version`` table holds; empty when it has none yet."""
+    try:
+        with get_engine(url).connect() as conn:
+            return {str(v) for v in conn.execute(text("SELECT version_num FROM alembic_version")).scalars()}
+    except sa_exc.SQLAlchemyError:
+        return set()
 
 
 def ensure_schema(url: str | None = None) -> None:

@@ -19,8 +19,9 @@ points
     (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``before_merge_finish`` (every output
     of the merge is in place, the job row not yet done; context ``output``), ``in_submit`` (a producer looked
-    for the dataset and holds the submission lock), ``at_start`` (a ``segq`` command starts, before it imports
-    anything that reads the clock).
+    for the dataset and holds the submission lock), ``in_input_hash`` (a producer hashed an input and has not
+    recorded it yet; context ``input``, its file name: a pause there is a slow hash), ``at_start`` (a ``segq``
+    command starts, before it imports anything that reads the clock).
 keys
     ``times=N`` fires at most N times across every process; ``above=N`` only where the context's ``batch`` is
     larger than N (``oom_in_engine_batch:above=1``: every batch of two or more ROIs runs out of memory); any
@@ -48,7 +49,7 @@ logger = logging.getLogger("segq.faults")
 
 ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom", "refuse", "skew")
 POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "before_merge_finish",
-          "in_submit", "at_start")
+          "in_submit", "in_input_hash", "at_start")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 
 

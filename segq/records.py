@@ -20,6 +20,9 @@ logger = logging.getLogger("segq.records")
 MAX_ERROR_CHARS = 2000
 SUBMIT_LOCK_KEY = 0x5E9D0001  # pg_advisory_xact_lock keys: one constant for every producer
 ADMIT_LOCK_KEY = 0x5E9D0002  # ... and one for every process that admits volumes (segq/scheduler.py)
+# A job's input_sha256 (and fingerprint) while `segq submit` still hashes the input it queued ahead of its hash
+# (producer/submit.py): never a sha256, so a check that forgets the case refuses the file rather than passing it.
+PENDING_SHA256 = "pending"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class JobView:
     model: dict[str, Any]
     model_sha256: str
     params: dict[str, Any]
-    input_sha256: str = ""  # checked by the worker: the file must be the one submitted
+    input_sha256: str = ""  # checked by the worker: the file must be the one submitted (PENDING_SHA256: not yet known)
     out_dir: str = ""  # the dataset's output directory: the output must still land inside it
     source_files: tuple[str, ...] = ()  # a DICOM series' files; empty for a NIfTI input
     output_format: str = "nifti"
@@ -61,6 +64,22 @@ def job_status(job_id: str) -> tuple[Status, int] | None:
     with session_scope() as s:
         row = s.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
         return (row[0], row[1]) if row else None
+
+
+def recorded_hash(job_id: str) -> tuple[str, Status, int] | None:
+    """(input sha256, status, attempt) of the job as it is now, the sha256 PENDING_SHA256 while submit still
+    computes it; None when the job is gone (a submission withdrawn)."""
+    with session_scope() as s:
+        row = s.execute(select(Job.input_sha256, Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+        return (row[0], row[1], row[2]) if row else None
+
+
+def record_hash(job_id: str, sha256: str, fingerprint: str) -> None:
+    """Set the identity of a job queued ahead of its hash, if still pending: its hash, or its former one when the
+    submission is withdrawn."""
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.input_sha256 == PENDING_SHA256)
+                  .values(input_sha256=sha256, fingerprint=fingerprint))
 
 
 def record_plan(job_id: str, attempt: int, *, shape: list[int], spacing: list[float], windows: int,
@@ -121,6 +140,10 @@ def finish_job(job_id: str, attempt: int, *, tumour_voxels: int, tumour_ml: floa
     with session_scope() as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.attempt != attempt or job.status.final:
+            return False
+        if job.input_sha256 == PENDING_SHA256:  # prepare waits for the hash (worker/submitted.py): never reached
+            job.status, job.finished_at = Status.FAILED, utcnow()
+            job.error = "the input's sha256 was still not recorded when its mask was ready: submit it again"
             return False
         parts = list(s.scalars(select(Subtask).where(Subtask.job_id == job_id, Subtask.attempt == attempt)))
         job.status, job.error, job.finished_at = Status.DONE, None, utcnow()
@@ -278,17 +301,21 @@ RESULT_FIELDS = ("shape", "spacing", "tumour_voxels", "tumour_ml", "windows", "s
                  "preprocess_seconds", "inference_seconds", "merge_seconds", "workers", "backend", "precision", "dice")
 
 
-def copy_result(job_id: str, source_id: str) -> bool:
+def copy_result(job_id: str, source_id: str, identity: tuple[str, str] | None = None) -> bool:
     """Mark the job done with the figures of an identical job (same fingerprint) that is done already.
 
     Used by an idempotent submission: the volume's output was copied beside the new job's output path,
     so no inference runs. False (nothing changed) if the source is not done or the job already ended.
+    ``identity`` (sha256, fingerprint): a job queued ahead of its hash gets it in the same transaction, so its
+    waiting prepare sees it done, never its hash alone.
     """
     with session_scope() as s:
         job = s.get(Job, job_id, with_for_update=True)
         source = s.get(Job, source_id)
         if job is None or source is None or source.status != Status.DONE or job.status.final:
             return False
+        if identity is not None and job.input_sha256 == PENDING_SHA256:
+            job.input_sha256, job.fingerprint = identity
         if source.fingerprint != job.fingerprint:
             raise ValueError(f"job {source_id} is not the same work as job {job_id}: their fingerprints differ")
         for name in RESULT_FIELDS:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # are prepared, on a GPU or merging at once; the rest wait in SQL, not as workspaces.
     # Unset: 3, or more while the timeline shows a volume's prepare outlasting its GPU time (scheduler.paced_lookahead).
     lookahead: int | None = Field(default=None, ge=0)
+    # `segq submit` queues a dataset's first submit_ahead volumes before their content hash is known: their prepare
+    # starts while submit hashes, and prepare goes on only once the hash is recorded and equals what it read
+    # (producer/submit.py, worker/submitted.py). 0: hash every input first, as before. A prepare that waited
+    # submit_hash_wait seconds for the hash (that submit stopped) fails its job, saying so.
+    submit_ahead: int = Field(default=4, ge=0)
+    submit_hash_wait: float = Field(default=300.0, gt=0)
     # Seconds between a worker's heartbeat and admission sweep (a safety net: steps admit as they end).
     admit_interval: float = Field(default=5.0, gt=0)
     # Tasks a launcher GPU worker holds at once: one on the device, the others reading their input or

@@ -26,6 +26,7 @@ from segq.records import JobView
 from segq.settings import Settings
 from segq.tiling import Slab, WindowPlan, importance_map, partial_bytes, plan_windows, weight_sum
 from segq.volumes import load_volume, read_header
+from worker import submitted
 
 if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only when it needs it
     from worker.engines.base import Engine
@@ -99,33 +100,29 @@ def checked_input(job: JobView, settings: Settings) -> Iterator[Path]:
 
     Its sha256 is computed in a thread while the body loads it (hashlib releases the GIL): a CT's hash is
     otherwise a tenth of its prepare, ahead of everything else. A file that changed is reported as changed,
-    also when the body failed to read it.
+    also when the body failed to read it; a hash `segq submit` had not recorded yet is waited for here, before
+    anything of the volume is written (worker/submitted.py).
     """
     files = case_files(job, settings)
     path = files[0]
     if not job.input_sha256:
         yield path
         return
+    before = submitted.state_or_none(files)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segq-input-hash") as pool:
         digest = pool.submit(files_sha256, files)
         try:
             yield path
         except InputError:
-            _require_submitted(job, digest.result())
+            submitted.require_submitted(job, digest.result(), files, before, settings)
             raise
-        _require_submitted(job, digest.result())
+        submitted.require_submitted(job, digest.result(), files, before, settings)
 
 
 def case_files(job: JobView, settings: Settings) -> list[Path]:
     """The case's files in channel order (one, or a multi-file case's), each still inside the allowed roots."""
     names = job.channel_files or (job.input_path,)
     return [storage.require_allowed(Path(name), settings.allowed_root_paths, "input") for name in names]
-
-
-def _require_submitted(job: JobView, sha256: str) -> None:
-    if sha256 != job.input_sha256:
-        raise InputError(f"input {job.input_path} changed since it was submitted (its sha256 is no longer "
-                         f"{job.input_sha256[:12]}...): submit it again")
 
 
 def check_output(job: JobView, settings: Settings) -> None:

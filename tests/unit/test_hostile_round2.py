@@ -336,8 +336,8 @@ def test_train_demo_never_replaces_a_model_unasked(tmp_path: Path) -> None:
 
 
 def test_only_live_jobs_of_another_dataset_own_an_output(sqlite_db: None) -> None:
+    from producer.rows import claim_outputs as _claim_outputs
     from producer.scan import Input
-    from producer.submit import _claim_outputs
     from segq.db import session_scope
     from segq.models import Dataset, Job
 
