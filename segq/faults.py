@@ -16,8 +16,8 @@ actions
 points
     ``in_gate`` (an engine is about to be checked against fp32 at load; context ``precision``),
     ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_stream_rows``
-    (a streamed input's leading ``rows`` are written and marked ready), ``in_read_rows`` (a part is about to read its
-    rows ``[lo, hi)``, ready; context ``slab``, ``lo``, ``hi``), ``in_infer_slab``
+    (a streamed input's leading ``rows`` are written and marked ready; context ``rows``, ``job``), ``in_read_rows`` (a
+    part is about to read its rows ``[lo, hi)``, ready; context ``slab``, ``lo``, ``hi``, ``job``), ``in_infer_slab``
     (a slab is about to run; context ``slab``), ``in_add_partial`` (a part's partial is half added into the
     workspace's running sum, its journal saying so; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``before_merge_finish`` (every output

@@ -578,7 +578,7 @@ def wait_for_input(ws: Path, slab: Slab, cancelled: Callable[[], bool] | None, s
         waited = streaming.wait_for_rows(ws, slab.hi, cancelled, stall_seconds)
         logger.info("slab %d reads rows [%d, %d) at %.6f after waiting %.3f s for them", slab.index, slab.lo,
                     slab.hi, time.time(), waited)
-    faults.point("in_read_rows", slab=slab.index, lo=slab.lo, hi=slab.hi)
+    faults.point("in_read_rows", slab=slab.index, lo=slab.lo, hi=slab.hi, job=ws.parent.name)
 
 
 def add_to_sum(ws: Path, ref: dict[str, Any]) -> None:

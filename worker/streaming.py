@@ -47,9 +47,12 @@ def rows_ready(ws: Path) -> int:
         return 0
 
 
-def _mark(ws: Path, rows: int, total: int) -> None:
+def _mark(ws: Path, rows: int, total: int) -> float:
+    """Publish that ``rows`` leading rows are written; returns the time taken just before (a reader sees it later)."""
+    marked = time.time()
     with storage.atomic_path(ws / ROWS, durable=False) as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "of": total, "time": time.time()}))
+        tmp.write_text(json.dumps({"rows": rows, "of": total, "time": marked}))
+    return marked
 
 
 def create_input(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -94,9 +97,9 @@ def write_rows(ws: Path, path: Path, shape: tuple[int, ...], bounds: Sequence[in
     for hi in bounds:
         if hi > done:
             _write_chunk(path, offset, shape, per_row, max(lo, done), hi, rows)
-            _mark(ws, hi, shape[1])
-            logger.info("rows [%d, %d) of %d ready at %.6f", max(lo, done), hi, shape[1], time.time())
-            faults.point("in_stream_rows", rows=hi)
+            marked = _mark(ws, hi, shape[1])
+            logger.info("rows [%d, %d) of %d ready at %.6f", max(lo, done), hi, shape[1], marked)
+            faults.point("in_stream_rows", rows=hi, job=ws.parent.name, marked=f"{marked:.6f}")
         lo = hi
 
 

@@ -144,9 +144,9 @@ def test_an_add_that_died_half_way_is_rebuilt_from_the_partials(tmp_path: Path) 
     ws, shape, parts, expected = _partials(tmp_path)
     accumulator.add(ws, shape, parts[0])
     faults = tmp_path / "faults"
-    with environment({"SEGQ_FAULTS": "raise_in_add_partial:slab=1", "SEGQ_FAULTS_DIR": str(faults)}):
-        with pytest.raises(RuntimeError, match="injected"):
-            accumulator.add(ws, shape, parts[1])  # as a kill would leave it: half of slab 1 in the sum
+    armed = {"SEGQ_FAULTS": "raise_in_add_partial:slab=1", "SEGQ_FAULTS_DIR": str(faults)}
+    with environment(armed), pytest.raises(RuntimeError, match="injected"):
+        accumulator.add(ws, shape, parts[1])  # as a kill would leave it: half of slab 1 in the sum
     assert json.loads((ws / accumulator.JOURNAL).read_text())["adding"] == 1
     accumulator.add(ws, shape, parts[2])
     np.testing.assert_allclose(accumulator.total(ws, shape, parts), expected, rtol=1e-6)
