@@ -6,10 +6,9 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ import numpy as np
 from segq import faults, storage
 from segq.errors import CancelledError, DiskFullError, InputError
 from segq.modelspec import ModelSpec, files_sha256, spec_from_dict
-from segq.preprocess import STD_FLOOR
 from segq.records import JobView
 from segq.settings import Settings, get_settings
 from segq.tiling import (
@@ -35,6 +33,7 @@ from segq.tiling import (
 )
 from segq.volumes import load_volume, read_header
 from worker import accumulator, streaming
+from worker.inputrows import InputRows, normalise, sum_bytes, zscore_stats
 
 if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only when it needs it
     from worker.engines.base import Engine
@@ -91,36 +90,6 @@ def preprocess(volume: np.ndarray, method: str, inplace: bool = False) -> np.nda
         return out.numpy()
     normalise(out, zscore_stats(out))
     return out.numpy()
-
-
-def zscore_stats(data: Any) -> list[tuple[float, float] | None]:
-    """Each channel's mean and std over its nonzero voxels (None for a channel of zeros), of a C-contiguous
-    float32 tensor (C, ...): the statistics :func:`preprocess` normalises with, also for a streamed input."""
-    import torch
-
-    stats: list[tuple[float, float] | None] = []
-    for channel in data:
-        count = int(torch.count_nonzero(channel))
-        if count == 0:
-            stats.append(None)
-            continue
-        # float32 sums of 4096-voxel rows, added up in float64: a float32 sum over millions of voxels drifts
-        # visibly, a float64 one over the whole volume is several times slower. Zeros add nothing to either.
-        rows = channel.reshape(-1, 4096) if channel.numel() % 4096 == 0 else channel.reshape(1, -1)
-        mean = float(rows.sum(dim=1).double().sum()) / count
-        square = float((torch.linalg.vector_norm(rows, dim=1).double() ** 2).sum()) / count
-        stats.append((mean, max(math.sqrt(max(square - mean * mean, 0.0)), STD_FLOOR)))
-    return stats
-
-
-def normalise(data: Any, stats: Sequence[tuple[float, float] | None]) -> None:
-    """``data`` (a float32 tensor (C, ...)) normalised in place with ``stats``: the same float32 operations
-    whether it is the whole volume or a chunk of its rows, so a streamed input is the unstreamed one exactly."""
-    for channel, stat in zip(data, stats, strict=True):
-        if stat is None:
-            channel.zero_()
-        else:
-            channel.sub_(stat[0]).mul_(1.0 / stat[1])
 
 
 @contextmanager
@@ -261,11 +230,6 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
 
 
-def sum_bytes(plan: WindowPlan, slabs: list[Slab]) -> int:
-    """The workspace's running sum of a volume in several parts (worker/accumulator.py): the padded volume, float32."""
-    return int(np.prod(plan.padded_shape)) * 4 if len(slabs) > 1 else 0
-
-
 def kept_slabs(ws: Path, plan: WindowPlan) -> list[Slab] | None:
     """The parts of a streamed plan already in the workspace for this very grid: a prepare delivered again (its
     worker died mid-stream) keeps them, so parts already sent, and the rows they wait for, still mean the same."""
@@ -285,45 +249,6 @@ def streamed_input(ws: Path, shape: tuple[int, ...], slabs: list[Slab], rows: Ca
     path = ws / CXYZ_INPUT
     streaming.create_input(path, shape, np.dtype(np.float32))
     return functools.partial(streaming.write_rows, ws, path, shape, streaming.chunk_bounds(slabs, shape[1]), rows)
-
-
-class InputRows:
-    """Rows ``[a, b)`` of a loaded volume's padded, preprocessed input (C, X, Y, Z), one chunk at a time.
-
-    Each chunk is normalised with the whole volume's statistics (computed once, as :func:`preprocess` computes
-    them) by the same float32 operations, so the streamed input equals the one written whole, bit for bit.
-    """
-
-    def __init__(self, volume: np.ndarray, plan: WindowPlan, method: str) -> None:
-        self.volume, self.plan, self.method = volume, plan, method
-        self._stats: list[tuple[float, float] | None] | None = None
-
-    def stats(self) -> list[tuple[float, float] | None] | None:
-        import torch
-
-        if self.method == "zscore" and self._stats is None:
-            zyx = torch.from_numpy(np.ascontiguousarray(self.volume.transpose(0, 3, 2, 1), dtype=np.float32))
-            self._stats = zscore_stats(zyx)
-        return self._stats
-
-    def __call__(self, a: int, b: int) -> np.ndarray:
-        import torch
-
-        from worker.engines.inference import read_only_tensor
-
-        (px, _), (py, _), (pz, _) = self.plan.pad
-        channels, nx, ny, nz = self.volume.shape
-        out = np.zeros((channels, b - a, *self.plan.padded_shape[1:]), dtype=np.float32)
-        xa, xb = max(a - px, 0), min(b - px, nx)
-        if xa < xb:
-            view = read_only_tensor(self.volume[:, xa:xb])
-            rows = torch.empty(view.shape, dtype=torch.float32)
-            rows.copy_(view)  # the transposition to C order, in torch's threads; never the caller's volume itself
-            stats = self.stats()
-            if stats is not None:
-                normalise(rows, stats)
-            out[:, xa + px - a : xb + px - a, py : py + ny, pz : pz + nz] = rows.numpy()
-        return out
 
 
 def load_case(job: JobView, settings: Settings, path: Path, channels: int, header: Any) -> tuple[np.ndarray, Any]:

@@ -16,7 +16,7 @@ from segq import storage
 from segq.errors import CancelledError, InputError, StreamStalledError
 from segq.tiling import part_windows, plan_windows
 from tests.helpers import environment
-from worker import accumulator, jobs, streaming
+from worker import accumulator, inputrows, jobs, streaming
 
 
 def _volume(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -36,7 +36,7 @@ def test_streamed_input_is_the_whole_input_bit_for_bit(tmp_path: Path, shape: tu
     whole = jobs.workspace_input(volume.copy(order="K"), plan, method).transpose(0, 3, 2, 1)
     ws = tmp_path / "ws"
     ws.mkdir()
-    write = jobs.streamed_input(ws, (1, *plan.padded_shape), slabs, jobs.InputRows(volume, plan, method))
+    write = jobs.streamed_input(ws, (1, *plan.padded_shape), slabs, inputrows.InputRows(volume, plan, method))
     assert streaming.rows_ready(ws) == 0
     write()
     assert streaming.rows_ready(ws) == plan.padded_shape[0]
@@ -59,7 +59,7 @@ def test_a_prepare_delivered_again_never_moves_the_rows_back(tmp_path: Path) -> 
     slabs = plan.split(3)
     ws = tmp_path / "ws"
     ws.mkdir()
-    rows = jobs.InputRows(volume, plan, "zscore")
+    rows = inputrows.InputRows(volume, plan, "zscore")
     bounds = streaming.chunk_bounds(slabs, plan.padded_shape[0])
     asked: list[tuple[int, int]] = []
 
