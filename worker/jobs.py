@@ -63,15 +63,15 @@ def slab_file(index: int, divided: bool = True) -> str:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A volume's plan, in the workspace; ``stream``, when set, writes its input there row by row (the caller
-    sends the parts first: see worker/streaming.py)."""
+    """A volume's plan, in the workspace; ``stream(cancelled)``, when set, writes its input there row by row (the
+    caller sends the parts first: see worker/streaming.py)."""
 
     plan: WindowPlan
     slabs: list[Slab]
     shape: list[int]
     spacing: list[float]
     seconds: float
-    stream: Callable[[], None] | None = field(default=None, compare=False)
+    stream: Callable[[Callable[[], bool] | None], None] | None = field(default=None, compare=False)
 
 
 def preprocess(volume: np.ndarray, method: str, inplace: bool = False) -> np.ndarray:
@@ -243,12 +243,17 @@ def kept_slabs(ws: Path, plan: WindowPlan) -> list[Slab] | None:
 
 
 def streamed_input(ws: Path, shape: tuple[int, ...], slabs: list[Slab], rows: Callable[[int, int], np.ndarray]
-                   ) -> Callable[[], None]:
+                   ) -> Callable[[Callable[[], bool] | None], None]:
     """Create the input file of ``shape`` (C, X, Y, Z) now; the writer returned fills it with ``rows`` chunk by
     chunk in slab order, marking each ready (worker/streaming.py)."""
     path = ws / CXYZ_INPUT
     streaming.create_input(path, shape, np.dtype(np.float32))
-    return functools.partial(streaming.write_rows, ws, path, shape, streaming.chunk_bounds(slabs, shape[1]), rows)
+    bounds = streaming.chunk_bounds(slabs, shape[1])
+
+    def stream(cancelled: Callable[[], bool] | None = None) -> None:
+        streaming.write_rows(ws, path, shape, bounds, rows, cancelled)
+
+    return stream
 
 
 def load_case(job: JobView, settings: Settings, path: Path, channels: int, header: Any) -> tuple[np.ndarray, Any]:

@@ -86,15 +86,18 @@ def _header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 
 def write_rows(ws: Path, path: Path, shape: tuple[int, ...], bounds: Sequence[int],
-               rows: Callable[[int, int], np.ndarray]) -> None:
+               rows: Callable[[int, int], np.ndarray], cancelled: Callable[[], bool] | None = None) -> None:
     """Write the input of ``shape`` (C, X, ...) chunk by chunk up to each of ``bounds``, ``rows(a, b)`` giving rows
-    ``[a, b)`` as float32 (C, b - a, ...), and mark each chunk ready once it is in the file."""
+    ``[a, b)`` as float32 (C, b - a, ...), and mark each chunk ready once it is in the file. CancelledError when
+    ``cancelled()`` says the job ended meanwhile (its parts stop on their own, and its workspace goes)."""
     dtype = np.dtype(np.float32)
     offset = create_input(path, shape, dtype)
     done = rows_ready(ws)
     per_row = int(np.prod(shape[2:])) * dtype.itemsize
     lo = 0
     for hi in bounds:
+        if cancelled is not None and cancelled():
+            raise CancelledError(f"the job ended while its input was streamed ({done} of {shape[1]} rows written)")
         if hi > done:
             _write_chunk(path, offset, shape, per_row, max(lo, done), hi, rows)
             marked = _mark(ws, hi, shape[1])

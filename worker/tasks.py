@@ -138,7 +138,7 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
         raise CancelledError("the job ended while its volume was prepared")
     dispatch(job, len(prepared.slabs))
     if prepared.stream is not None:  # the parts are on their way: each starts as soon as its rows are written
-        prepared.stream()
+        prepared.stream(_cancel_check(job.id, job.attempt))
     records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 

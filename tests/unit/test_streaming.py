@@ -38,7 +38,7 @@ def test_streamed_input_is_the_whole_input_bit_for_bit(tmp_path: Path, shape: tu
     ws.mkdir()
     write = jobs.streamed_input(ws, (1, *plan.padded_shape), slabs, inputrows.InputRows(volume, plan, method))
     assert streaming.rows_ready(ws) == 0
-    write()
+    write(None)
     assert streaming.rows_ready(ws) == plan.padded_shape[0]
     streamed = jobs.load_input(ws)
     assert streamed.flags.c_contiguous and streamed.shape == whole.shape
@@ -205,3 +205,14 @@ def test_a_plan_split_by_sizes_keeps_slab_order() -> None:
     assert [s.lo for s in slabs] == sorted(s.lo for s in slabs)
     assert sorted(w for s in slabs for w in s.starts) == sorted(plan.starts)
     assert jobs.cut(plan, 3, 0.4) == slabs and jobs.cut(plan, 3) == plan.split(3)
+
+
+def test_a_stream_stops_when_its_job_ends(tmp_path: Path) -> None:
+    volume = _volume((40, 21, 19))
+    plan = plan_windows(volume.shape[1:], (16, 16, 16), 0.5, "gaussian")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    write = jobs.streamed_input(ws, (1, *plan.padded_shape), plan.split(3), inputrows.InputRows(volume, plan, "none"))
+    with pytest.raises(CancelledError, match="while its input was streamed"):
+        write(lambda: True)
+    assert streaming.rows_ready(ws) == 0
