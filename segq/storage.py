@@ -130,6 +130,26 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(_existing_ancestor(directory)).free
 
 
+# Filesystems where another machine may read what this one wrote through a memory map only once it is flushed.
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+                        "9p", "virtiofs", "fuse")
+
+
+def on_network_filesystem(path: Path) -> bool:
+    """Whether ``path`` lies on a network or cluster filesystem (by /proc/self/mounts; True where it cannot tell).
+
+    On a local one every process of the machine shares the page cache, so what one wrote through a memory map is
+    what another reads at once; an msync would only push it to the disk, seconds of a CT's stream for nothing."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        return True
+    target = str(_existing_ancestor(path).resolve())
+    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best is None or best[1].split(".")[0] in _NETWORK_FILESYSTEMS
+
+
 def size_text(count: float) -> str:
     """``count`` bytes for a message: 368 kB, 2.1 MB, 1.4 GB."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -1,9 +1,10 @@
 """The merge's running sum, kept in the workspace: each part adds its partial as it finishes, so a merge only
 adds what is still missing (normally nothing), thresholds and writes.
 
-The sum (``sum.npy``, float32, the padded volume, C-ordered) changes only under an exclusive lock on
-``sum.lock`` (flock: the kernel releases it when its holder dies). A journal (``sum.json``, replaced atomically)
-records which partials are in the sum, and which one is being added. An add is not idempotent by itself, so:
+The sum (``sum.npy``, float32, the padded volume in NIfTI's order, as the partials are) changes only under an
+exclusive lock on ``sum.lock`` (flock: the kernel releases it when its holder dies). A journal (``sum.json``,
+replaced atomically) records which partials are in the sum, and which one is being added. An add is not idempotent
+by itself, so:
 
 - a partial whose slab the journal lists is never added again (a redelivered part, or the merge's own check);
 - a journal still naming a slab as being added means its adder died half-way: the next holder of the lock
@@ -26,7 +27,7 @@ import numpy as np
 
 from segq import faults, storage
 from segq.errors import InputError
-from worker.streaming import create_input, header_length
+from worker.streaming import create_input
 
 logger = logging.getLogger("segq.accumulator")
 
@@ -93,7 +94,7 @@ def total(ws: Path, shape: tuple[int, ...], parts: Sequence[Part]) -> np.ndarray
     with _locked(ws):
         journal = _recovered(ws, shape)
         _add_missing(ws, shape, journal, parts)
-        return storage.load_array(ws / SUM)
+        return storage.load_array(ws / SUM).T
 
 
 def _add_missing(ws: Path, shape: tuple[int, ...], journal: Journal, parts: Sequence[Part]) -> None:
@@ -127,7 +128,7 @@ def _recovered(ws: Path, shape: tuple[int, ...]) -> Journal:
 
 def _fresh_sum(ws: Path, shape: tuple[int, ...]) -> None:
     (ws / SUM).unlink(missing_ok=True)
-    create_input(ws / SUM, shape, _FLOAT)
+    create_input(ws / SUM, tuple(reversed(shape)), _FLOAT)  # NIfTI's order: (Z, Y, X) on disk
 
 
 def _add_one(ws: Path, shape: tuple[int, ...], journal: Journal, part: Part) -> None:
@@ -146,16 +147,16 @@ def _add_one(ws: Path, shape: tuple[int, ...], journal: Journal, part: Part) -> 
 
 
 def _add_rows(path: Path, shape: tuple[int, ...], lo: int, rows: np.ndarray) -> None:
-    """Rows ``[lo, lo + len(rows))`` of the sum += ``rows``: read, add, written back through a handle closed at the
-    end (close-to-open consistency on a shared filesystem)."""
+    """Rows ``[lo, lo + len(rows))`` of the sum += ``rows``, through the file's memory map, flushed before the journal
+    says so (a merge on another machine reads it after)."""
     if rows.shape[0] == 0:
         return
     if rows.shape[1:] != tuple(shape[1:]):
         raise InputError(f"a partial of rows {rows.shape} does not fit a sum of {tuple(shape)}")
-    offset = header_length(shape, _FLOAT) + lo * int(np.prod(shape[1:])) * _FLOAT.itemsize
-    with storage.disk_errors(path), open(path, "r+b") as handle:
-        handle.seek(offset)
-        block = np.fromfile(handle, dtype=_FLOAT, count=rows.size).reshape(rows.shape)
-        block += rows
-        handle.seek(offset)
-        block.tofile(handle)
+    with storage.disk_errors(path):
+        mapped = np.load(path, mmap_mode="r+", allow_pickle=False)
+        view = mapped.T  # the sum is kept in NIfTI's order, as a job's partials are
+        view[lo : lo + rows.shape[0]] += rows
+        if storage.on_network_filesystem(path):
+            mapped.flush()
+        del view, mapped

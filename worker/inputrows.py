@@ -49,10 +49,12 @@ def sum_bytes(plan: WindowPlan, slabs: list[Slab]) -> int:
 
 
 class InputRows:
-    """Rows ``[a, b)`` of a loaded volume's padded, preprocessed input (C, X, Y, Z), one chunk at a time.
+    """Fills rows ``[a, b)`` of a loaded volume's padded, preprocessed input, one chunk at a time, into a (C, X, Y, Z)
+    view of the workspace file (worker.streaming.write_rows).
 
     Each chunk is normalised with the whole volume's statistics (computed once, as worker.jobs.preprocess computes
-    them) by the same float32 operations, so the streamed input equals the one written whole, bit for bit.
+    them) by the same float32 operations, so the streamed input equals the one written whole, bit for bit. The
+    chunk is copied into the file's map and normalised there, in the file's order: no transposition, no temporary.
     """
 
     def __init__(self, volume: np.ndarray, plan: WindowPlan, method: str) -> None:
@@ -67,21 +69,18 @@ class InputRows:
             self._stats = zscore_stats(zyx)
         return self._stats
 
-    def __call__(self, a: int, b: int) -> np.ndarray:
+    def __call__(self, view: np.ndarray, a: int, b: int) -> None:
         import torch
 
         from worker.engines.inference import read_only_tensor
 
         (px, _), (py, _), (pz, _) = self.plan.pad
-        channels, nx, ny, nz = self.volume.shape
-        out = np.zeros((channels, b - a, *self.plan.padded_shape[1:]), dtype=np.float32)
+        _channels, nx, ny, nz = self.volume.shape
         xa, xb = max(a - px, 0), min(b - px, nx)
-        if xa < xb:
-            view = read_only_tensor(self.volume[:, xa:xb])
-            rows = torch.empty(view.shape, dtype=torch.float32)
-            rows.copy_(view)  # the transposition to C order, in torch's threads; never the caller's volume itself
-            stats = self.stats()
-            if stats is not None:
-                normalise(rows, stats)
-            out[:, xa + px - a : xb + px - a, py : py + ny, pz : pz + nz] = rows.numpy()
-        return out
+        if xa >= xb:
+            return  # rows of padding only: zeros already
+        stats = self.stats()  # before the first chunk, of the whole volume
+        target = torch.from_numpy(view[:, xa + px : xb + px, py : py + ny, pz : pz + nz])
+        target.copy_(read_only_tensor(self.volume[:, xa:xb]))
+        if stats is not None:
+            normalise(target, stats)

@@ -242,16 +242,17 @@ def kept_slabs(ws: Path, plan: WindowPlan) -> list[Slab] | None:
     return [Slab.from_json(s) for s in document["slabs"]]
 
 
-def streamed_input(ws: Path, shape: tuple[int, ...], slabs: list[Slab], rows: Callable[[int, int], np.ndarray]
-                   ) -> Callable[[Callable[[], bool] | None], None]:
-    """Create the input file of ``shape`` (C, X, Y, Z) now; the writer returned fills it with ``rows`` chunk by
-    chunk in slab order, marking each ready (worker/streaming.py)."""
-    path = ws / CXYZ_INPUT
-    streaming.create_input(path, shape, np.dtype(np.float32))
+def streamed_input(ws: Path, shape: tuple[int, ...], slabs: list[Slab], fill: Callable[[np.ndarray, int, int], None],
+                   nifti_order: bool = True) -> Callable[[Callable[[], bool] | None], None]:
+    """Create the input file for ``shape`` (C, X, Y, Z) now (``INPUT`` in NIfTI's order, else ``CXYZ_INPUT``); the
+    writer returned has ``fill`` write it chunk by chunk in slab order, marking each ready (worker/streaming.py)."""
+    channels, *spatial = shape
+    path, file_shape = ((ws / INPUT, (channels, *reversed(spatial))) if nifti_order else (ws / CXYZ_INPUT, shape))
+    streaming.create_input(path, file_shape, np.dtype(np.float32))
     bounds = streaming.chunk_bounds(slabs, shape[1])
 
     def stream(cancelled: Callable[[], bool] | None = None) -> None:
-        streaming.write_rows(ws, path, shape, bounds, rows, cancelled)
+        streaming.write_rows(ws, path, file_shape, bounds, fill, nifti_order, cancelled)
 
     return stream
 
@@ -305,13 +306,18 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
     padded = pad_model_grid(model_grid, plan, spec)
     bundle_stages.save_context(ws, meta, operations)
     if len(slabs) > 1 and padded.dtype == np.float32:  # streamed, as a model.toml's volume (see prepare)
-        stream = streamed_input(ws, padded.shape, slabs, lambda a, b: padded[:, a:b])
+        stream = streamed_input(ws, padded.shape, slabs, functools.partial(_copy_rows, padded), nifti_order=False)
         _save_plan(ws, plan, slabs, header.shape[:3], stream=True)
         return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started,
                         stream)
     storage.save_array(ws / CXYZ_INPUT, padded)
     _save_plan(ws, plan, slabs, header.shape[:3])
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def _copy_rows(source: np.ndarray, view: np.ndarray, a: int, b: int) -> None:
+    """Rows ``[a, b)`` of a bundle's padded model grid into the streamed file's view."""
+    view[:, a:b] = source[:, a:b]
 
 
 def _bundle_case_files(job: JobView, settings: Settings, ws: Path) -> tuple[list[Path], Any]:

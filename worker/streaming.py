@@ -1,10 +1,12 @@
 """The input streamed into the workspace in slab order, so a GPU part starts as soon as its rows are there.
 
 A volume cut into several parts has its chord sent as soon as its plan is known (worker/tasks.py). prepare then
-writes the padded input, (C, X, Y, Z) C-ordered so that each part's rows ``[lo, hi)`` are contiguous per channel,
-one chunk at a time in slab order, and after each chunk records in ``rows.json`` how many leading rows are written
-(written atomically, after the chunk's file handle is closed: on a shared filesystem close-to-open consistency
-then shows a reader every byte the counter promises). A part waits for ``rows >= hi`` before it reads anything.
+writes the padded input into its file (created whole at once, zeros), one chunk of rows ``[a, b)`` along the slab
+axis at a time in slab order, each straight from the loaded volume into the file's memory map, in the file's own
+order (NIfTI's for a model.toml's volume: no transposition); after each chunk the map is flushed (msync, on a network
+filesystem; on a local one every process shares the page cache already) and ``rows.json`` (replaced atomically)
+records how many leading rows are written. A part waits for ``rows >= hi`` before it maps
+the file and reads anything.
 
 Rows only ever grow: a prepare delivered again (its worker killed mid-stream) writes the same values and never
 moves the counter back, so a part already reading is never handed rows being rewritten to something else.
@@ -86,35 +88,32 @@ def _header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 
 def write_rows(ws: Path, path: Path, shape: tuple[int, ...], bounds: Sequence[int],
-               rows: Callable[[int, int], np.ndarray], cancelled: Callable[[], bool] | None = None) -> None:
-    """Write the input of ``shape`` (C, X, ...) chunk by chunk up to each of ``bounds``, ``rows(a, b)`` giving rows
-    ``[a, b)`` as float32 (C, b - a, ...), and mark each chunk ready once it is in the file. CancelledError when
-    ``cancelled()`` says the job ended meanwhile (its parts stop on their own, and its workspace goes)."""
-    dtype = np.dtype(np.float32)
-    offset = create_input(path, shape, dtype)
+               fill: Callable[[np.ndarray, int, int], None], nifti_order: bool = False,
+               cancelled: Callable[[], bool] | None = None) -> None:
+    """Write the input in ``path`` (a float32 .npy of ``shape``: (C, X, Y, Z), or with ``nifti_order`` (C, Z, Y, X))
+    chunk by chunk up to each of ``bounds``: ``fill(view, a, b)`` writes rows ``[a, b)`` of its (C, X, Y, Z) view
+    (the padding may stay untouched: a new file is zeros). Each chunk is flushed where it must be, then marked ready.
+    CancelledError when ``cancelled()`` says the job ended meanwhile (its parts stop on their own)."""
+    create_input(path, shape, np.dtype(np.float32))
     done = rows_ready(ws)
-    per_row = int(np.prod(shape[2:])) * dtype.itemsize
-    lo = 0
-    for hi in bounds:
-        if cancelled is not None and cancelled():
-            raise CancelledError(f"the job ended while its input was streamed ({done} of {shape[1]} rows written)")
-        if hi > done:
-            _write_chunk(path, offset, shape, per_row, max(lo, done), hi, rows)
-            marked = _mark(ws, hi, shape[1])
-            logger.info("rows [%d, %d) of %d ready at %.6f", max(lo, done), hi, shape[1], marked)
-            faults.point("in_stream_rows", rows=hi, job=ws.parent.name, marked=f"{marked:.6f}")
-        lo = hi
-
-
-def _write_chunk(path: Path, offset: int, shape: tuple[int, ...], per_row: int, a: int, b: int,
-                 rows: Callable[[int, int], np.ndarray]) -> None:
-    chunk = np.ascontiguousarray(rows(a, b), dtype=np.float32)
-    if chunk.shape != (shape[0], b - a, *shape[2:]):
-        raise ValueError(f"rows [{a}, {b}) came as {chunk.shape}, not {(shape[0], b - a, *shape[2:])}")
-    with storage.disk_errors(path), open(path, "r+b") as handle:  # closed before the mark: see the module doc
-        for channel in range(shape[0]):
-            handle.seek(offset + (channel * shape[1] + a) * per_row)
-            handle.write(memoryview(chunk[channel]).cast("B"))
+    flush = storage.on_network_filesystem(path)
+    with storage.disk_errors(path):
+        mapped = np.load(path, mmap_mode="r+", allow_pickle=False)
+        view = mapped.transpose(0, 3, 2, 1) if nifti_order else mapped
+        rows = view.shape[1]
+        lo = 0
+        for hi in bounds:
+            if cancelled is not None and cancelled():
+                raise CancelledError(f"the job ended while its input was streamed ({done} of {rows} rows written)")
+            if hi > done:
+                fill(view, max(lo, done), hi)
+                if flush:  # in the file before the mark: a reader on another machine maps it after
+                    mapped.flush()
+                marked = _mark(ws, hi, rows)
+                logger.info("rows [%d, %d) of %d ready at %.6f", max(lo, done), hi, rows, marked)
+                faults.point("in_stream_rows", rows=hi, job=ws.parent.name, marked=f"{marked:.6f}")
+            lo = hi
+        del view, mapped
 
 
 def wait_for_rows(ws: Path, hi: int, cancelled: Callable[[], bool] | None, stall_seconds: float) -> float:

@@ -41,7 +41,7 @@ def test_streamed_input_is_the_whole_input_bit_for_bit(tmp_path: Path, shape: tu
     write(None)
     assert streaming.rows_ready(ws) == plan.padded_shape[0]
     streamed = jobs.load_input(ws)
-    assert streamed.flags.c_contiguous and streamed.shape == whole.shape
+    assert streamed.shape == whole.shape and streamed.strides[1:] == whole.strides[1:], "in NIfTI's order, as written whole"
     np.testing.assert_array_equal(streamed, whole)
 
 
@@ -63,17 +63,19 @@ def test_a_prepare_delivered_again_never_moves_the_rows_back(tmp_path: Path) -> 
     bounds = streaming.chunk_bounds(slabs, plan.padded_shape[0])
     asked: list[tuple[int, int]] = []
 
-    def recording(a: int, b: int) -> np.ndarray:
+    def recording(view: np.ndarray, a: int, b: int) -> None:
         asked.append((a, b))
-        return rows(a, b)
+        rows(view, a, b)
 
-    path = ws / jobs.CXYZ_INPUT
-    streaming.write_rows(ws, path, (1, *plan.padded_shape), bounds[:1], recording)  # killed after one chunk
+    path, shape = ws / jobs.INPUT, (1, *reversed(plan.padded_shape))
+    streaming.write_rows(ws, path, shape, bounds[:1], recording, nifti_order=True)  # killed after one chunk
     first = storage.load_array(path).copy()
     asked.clear()
-    streaming.write_rows(ws, path, (1, *plan.padded_shape), bounds, recording)  # the prepare delivered again
+    streaming.write_rows(ws, path, shape, bounds, recording, nifti_order=True)  # the prepare delivered again
     assert asked[0][0] == bounds[0], "rows already marked ready are not written again"
-    np.testing.assert_array_equal(storage.load_array(path)[:, : bounds[0]], first[:, : bounds[0]])
+    np.testing.assert_array_equal(storage.load_array(path)[..., : bounds[0]], first[..., : bounds[0]])
+    whole = jobs.workspace_input(volume.copy(order="K"), plan, "zscore")
+    np.testing.assert_array_equal(storage.load_array(path), whole)
 
 
 def test_a_part_waits_for_its_rows_and_no_longer(tmp_path: Path) -> None:
