@@ -90,11 +90,11 @@ def add(ws: Path, shape: tuple[int, ...], part: Part) -> None:
 
 
 def total(ws: Path, shape: tuple[int, ...], parts: Sequence[Part]) -> np.ndarray:
-    """The sum of every one of ``parts``, adding those not in it yet (a part's add that never ran); in memory."""
+    """The sum of every one of ``parts``, adding those not in it yet (a part's add that never ran), memory-mapped."""
     with _locked(ws):
         journal = _recovered(ws, shape)
         _add_missing(ws, shape, journal, parts)
-        return storage.load_array(ws / SUM).T
+        return storage.load_array(ws / SUM, mmap=True).T  # read once, by the threshold: no copy first
 
 
 def _add_missing(ws: Path, shape: tuple[int, ...], journal: Journal, parts: Sequence[Part]) -> None:

@@ -41,7 +41,7 @@ def test_streamed_input_is_the_whole_input_bit_for_bit(tmp_path: Path, shape: tu
     write(None)
     assert streaming.rows_ready(ws) == plan.padded_shape[0]
     streamed = jobs.load_input(ws)
-    assert streamed.shape == whole.shape and streamed.strides[1:] == whole.strides[1:], "in NIfTI's order, as written whole"
+    assert streamed.shape == whole.shape and streamed.strides[1:] == whole.strides[1:], "NIfTI's order"
     np.testing.assert_array_equal(streamed, whole)
 
 
