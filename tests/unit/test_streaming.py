@@ -218,3 +218,22 @@ def test_a_stream_stops_when_its_job_ends(tmp_path: Path) -> None:
     with pytest.raises(CancelledError, match="while its input was streamed"):
         write(lambda: True)
     assert streaming.rows_ready(ws) == 0
+
+
+@pytest.mark.parametrize("threads, threaded", [("4", True), ("1", True), ("4", False)],
+                         ids=["igzip threads", "one thread", "no igzip_threaded"])
+def test_the_mask_deflates_in_threads_or_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: str,
+                                                    threaded: bool) -> None:
+    import gzip
+    import sys
+
+    import isal
+
+    if not threaded:  # an isal older than 1.6: the import fails
+        monkeypatch.setitem(sys.modules, "isal.igzip_threaded", None)
+        monkeypatch.delattr(isal, "igzip_threaded", raising=False)
+    data = np.random.default_rng(1).integers(0, 2, size=1 << 20, dtype=np.uint8).tobytes()
+    with environment({"SEGQ_GZIP_THREADS": threads}), open(tmp_path / "m.gz", "wb") as raw, \
+            jobs.gzip_stream(raw) as stream:
+        stream.write(data)
+    assert gzip.decompress((tmp_path / "m.gz").read_bytes()) == data
