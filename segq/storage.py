@@ -141,13 +141,19 @@ def on_network_filesystem(path: Path) -> bool:
     On a local one every process of the machine shares the page cache, so what one wrote through a memory map is
     what another reads at once; an msync would only push it to the disk, seconds of a CT's stream for nothing."""
     try:
-        mounts = [line.split()[1:3] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        mounts = Path("/proc/self/mounts").read_text()
     except OSError:
         return True
-    target = str(_existing_ancestor(path).resolve())
-    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+    kind = filesystem_type(str(_existing_ancestor(path).resolve()), mounts)
+    return kind is None or kind.split(".")[0] in _NETWORK_FILESYSTEMS
+
+
+def filesystem_type(target: str, mounts: str) -> str | None:
+    """The type of the filesystem mounted deepest above the absolute path ``target``, by a mounts table's text."""
+    table = [line.split()[1:3] for line in mounts.splitlines() if len(line.split()) >= 3]
+    best = max((m for m in table if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
                key=lambda m: len(m[0]), default=None)
-    return best is None or best[1].split(".")[0] in _NETWORK_FILESYSTEMS
+    return None if best is None else best[1]
 
 
 def size_text(count: float) -> str:

@@ -237,3 +237,11 @@ def test_the_mask_deflates_in_threads_or_falls_back(tmp_path: Path, monkeypatch:
             jobs.gzip_stream(raw) as stream:
         stream.write(data)
     assert gzip.decompress((tmp_path / "m.gz").read_bytes()) == data
+
+
+def test_a_chunk_is_msynced_only_where_another_machine_reads_the_storage(tmp_path: Path) -> None:
+    mounts = "/dev/vda / ext4 rw 0 0\nserver:/export /mnt/shared nfs4 rw 0 0\nfs /mnt/shared/local xfs rw 0 0\n"
+    assert storage.filesystem_type("/mnt/shared/jobs/a", mounts) == "nfs4"
+    assert storage.filesystem_type("/mnt/shared/local/jobs", mounts) == "xfs"
+    assert storage.filesystem_type("/mnt/sharedx", mounts) == "ext4"
+    assert storage.on_network_filesystem(tmp_path / "not" / "yet") in (True, False)
