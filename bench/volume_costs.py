@@ -110,18 +110,30 @@ def one_volume(path: Path, root: Path, parts: int, roi: int, overlap: float) -> 
     ws = storage.workspace(settings.storage_root, job.id, job.attempt)
     started = time.perf_counter()
     prepared = jobs.prepare(job, settings, lambda windows: parts)
+    planned = time.perf_counter() - started
+    first_ready = planned
+    if prepared.stream is not None:  # a split volume's input streamed (issue 23): parts go out at `planned`
+        from worker import streaming
+
+        bounds = streaming.chunk_bounds(prepared.slabs, prepared.plan.padded_shape[0])
+        marks: list[float] = []
+        prepared.stream(lambda: marks.append(time.perf_counter()) or False)  # asked before each chunk
+        first_ready = (marks[1] if len(marks) > 1 and len(bounds) > 1 else time.perf_counter()) - started
     prepare = time.perf_counter() - started
     refs, reads, writes = [], [], []
     for index in range(len(prepared.slabs)):
         ref, read, write = part_host(ws, index)
+        added = time.perf_counter()
+        jobs.add_to_sum(ws, ref)  # a part's add into the running sum, on its GPU worker's host (streamed volumes)
         refs.append(ref)
         reads.append(read)
-        writes.append(write)
+        writes.append(write + time.perf_counter() - added)
     hosts = [r + w for r, w in zip(reads, writes, strict=True)]
     started = time.perf_counter()
     jobs.merge(ws, refs, path, out)
     merge = time.perf_counter() - started
-    return {"prepare_s": round(prepare, 3), "part_host_max_s": round(max(hosts), 3),
+    return {"prepare_s": round(prepare, 3), "planned_s": round(planned, 3), "first_part_ready_s": round(first_ready, 3),
+            "part_host_max_s": round(max(hosts), 3),
             "part_read_max_s": round(max(reads), 3), "part_write_max_s": round(max(writes), 3),
             "merge_s": round(merge, 3),
             "critical_path_s": round(prepare + max(hosts) + merge, 3), "windows": len(prepared.plan.starts),

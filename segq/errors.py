@@ -46,3 +46,8 @@ class WorkerLeaving(SegqError):
 
 class CancelledError(SegqError):
     """The job was cancelled while this task ran."""
+
+
+class StreamStalledError(TransientError):
+    """A GPU part waited for rows of its streamed input that stopped arriving (the worker preparing the volume
+    died or stalled): retried, by when the prepare delivered again resumes the stream."""

@@ -15,8 +15,11 @@ actions
     machine whose clock is off: ``skew_at_start:seconds=-600``).
 points
     ``in_gate`` (an engine is about to be checked against fp32 at load; context ``precision``),
-    ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_infer_slab``
-    (a slab is about to run; context ``slab``), ``before_merge_rename`` (the mask is
+    ``in_prepare`` (a volume is about to be loaded; context ``input``, its file name), ``in_stream_rows``
+    (a streamed input's leading ``rows`` are written and marked ready; context ``rows``, ``job``), ``in_read_rows`` (a
+    part is about to read its rows ``[lo, hi)``, ready; context ``slab``, ``lo``, ``hi``, ``job``), ``in_infer_slab``
+    (a slab is about to run; context ``slab``), ``in_add_partial`` (a part's partial is half added into the
+    workspace's running sum, its journal saying so; context ``slab``), ``before_merge_rename`` (the mask is
     written under its temp name, not yet renamed; context ``output``), ``before_merge_finish`` (every output
     of the merge is in place, the job row not yet done; context ``output``), ``in_submit`` (a producer looked
     for the dataset and holds the submission lock), ``in_input_hash`` (a producer hashed an input and has not
@@ -48,7 +51,8 @@ from segq.settings import get_settings
 logger = logging.getLogger("segq.faults")
 
 ACTIONS = ("cuda_error", "kill", "raise", "pause", "oom", "refuse", "skew")
-POINTS = ("in_prepare", "in_infer_slab", "in_engine_batch", "in_gate", "before_merge_rename", "before_merge_finish",
+POINTS = ("in_prepare", "in_stream_rows", "in_read_rows", "in_infer_slab", "in_engine_batch", "in_gate",
+          "in_add_partial", "before_merge_rename", "before_merge_finish",
           "in_submit", "in_input_hash", "at_start")
 CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
 

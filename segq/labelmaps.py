@@ -68,7 +68,22 @@ def read_names(path: Path) -> dict[int, str] | None:
 
 def label_volumes(mask: np.ndarray, names: dict[int, str], voxel_ml: float) -> list[dict[str, Any]]:
     """Voxels and mL of every label but the background, named; a value the names lack is listed as ``label N``."""
-    counts = np.bincount(mask.ravel(), minlength=max(names, default=0) + 1)
+    counts = _counts(mask.ravel(order="K"), max(names, default=0) + 1)  # "K": a NIfTI-ordered mask is not copied
     values = sorted(set(names) | {int(v) for v in np.flatnonzero(counts)})
     return [{"value": v, "name": names.get(v, f"label {v}"), "voxels": int(counts[v]) if v < counts.size else 0,
              "ml": round(float(counts[v] if v < counts.size else 0) * voxel_ml, 4)} for v in values if v > 0]
+
+
+def _counts(flat: np.ndarray, minlength: int) -> np.ndarray:
+    """How many voxels hold each value of a flat label map. A uint8 map (every mask segq writes) is counted by torch,
+    which reads its bytes as they are: numpy's bincount widens them to 8 bytes first (a CT's mask: 1.9 s of merge
+    on two cores, against 0.16 s)."""
+    if flat.dtype != np.uint8:
+        return np.bincount(flat, minlength=minlength)
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read
+        return torch.bincount(torch.from_numpy(flat), minlength=minlength).numpy()

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     # Tasks a launcher GPU worker holds at once: one on the device, the others reading their input or
     # writing their partial meanwhile (threads pool; the device itself runs one at a time).
     gpu_prefetch: int = Field(default=2, ge=1)
+    # Streaming (worker/streaming.py): a part of a volume cut in several waits for its rows of the input while
+    # prepare writes them; one that sees no new row for this many seconds raises StreamStalledError (retried).
+    stream_stall_seconds: float = Field(default=120.0, gt=0)
+    # How long writing a streamed input takes against one GPU running all the volume's windows (0: parts of equal
+    # windows). Later parts' rows arrive later, so with a ratio > 0 they get fewer windows and the GPUs finish
+    # together (segq.scheduler.part_windows).
+    stream_ratio: float = Field(default=0.0, ge=0, le=10)
+    # Threads ISA-L's igzip uses to deflate a .nii.gz mask (worker/jobs.py); 1 writes it in this thread.
+    gzip_threads: int = Field(default=2, ge=1)
     backend: Backend = "torch"
     # TEST ONLY (SEGQ_BACKEND=simulate, worker/simulate.py): a GPU part sleeps this long a window instead of
     # running a network (9.4 ms: SwinUNETR fs48 fp16 on an H200), and a worker process stands for

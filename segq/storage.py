@@ -130,6 +130,32 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(_existing_ancestor(directory)).free
 
 
+# Filesystems where another machine may read what this one wrote through a memory map only once it is flushed.
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+                        "9p", "virtiofs", "fuse")
+
+
+def on_network_filesystem(path: Path) -> bool:
+    """Whether ``path`` lies on a network or cluster filesystem (by /proc/self/mounts; True where it cannot tell).
+
+    On a local one every process of the machine shares the page cache, so what one wrote through a memory map is
+    what another reads at once; an msync would only push it to the disk, seconds of a CT's stream for nothing."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return True
+    kind = filesystem_type(str(_existing_ancestor(path).resolve()), mounts)
+    return kind is None or kind.split(".")[0] in _NETWORK_FILESYSTEMS
+
+
+def filesystem_type(target: str, mounts: str) -> str | None:
+    """The type of the filesystem mounted deepest above the absolute path ``target``, by a mounts table's text."""
+    table = [line.split()[1:3] for line in mounts.splitlines() if len(line.split()) >= 3]
+    best = max((m for m in table if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return None if best is None else best[1]
+
+
 def size_text(count: float) -> str:
     """``count`` bytes for a message: 368 kB, 2.1 MB, 1.4 GB."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -9,6 +9,7 @@ the first spatial axis, each summed into its own partial by one subtask.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +67,16 @@ class WindowPlan:
             raise ValueError(f"max_windows must be at least 1, got {max_windows}")
         return self.split(math.ceil(len(self.starts) / max_windows))
 
-    def split(self, count: int) -> list[Slab]:
-        """Windows sorted along the first axis, cut into ``count`` near-equal groups (at least one)."""
+    def split(self, count: int, sizes: Sequence[int] | None = None) -> list[Slab]:
+        """Windows sorted along the first axis, cut into ``count`` near-equal groups (at least one), or into groups
+        of ``sizes`` windows in that order (see :func:`part_windows`)."""
         order = sorted(self.starts, key=lambda s: s[0])
-        groups = np.array_split(np.arange(len(order)), max(1, min(count, len(order))))
+        if sizes is not None:
+            if sum(sizes) != len(order) or min(sizes, default=0) < 1:
+                raise ValueError(f"part sizes {list(sizes)} do not cut {len(order)} windows into nonempty parts")
+            groups = np.split(np.arange(len(order)), np.cumsum(sizes)[:-1])
+        else:
+            groups = np.array_split(np.arange(len(order)), max(1, min(count, len(order))))
         slabs = []
         for k, idx in enumerate(groups):
             starts = [order[i] for i in idx]
@@ -92,6 +99,45 @@ class WindowPlan:
             pad=tuple((int(a), int(b)) for a, b in data["pad"]),
             scan_interval=_vec3(data["scan_interval"]), starts=[_vec3(s) for s in data["starts"]],
         )
+
+
+def part_windows(windows: int, parts: int, stream_ratio: float = 0.0, cap: int | None = None) -> list[int]:
+    """Windows per part, in slab order, so that parts of a streamed volume finish together.
+
+    Part ``k``'s rows are written after those of the parts before it: with ``stream_ratio`` the time to write the
+    whole input over the time one GPU takes for every window (``s``), part ``k`` can start at ``s`` times the
+    windows before and in it, so it finishes at ``s * (n_0 + ... + n_k) + n_k`` (in windows' time). Equal for every
+    ``k`` when ``n_k`` shrinks by ``1 + s`` a part. ``s = 0`` gives equal parts, the baseline. No part exceeds
+    ``cap`` windows (what is over goes to the earliest parts below it); every part has at least one.
+    """
+    if windows < 1 or parts < 1:
+        raise ValueError(f"need at least one window and one part, got {windows} windows and {parts} parts")
+    parts = min(parts, windows)
+    if cap is not None and parts * cap < windows:
+        raise ValueError(f"{parts} parts of at most {cap} windows cannot hold {windows}")
+    counts = _apportion(windows, [(1.0 + stream_ratio) ** -k for k in range(parts)])
+    if cap is not None:
+        excess = sum(max(c - cap, 0) for c in counts)
+        counts = [min(c, cap) for c in counts]
+        for k in range(parts):
+            room = min(cap - counts[k], excess)
+            counts[k] += room
+            excess -= room
+    return counts
+
+
+def _apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` cut in proportion to ``weights``, largest remainders first, each at least 1."""
+    raw = [total * w / sum(weights) for w in weights]
+    counts = [max(1, math.floor(r)) for r in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda k: (counts[k] - raw[k], k))  # most short of its share first
+    k = 0
+    while sum(counts) < total:
+        counts[by_remainder[k % len(raw)]] += 1
+        k += 1
+    while sum(counts) > total:
+        counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1
+    return counts
 
 
 def partial_bytes(plan: WindowPlan, slabs: list[Slab], channels: int = 1, itemsize: int = 4) -> int:

@@ -6,13 +6,12 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +20,20 @@ import numpy as np
 from segq import faults, storage
 from segq.errors import CancelledError, DiskFullError, InputError
 from segq.modelspec import ModelSpec, files_sha256, spec_from_dict
-from segq.preprocess import STD_FLOOR
 from segq.records import JobView
-from segq.settings import Settings
-from segq.tiling import Slab, WindowPlan, importance_map, partial_bytes, plan_windows, weight_sum
+from segq.settings import Settings, get_settings
+from segq.tiling import (
+    Slab,
+    WindowPlan,
+    importance_map,
+    part_windows,
+    partial_bytes,
+    plan_windows,
+    weight_sum,
+)
 from segq.volumes import load_volume, read_header
-from worker import submitted
+from worker import accumulator, streaming, submitted
+from worker.inputrows import InputRows, normalise, sum_bytes, zscore_stats
 
 if TYPE_CHECKING:  # the Protocol imports torch, which a coordinator loads only when it needs it
     from worker.engines.base import Engine
@@ -41,7 +48,6 @@ INPUT = "input_zyx.npy"
 CXYZ_INPUT = "input.npy"
 # A bundle's one-part case as its readers left it, on its own grid (C, X, Y, Z): its GPU worker preprocesses it.
 SOURCE_INPUT = "source.npy"
-GZIP_THREADS = 2
 PLAN = "plan.json"
 
 
@@ -57,11 +63,15 @@ def slab_file(index: int, divided: bool = True) -> str:
 
 @dataclass(frozen=True)
 class Prepared:
+    """A volume's plan, in the workspace; ``stream(cancelled)``, when set, writes its input there row by row (the
+    caller sends the parts first: see worker/streaming.py)."""
+
     plan: WindowPlan
     slabs: list[Slab]
     shape: list[int]
     spacing: list[float]
     seconds: float
+    stream: Callable[[Callable[[], bool] | None], None] | None = field(default=None, compare=False)
 
 
 def preprocess(volume: np.ndarray, method: str, inplace: bool = False) -> np.ndarray:
@@ -78,18 +88,7 @@ def preprocess(volume: np.ndarray, method: str, inplace: bool = False) -> np.nda
     out = (data if inplace else data.clone()) if data.is_contiguous() else data.contiguous()
     if method != "zscore":
         return out.numpy()
-    for channel in out:
-        count = int(torch.count_nonzero(channel))
-        if count == 0:
-            channel.zero_()
-            continue
-        # float32 sums of 4096-voxel rows, added up in float64: a float32 sum over millions of voxels drifts
-        # visibly, a float64 one over the whole volume is several times slower. Zeros add nothing to either.
-        rows = channel.reshape(-1, 4096) if channel.numel() % 4096 == 0 else channel.reshape(1, -1)
-        mean = float(rows.sum(dim=1).double().sum()) / count
-        square = float((torch.linalg.vector_norm(rows, dim=1).double() ** 2).sum()) / count
-        std = max(math.sqrt(max(square - mean * mean, 0.0)), STD_FLOOR)
-        channel.sub_(mean).mul_(1.0 / std)
+    normalise(out, zscore_stats(out))
     return out.numpy()
 
 
@@ -208,15 +207,50 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
             volume, header = load_case(job, settings, path, spec.in_channels, header)
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     input_bytes = volume.shape[0] * int(np.prod(plan.padded_shape)) * np.dtype(np.float32).itemsize
-    slabs = split_to_fit(plan, parts(len(plan.starts)), input_bytes, lambda cut: partial_bytes(plan, cut),
-                         settings.storage_root, job.input_path)
-    zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
+    sized = functools.partial(cut, plan, stream_ratio=settings.stream_ratio, cap=window_cap(job, settings))
+    slabs = kept_slabs(ws, plan) or split_to_fit(plan, parts(len(plan.starts)), input_bytes,
+                                                 lambda cut: partial_bytes(plan, cut) + sum_bytes(plan, cut),
+                                                 settings.storage_root, job.input_path, split=sized)
     ws.mkdir(parents=True, exist_ok=True)
+    if len(slabs) > 1:  # streamed: the parts are sent first, then the rows written in the order they start
+        stream = streamed_input(ws, (volume.shape[0], *plan.padded_shape), slabs, InputRows(volume, plan,
+                                                                                             spec.preprocess))
+        _save_plan(ws, plan, slabs, header.shape[:3], stream=True, accumulate=True)
+        return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started,
+                        stream)
+    zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
     storage.save_array(ws / INPUT, zyx)
     document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def kept_slabs(ws: Path, plan: WindowPlan) -> list[Slab] | None:
+    """The parts of a streamed plan already in the workspace for this very grid: a prepare delivered again (its
+    worker died mid-stream) keeps them, so parts already sent, and the rows they wait for, still mean the same."""
+    try:
+        document = json.loads((ws / PLAN).read_text())
+    except FileNotFoundError:
+        return None
+    if not document.get("stream") or WindowPlan.from_json(document["plan"]) != plan:
+        return None
+    return [Slab.from_json(s) for s in document["slabs"]]
+
+
+def streamed_input(ws: Path, shape: tuple[int, ...], slabs: list[Slab], fill: Callable[[np.ndarray, int, int], None],
+                   nifti_order: bool = True) -> Callable[[Callable[[], bool] | None], None]:
+    """Create the input file for ``shape`` (C, X, Y, Z) now (``INPUT`` in NIfTI's order, else ``CXYZ_INPUT``); the
+    writer returned has ``fill`` write it chunk by chunk in slab order, marking each ready (worker/streaming.py)."""
+    channels, *spatial = shape
+    path, file_shape = ((ws / INPUT, (channels, *reversed(spatial))) if nifti_order else (ws / CXYZ_INPUT, shape))
+    streaming.create_input(path, file_shape, np.dtype(np.float32))
+    bounds = streaming.chunk_bounds(slabs, shape[1])
+
+    def stream(cancelled: Callable[[], bool] | None = None) -> None:
+        streaming.write_rows(ws, path, file_shape, bounds, fill, nifti_order, cancelled)
+
+    return stream
 
 
 def load_case(job: JobView, settings: Settings, path: Path, channels: int, header: Any) -> tuple[np.ndarray, Any]:
@@ -261,13 +295,25 @@ def prepare_bundle_case(job: JobView, settings: Settings, parts: Callable[[int],
     model_grid, meta, operations = bundle_stages.preprocess_case(spec, files)
     plan = plan_windows(model_grid.shape[1:], spec.roi, spec.overlap, spec.mode, spec.sigma_scale)
     input_bytes = model_grid.shape[0] * int(np.prod(plan.padded_shape)) * model_grid.dtype.itemsize
-    slabs = split_to_fit(plan, parts(len(plan.starts)), input_bytes,
-                         functools.partial(bundle_partial_bytes, plan, spec, settings, header.shape[:3]),
-                         settings.storage_root, job.input_path)
-    storage.save_array(ws / CXYZ_INPUT, pad_model_grid(model_grid, plan, spec))
+    slabs = kept_slabs(ws, plan) or split_to_fit(
+        plan, parts(len(plan.starts)), input_bytes,
+        functools.partial(bundle_partial_bytes, plan, spec, settings, header.shape[:3]), settings.storage_root,
+        job.input_path)
+    padded = pad_model_grid(model_grid, plan, spec)
     bundle_stages.save_context(ws, meta, operations)
+    if len(slabs) > 1 and padded.dtype == np.float32:  # streamed, as a model.toml's volume (see prepare)
+        stream = streamed_input(ws, padded.shape, slabs, functools.partial(_copy_rows, padded), nifti_order=False)
+        _save_plan(ws, plan, slabs, header.shape[:3], stream=True)
+        return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started,
+                        stream)
+    storage.save_array(ws / CXYZ_INPUT, padded)
     _save_plan(ws, plan, slabs, header.shape[:3])
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
+
+
+def _copy_rows(source: np.ndarray, view: np.ndarray, a: int, b: int) -> None:
+    """Rows ``[a, b)`` of a bundle's padded model grid into the streamed file's view."""
+    view[:, a:b] = source[:, a:b]
 
 
 def _bundle_case_files(job: JobView, settings: Settings, ws: Path) -> tuple[list[Path], Any]:
@@ -306,12 +352,18 @@ def pad_model_grid(model_grid: Any, plan: WindowPlan, spec: ModelSpec) -> Any:
     return torch.nn.functional.pad(model_grid[None], widths, mode=spec.padding_mode)[0]
 
 
-def _save_plan(ws: Path, plan: WindowPlan, slabs: list[Slab], source: tuple[int, ...], deferred: bool = False
-               ) -> None:
+def _save_plan(ws: Path, plan: WindowPlan, slabs: list[Slab], source: tuple[int, ...], deferred: bool = False,
+               stream: bool = False, accumulate: bool = False) -> None:
+    """The plan for the parts; ``stream``: they wait for their rows (worker/streaming.py); ``accumulate``: each
+    adds its partial to the workspace's running sum (worker/accumulator.py)."""
     document: dict[str, Any] = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs],
                                 "source_shape": list(source)}
     if deferred:  # the plan is an estimate; the GPU worker plans the case's windows on its own grid
         document["deferred"] = True
+    if stream:
+        document["stream"] = True
+    if accumulate:
+        document["accumulate"] = True
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
 
@@ -325,8 +377,24 @@ def bundle_partial_bytes(plan: WindowPlan, spec: ModelSpec, settings: Settings, 
     return partial_bytes(plan, slabs, spec.out_channels, np.dtype(settings.partial_dtype).itemsize)
 
 
+def window_cap(job: JobView, settings: Settings) -> int:
+    """The most windows one part of ``job`` may hold: its dataset's --max-windows-per-subtask, or the setting's."""
+    return int(job.params.get("max_windows_per_subtask") or settings.max_windows_per_subtask)
+
+
+def cut(plan: WindowPlan, count: int, stream_ratio: float = 0.0, cap: int | None = None) -> list[Slab]:
+    """The plan in ``count`` parts: equal, or sized so that streamed parts finish together (tiling.part_windows)."""
+    windows = len(plan.starts)
+    if count < 2 or stream_ratio <= 0 or windows < 2:
+        return plan.split(count)
+    count = min(count, windows)
+    fits = cap is not None and cap * count >= windows  # fewer parts than the cap needs (a full disk): no cap
+    return plan.split(count, part_windows(windows, count, stream_ratio, cap if fits else None))
+
+
 def split_to_fit(plan: WindowPlan, count: int, input_bytes: int, partials: Callable[[list[Slab]], int],
-                 root: Path, what: str, free: int | None = None) -> list[Slab]:
+                 root: Path, what: str, free: int | None = None,
+                 split: Callable[[int], list[Slab]] | None = None) -> list[Slab]:
     """The plan cut into ``count`` parts, or into fewer when the workspace they need (the padded input and the
     ``partials(slabs)``) does not fit in what is ``free`` on the storage ``root`` (by default what the filesystem
     says); DiskFullError when one part does not fit.
@@ -343,10 +411,11 @@ def split_to_fit(plan: WindowPlan, count: int, input_bytes: int, partials: Calla
             f"on {root} (the padded input {storage.size_text(input_bytes)} and, in one part, its partial "
             f"{storage.size_text(partials(whole))}), and {storage.size_text(free)} is free there: free space on "
             "SEGQ_STORAGE or point it at a larger disk, then `segq retry --failed`")
-    slabs = plan.split(count)
+    split = split or plan.split
+    slabs = split(count)
     wanted = need = input_bytes + partials(slabs)
     while need > free:
-        slabs = plan.split(len(slabs) - 1)
+        slabs = split(len(slabs) - 1)
         need = input_bytes + partials(slabs)
     if len(slabs) < count:
         logger.warning("%s: %d parts would need %s of workspace (their partials overlap), more than the %s free on "
@@ -389,9 +458,11 @@ def slab_reference(slab: Slab, shape: tuple[int, ...], checksum: str, worker: st
 
 def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: int, worker: str,
              should_stop: Callable[[], bool] | None = None,
-             lease: AbstractContextManager[Any] | None = None, partial_dtype: str = "float32") -> dict[str, Any]:
+             lease: AbstractContextManager[Any] | None = None, partial_dtype: str = "float32",
+             cancelled: Callable[[], bool] | None = None, stall_seconds: float = 120.0) -> dict[str, Any]:
     """Run one slab's windows and write its partial sum; returns the slab's reference. A partial of several
-    channels is written as ``partial_dtype``."""
+    channels is written as ``partial_dtype``. A streamed input's rows are waited for first (``cancelled`` asked
+    meanwhile; StreamStalledError after ``stall_seconds`` without a new row)."""
     from worker.engines.inference import infer_slab
 
     plan, slabs = load_plan(ws)
@@ -399,6 +470,7 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
         raise InputError(f"slab {index} does not exist: the plan has {len(slabs)} slabs")
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
+    wait_for_input(ws, slab, cancelled, stall_seconds)
     decided = spec.is_bundle and len(slabs) == 1
     if deferred(ws):
         array, slab = run_on_device(ws, spec, engine, batch_size, should_stop, lease)
@@ -424,6 +496,32 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
         logger.warning("slab %d: a partial from another delivery is already there; keeping it", index)
         return existing_reference(ws, index, worker) or slab_reference(slab, array.shape, checksum, worker)
     return slab_reference(slab, array.shape, checksum, worker)
+
+
+def plan_flags(ws: Path) -> dict[str, Any]:
+    """The plan's document without its windows: ``stream``, ``accumulate``, ``deferred``."""
+    document = json.loads((ws / PLAN).read_text())
+    return {k: v for k, v in document.items() if k not in ("plan", "slabs")}
+
+
+def wait_for_input(ws: Path, slab: Slab, cancelled: Callable[[], bool] | None, stall_seconds: float) -> None:
+    """Return once the rows ``slab`` reads are in the workspace: at once unless its input is streamed."""
+    if plan_flags(ws).get("stream"):
+        waited = streaming.wait_for_rows(ws, slab.hi, cancelled, stall_seconds)
+        logger.info("slab %d reads rows [%d, %d) at %.6f after waiting %.3f s for them", slab.index, slab.lo,
+                    slab.hi, time.time(), waited)
+    faults.point("in_read_rows", slab=slab.index, lo=slab.lo, hi=slab.hi, job=ws.parent.name)
+
+
+def add_to_sum(ws: Path, ref: dict[str, Any]) -> None:
+    """Add a finished part's partial to the workspace's running sum, when its plan keeps one (several parts of a
+    model.toml volume): merge then only adds what is missing, normally nothing."""
+    if not ref or ref.get("decided") or not ref.get("divided") or not plan_flags(ws).get("accumulate"):
+        return
+    plan, _slabs = load_plan(ws)
+    index = int(ref["slab"])
+    accumulator.add(ws, plan.padded_shape, accumulator.Part(index, int(ref["lo"]), str(ref["checksum"]),
+                                                            slab_file(index)))
 
 
 def source_shape(ws: Path) -> tuple[int, ...]:
@@ -539,14 +637,28 @@ def _write_nifti(array: np.ndarray, source: Any, output: Path, extension: Any = 
     with storage.disk_errors(output), storage.atomic_path(output) as tmp:
         with open(tmp, "wb") as raw:
             if output.name.endswith(".gz"):
-                # ISA-L's deflate, in threads: a CT's mask is written several times faster than through zlib.
-                from isal import igzip_threaded
-
-                with igzip_threaded.open(raw, "wb", compresslevel=1, threads=GZIP_THREADS) as stream:
+                with gzip_stream(raw) as stream:
                     stream.write(image.to_bytes())
             else:
                 image.to_file_map({"image": FileHolder(fileobj=raw)})
         faults.point("before_merge_rename", output=output.name)
+
+
+def gzip_stream(raw: Any) -> Any:
+    """A writer that deflates into ``raw``: ISA-L's igzip in SEGQ_GZIP_THREADS threads (a CT's mask several
+    times faster than zlib), or, with a python-isal older than 1.6 (no igzip_threaded), ISA-L's igzip in this
+    thread."""
+    from isal import igzip
+
+    threads = get_settings().gzip_threads
+    try:
+        from isal import igzip_threaded
+    except ImportError:
+        logger.info("python-isal has no igzip_threaded (1.6 or later has it): the mask is deflated in one thread")
+        return igzip.open(raw, "wb", compresslevel=1)
+    if threads <= 1:
+        return igzip.open(raw, "wb", compresslevel=1)
+    return igzip_threaded.open(raw, "wb", compresslevel=1, threads=threads)
 
 
 def outputs_of(output: Path) -> list[Path]:
@@ -616,7 +728,27 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
 
 def _decide(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, dict[str, Any]],
             spec: ModelSpec | None, source: Any, output: Path, save_probabilities: bool) -> np.ndarray:
-    """The partials added, then thresholded (a model.toml) or through the bundle's postprocessing."""
+    """The partials added (the workspace's running sum, where the parts kept one), then thresholded (a
+    model.toml) or through the bundle's postprocessing."""
+    if plan_flags(ws).get("accumulate") and all(by_slab[s.index].get("divided") for s in slabs):
+        parts = [accumulator.Part(s.index, s.lo, str(by_slab[s.index]["checksum"]), slab_file(s.index))
+                 for s in slabs]
+        probability = accumulator.total(ws, plan.padded_shape, parts)[plan.crop]
+    else:
+        probability = _added_partials(ws, plan, slabs, by_slab)
+    if spec is not None and spec.is_bundle:
+        from segq.pipeline import bundle_stages
+
+        return bundle_stages.postprocess(spec, probability, bundle_stages.load_context(ws), source_shape(ws)).numpy()
+    mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
+    if save_probabilities:
+        _write_nifti(f_order(probability), source, storage.probability_path(output))
+    return mask
+
+
+def _added_partials(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, dict[str, Any]]
+                    ) -> np.ndarray:
+    """Every part's partial read and added at its offset, the padding cropped."""
     from worker.engines.inference import merge_partials
 
     partials = []
@@ -629,12 +761,4 @@ def _decide(ws: Path, plan: WindowPlan, slabs: list[Slab], by_slab: dict[int, di
         if not divided:  # written by a worker of an earlier segq: divide it here
             array = array / cached_weight_sum(plan)[slab.lo : slab.lo + array.shape[0]]
         partials.append((slab.lo, array))
-    probability = merge_partials(plan.padded_shape, partials, plan.crop)
-    if spec is not None and spec.is_bundle:
-        from segq.pipeline import bundle_stages
-
-        return bundle_stages.postprocess(spec, probability, bundle_stages.load_context(ws), source_shape(ws)).numpy()
-    mask = (probability >= 0.5).view(np.uint8)  # bool is one byte of 0 or 1: no second pass
-    if save_probabilities:
-        _write_nifti(f_order(probability), source, storage.probability_path(output))
-    return mask
+    return merge_partials(plan.padded_shape, partials, plan.crop)

@@ -10,7 +10,8 @@ error                           outcome     what happens
 ==============================  ==========  ===========================================================
 CancelledError                  DISCARD     the job ended meanwhile: delete the workspace, record nothing
 TransientError                  RETRY       run again after a backoff slept here (no ETA), at most
-                                            SEGQ_MAX_RETRIES times, then FAIL
+(StreamStalledError: a part's               SEGQ_MAX_RETRIES times, then FAIL
+streamed rows stopped coming)
 db.UNAVAILABLE (a lost          RECONNECT   wherever in the step (loading the job, the body, recording a
 database: OperationalError ...)             failure): wait 1, 2, 4, then 5 s here and run it again, up to
                                             SEGQ_DB_OUTAGE_LIMIT; one log line an outage, no traceback

@@ -112,7 +112,7 @@ def segment_volume(self: Task, job_id: str, attempt: int | None = None) -> dict[
 def _parts_for(job: records.JobView) -> Any:
     """The split rule (segq/scheduler.py) for this job, given the GPUs present and the volumes waiting."""
     settings = get_settings()
-    cap = int(job.params.get("max_windows_per_subtask") or settings.max_windows_per_subtask)
+    cap = jobs.window_cap(job, settings)
     sw_batch = int(job.model.get("sw_batch_size") or 4)
 
     def parts(windows: int) -> int:
@@ -137,6 +137,8 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
                                precision=settings.precision):
         raise CancelledError("the job ended while its volume was prepared")
     dispatch(job, len(prepared.slabs))
+    if prepared.stream is not None:  # the parts are on their way: each starts as soon as its rows are written
+        prepared.stream(_cancel_check(job.id, job.attempt))
     records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 
@@ -192,12 +194,16 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     ws = storage.require_workspace(storage.workspace(settings.storage_root, job.id, job.attempt), worker)
     done = records.subtask_done(job.id, job.attempt, slab) and jobs.existing_reference(ws, slab, worker)
     if done:
+        jobs.add_to_sum(ws, done)  # a delivery killed after its subtask was recorded: the add is idempotent
         return done
     if settings.backend == "simulate":  # TEST ONLY: sleep for the GPU time (bench/simulate.py)
         from worker.simulate import run_part
 
         watch = clock.Stopwatch()
+        _plan, slabs = jobs.load_plan(ws)
+        jobs.wait_for_input(ws, slabs[slab], _cancel_check(job.id, job.attempt), settings.stream_stall_seconds)
         ref, held = run_part(ws, slab, worker, settings.simulate_seconds_per_window)
+        jobs.add_to_sum(ws, ref)
         records.finish_subtask(job.id, job.attempt, slab, (held[1] - held[0]).total_seconds(), 0)
         records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device="simulated",
                             busy=held, windows=ref["windows"])
@@ -208,7 +214,9 @@ def _infer(task: Task, job: records.JobView, step: Step) -> dict[str, Any]:
     watch = clock.Stopwatch()
     lease = DeviceLease(engine)
     ref = jobs.run_slab(ws, slab, engine, spec, step.batch_size, worker, _stop_check(job, ws, slab, step.batch_size),
-                        lease, settings.partial_dtype)
+                        lease, settings.partial_dtype, _cancel_check(job.id, job.attempt),
+                        settings.stream_stall_seconds)
+    jobs.add_to_sum(ws, ref)  # before the part is recorded done and counted by the chord: merge finds it added
     records.finish_subtask(job.id, job.attempt, slab, round(watch.seconds(), 3), step.batch_size, lease.peak_bytes)
     records.record_step(job.id, job.attempt, "infer", worker, watch.span(), part=slab, device=lease.label,
                         busy=lease.interval, windows=ref.get("windows"))
