@@ -59,22 +59,32 @@ HEARTBEAT_MISSES = 6
 # The recent steps the admission's pace is read from, and the most volumes it lets ahead of each GPU.
 DEFAULT_LOOKAHEAD = 3
 PACE_STEPS = 64
+# The fewest windows a lone volume's extra streamed part holds (about 0.4 s of an H200 with SwinUNETR fs48): below
+# that, a part's own costs (its partial written and added) outweigh what streaming overlaps.
+LONE_PART_WINDOWS = 64
 MAX_PACED_LOOKAHEAD = 12
 UNFINISHED = (Status.QUEUED, Status.RUNNING)
 # An admitted volume not finished yet: it holds (or is about to hold) a workspace and a share of the window.
 IN_FLIGHT = Job.status.in_(UNFINISHED) & Job.admitted_at.is_not(None)
 
 
-def split_parts(windows: int, gpus: int, backlog: int, min_windows: int, max_windows: int) -> int:
+def split_parts(windows: int, gpus: int, backlog: int, min_windows: int, max_windows: int,
+                lone_parts: int = 1) -> int:
     """How many GPU parts a volume of ``windows`` windows is cut into.
 
     ``gpus``: GPU workers present; ``backlog``: other volumes still waiting for a GPU; ``min_windows``:
     the fewest windows worth a part of their own (two ROI batches); ``max_windows``: the most one part
     may hold (SEGQ_MAX_WINDOWS_PER_SUBTASK, or the dataset's --max-windows-per-subtask).
+
+    ``lone_parts`` (SEGQ_LONE_PARTS): a volume nothing else waits behind, someone waits for; cut into at least
+    that many parts where each keeps LONE_PART_WINDOWS windows, so that even on one GPU its first part runs while
+    prepare streams the rest of the input, and the first partials are added while the last part runs.
     """
     if windows < 1:
         raise ValueError(f"a volume has at least one window, got {windows}")
     share = math.ceil(max(gpus, 1) / (max(backlog, 0) + 1))  # GPUs this volume would otherwise leave idle
+    if backlog <= 0:
+        share = max(share, min(lone_parts, windows // LONE_PART_WINDOWS))
     worth = max(1, windows // max(min_windows, 1))
     return min(max(min(share, worth), math.ceil(windows / max_windows)), windows)
 

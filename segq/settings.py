@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # windows). Later parts' rows arrive later, so with a ratio > 0 they get fewer windows and the GPUs finish
     # together (segq.scheduler.part_windows).
     stream_ratio: float = Field(default=0.0, ge=0, le=10)
+    # A volume nothing else waits behind is cut into at least this many streamed parts, however few GPUs there are
+    # (segq.scheduler.split_parts; 1: one part a GPU, as for a dataset's tail).
+    lone_parts: int = Field(default=2, ge=1, le=64)
     # Threads ISA-L's igzip uses to deflate a .nii.gz mask (worker/jobs.py); 1 writes it in this thread.
     gzip_threads: int = Field(default=2, ge=1)
     backend: Backend = "torch"

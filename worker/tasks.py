@@ -117,7 +117,7 @@ def _parts_for(job: records.JobView) -> Any:
 
     def parts(windows: int) -> int:
         gpus, waiting = scheduler.gpu_workers(settings), scheduler.backlog(exclude=job.id)
-        n = scheduler.split_parts(windows, gpus, waiting, 2 * sw_batch, cap)
+        n = scheduler.split_parts(windows, gpus, waiting, 2 * sw_batch, cap, settings.lone_parts)
         logger.info("job %s: %d windows in %d part(s): %d GPU worker(s), %d other volume(s) waiting", job.id,
                     windows, n, gpus, waiting)
         return n

@@ -20,7 +20,12 @@ from tests.helpers import environment
     (600, 4, 0, 4, "one CT alone on 4 GPUs: spread over all of them"),
     (600, 4, 1, 2, "two volumes left for 4 GPUs: two parts each"),
     (600, 4, 2, 2, "three left: ceil(4 / 3) = 2 parts"),
-    (600, 1, 0, 1, "one GPU: never split"),
+    (600, 1, 0, 1, "one GPU, SEGQ_LONE_PARTS=1: never split"),
+    (600, 1, 0, 2, "one GPU, a lone volume (SEGQ_LONE_PARTS=2): two streamed parts"),
+    (600, 1, 1, 1, "one GPU, another volume waiting: whole"),
+    (600, 4, 0, 4, "4 GPUs, a lone volume (SEGQ_LONE_PARTS=2): one part a GPU already streams"),
+    (100, 1, 0, 1, "a lone volume too small for two parts of 64 windows: whole"),
+    (128, 1, 0, 2, "a lone volume of two parts of 64 windows"),
     (48, 8, 0, 3, "a small volume is not cut below two ROI batches a part (48 // 16 = 3)"),
     (10, 4, 0, 1, "fewer windows than two batches: whole"),
     (600, 1, 0, 3, "the per-part cap still cuts: ceil(600 / 256) = 3"),
@@ -28,7 +33,8 @@ from tests.helpers import environment
 ])
 def test_split_rule(windows: int, gpus: int, backlog: int, expected: int, why: str) -> None:
     cap = 256 if why.startswith("the per-part cap") else 1 if why.startswith("the cap never") else 1024
-    assert split_parts(windows, gpus, backlog, min_windows=16, max_windows=cap) == expected, why
+    lone = 2 if "SEGQ_LONE_PARTS=2" in why or "lone volume" in why else 1
+    assert split_parts(windows, gpus, backlog, min_windows=16, max_windows=cap, lone_parts=lone) == expected, why
 
 
 def test_split_rule_refuses_an_empty_volume() -> None:
