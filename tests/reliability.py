@@ -210,6 +210,20 @@ def assert_nothing_lost(dep: Deployment, model: Path, *, done: set[str] | None =
     return rows
 
 
+def slab_paused_on_w1(dep: Deployment, scan: Path, out: Path, model: Path, slab: int = 1) -> WorkerProcess:
+    """Worker w1 started, ``scan`` submitted, and w1 held in ``slab`` for 120 s (a fault): the moment at which the
+    kill scenarios take w1 away mid-part."""
+    from segq import faults
+
+    pause = f"pause_in_infer_slab:slab={slab}:times=1:seconds=120"
+    dep.arm(pause)
+    w1 = dep.worker("w1")
+    dep.submit([scan], out, model)
+    hit = wait_for(lambda: faults.hits(dep.faults_dir, pause), 90, f"slab {slab} to start")
+    assert int(hit[0]["pid"]) in w1.children(), f"slab {slab} must be running on w1"
+    return w1
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident memory so far (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segq import faults, storage
+from segq import clock, faults, storage
 from segq.errors import CancelledError, DiskFullError, InputError
 from segq.modelspec import ModelSpec, files_sha256, spec_from_dict
 from segq.records import JobView
@@ -509,7 +509,7 @@ def wait_for_input(ws: Path, slab: Slab, cancelled: Callable[[], bool] | None, s
     if plan_flags(ws).get("stream"):
         waited = streaming.wait_for_rows(ws, slab.hi, cancelled, stall_seconds)
         logger.info("slab %d reads rows [%d, %d) at %.6f after waiting %.3f s for them", slab.index, slab.lo,
-                    slab.hi, time.time(), waited)
+                    slab.hi, clock.local_time(), waited)
     faults.point("in_read_rows", slab=slab.index, lo=slab.lo, hi=slab.hi, job=ws.parent.name)
 
 

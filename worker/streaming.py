@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segq import faults, storage
+from segq import clock, faults, storage
 from segq.errors import CancelledError, StreamStalledError, WorkerLeaving
 from segq.tiling import Slab
 from worker import leaving
@@ -51,7 +51,7 @@ def rows_ready(ws: Path) -> int:
 
 def _mark(ws: Path, rows: int, total: int) -> float:
     """Publish that ``rows`` leading rows are written; returns the time taken just before (a reader sees it later)."""
-    marked = time.time()
+    marked = clock.local_time()  # this machine's: the readers it orders are on the same storage host in tests
     with storage.atomic_path(ws / ROWS, durable=False) as tmp:
         tmp.write_text(json.dumps({"rows": rows, "of": total, "time": marked}))
     return marked

@@ -76,7 +76,8 @@ def test_workers_with_skewed_clocks_count_and_report_true_times(tmp_path: Path, 
             assert job.started_at and job.finished_at
             assert started - slack <= job.queued_at <= job.started_at <= job.finished_at <= finished + slack, job.id
         assert all(e is not None and 0 <= e <= wall + 1 for e in elapsed), elapsed
-        assert {st.worker.split("@")[0] for st in steps} == {"behind", "ahead"}, "both workers must have worked"
+        workers = {st.worker.split("@")[0] for st in steps if st.step != "hash"}  # "hash": segq submit's own step
+        assert workers == {"behind", "ahead"}, "both workers must have worked"
         for st in steps:
             assert started - slack <= st.started_at <= st.finished_at <= finished + slack, (st.step, st.worker)
         assert summary["wall_seconds"] is not None and 0 < summary["wall_seconds"] <= wall + 1, summary

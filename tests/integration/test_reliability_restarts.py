@@ -19,7 +19,7 @@ from segq.models import Job, Status, Subtask
 from segq.names import GPU_QUEUE, PREPARE_QUEUE, consumed_queues
 from tests.helpers import write_volume
 from tests.integration.test_workers_helpers import Launched
-from tests.reliability import PASSWORD, assert_nothing_lost, deployment, figure, wait_for
+from tests.reliability import PASSWORD, assert_nothing_lost, deployment, figure, slab_paused_on_w1, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,17 +43,11 @@ def test_a_worker_restarted_under_its_old_name_takes_its_work_back(tmp_path: Pat
     the same name (as systemd or a StatefulSet do). The new start answers every ping as w1, so the pings alone
     would never find the dead process; the new start sees that slab 1 was run by an earlier start of its name
     and re-queues the job as a new attempt, which it completes, long before the visibility timeout."""
-    from segq import faults
 
     settings = {"SEGQ_VISIBILITY_TIMEOUT": "300", "SEGQ_DEAD_WORKER_INTERVAL": "3"}
     with deployment(tmp_path, **settings) as dep:
-        pause = "pause_in_infer_slab:slab=1:times=1:seconds=120"
-        dep.arm(pause)
-        w1 = dep.worker("w1")
-        scan = write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1)
-        dep.submit([scan], tmp_path / "out", unet_model)
-        hit = wait_for(lambda: faults.hits(dep.faults_dir, pause), 90, "slab 1 to start")
-        assert int(hit[0]["pid"]) in w1.children(), "slab 1 must be running on w1"
+        w1 = slab_paused_on_w1(dep, write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1), tmp_path / "out",
+                               unet_model)
         killed = time.monotonic()
         w1.kill()
         dep.worker("w1")  # the same name, a new process

@@ -31,6 +31,7 @@ from tests.reliability import (
     assert_nothing_lost,
     deployment,
     figure,
+    slab_paused_on_w1,
     temp_files,
     wait_drained,
     wait_for,
@@ -314,16 +315,10 @@ def test_work_of_a_worker_killed_whole_is_requeued_without_a_user(tmp_path: Path
     """Scenario 24: with a visibility timeout of 5 minutes, the worker running slab 1 is SIGKILLed whole;
     the surviving worker's pings miss it twice and re-queue the job as a new attempt, which it completes,
     long before the timeout and without `segq resume`."""
-    from segq import faults
 
     with deployment(tmp_path, SEGQ_VISIBILITY_TIMEOUT="300", SEGQ_DEAD_WORKER_INTERVAL="3") as dep:
-        pause = "pause_in_infer_slab:slab=1:times=1:seconds=120"
-        dep.arm(pause)
-        w1 = dep.worker("w1")
         scan = write_volume(tmp_path / "scans" / "a.nii.gz", SHAPE, seed=1)
-        dep.submit([scan], tmp_path / "out", unet_model)
-        hit = wait_for(lambda: faults.hits(dep.faults_dir, pause), 90, "slab 1 to start")
-        assert int(hit[0]["pid"]) in w1.children(), "slab 1 must be running on w1"
+        w1 = slab_paused_on_w1(dep, scan, tmp_path / "out", unet_model)
         dep.worker("w2")
         killed = time.monotonic()
         w1.kill()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from segq.errors import InputError
 from segq.models import Status
 from segq.pipeline.toml import load_model_spec, write_model_toml
 from segq.volumes import load_volume, read_header
-from tests.helpers import ROOT, environment, write_model, write_volume
+from tests.helpers import ROOT, write_model, write_volume
 from worker.engines.model import build_checked
 
 
@@ -206,16 +205,6 @@ def test_a_full_disk_leaves_no_open_temp_file_and_a_retry_works(tmp_path: Path) 
 
 
 # --- item 7: a failed job leaves no subtask running ---------------------------------------------------------
-
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[None]:
-    url = f"sqlite:///{tmp_path / 'segq.db'}"
-    with environment({"SEGQ_DATABASE_URL": url, "SEGQ_DATA_DIR": str(tmp_path / "data")}):
-        from segq.db import upgrade
-
-        upgrade(url)
-        yield
-
 
 def _job(status: Status = Status.QUEUED, **fields: object) -> str:
     from segq.db import session_scope

@@ -5,23 +5,11 @@ The scenarios with real workers are in tests/integration/test_reliability_storag
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from segq.models import Status
-from tests.helpers import environment
-
-
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[None]:
-    url = f"sqlite:///{tmp_path / 'segq.db'}"
-    with environment({"SEGQ_DATABASE_URL": url, "SEGQ_DATA_DIR": str(tmp_path / "data")}):
-        from segq.db import upgrade
-
-        upgrade(url)
-        yield
 
 
 def _job(status: Status, output: str = "/out/a_seg.nii.gz") -> str:

@@ -17,13 +17,9 @@ from tests.helpers import environment
 
 
 @pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[None]:
-    url = f"sqlite:///{tmp_path / 'segq.db'}"
-    with environment({"SEGQ_DATABASE_URL": url, "SEGQ_DATA_DIR": str(tmp_path / "data"),
-                      "SEGQ_SUBMIT_HASH_WAIT": "2"}):
-        from segq.db import upgrade
-
-        upgrade(url)
+def sqlite_db(sqlite_db: None) -> Iterator[None]:
+    """The shared database, with prepare waiting at most 2 s for a hash."""
+    with environment({"SEGQ_SUBMIT_HASH_WAIT": "2"}):
         yield
 
 
