@@ -114,10 +114,13 @@ def _parts_for(job: records.JobView) -> Any:
     settings = get_settings()
     cap = jobs.window_cap(job, settings)
     sw_batch = int(job.model.get("sw_batch_size") or 4)
+    # A bundle's volume in one part is preprocessed on its GPU worker in milliseconds, split on the coordinator's CPU
+    # in seconds, and its partials keep no running sum: a lone bundle volume is not split for streaming's sake.
+    lone = 1 if job.model.get("format") == "bundle" else settings.lone_parts
 
     def parts(windows: int) -> int:
         gpus, waiting = scheduler.gpu_workers(settings), scheduler.backlog(exclude=job.id)
-        n = scheduler.split_parts(windows, gpus, waiting, 2 * sw_batch, cap, settings.lone_parts)
+        n = scheduler.split_parts(windows, gpus, waiting, 2 * sw_batch, cap, lone)
         logger.info("job %s: %d windows in %d part(s): %d GPU worker(s), %d other volume(s) waiting", job.id,
                     windows, n, gpus, waiting)
         return n
