@@ -138,17 +138,18 @@ def _add_one(ws: Path, shape: tuple[int, ...], journal: Journal, part: Part) -> 
     journal.adding = part.index
     _save(ws, journal)
     half = array.shape[0] // 2
-    _add_rows(ws / SUM, shape, part.lo, array[:half])
+    flush = storage.on_network_filesystem(ws / SUM)
+    _add_rows(ws / SUM, shape, part.lo, array[:half], flush)
     faults.point("in_add_partial", slab=part.index)
-    _add_rows(ws / SUM, shape, part.lo + half, array[half:])
+    _add_rows(ws / SUM, shape, part.lo + half, array[half:], flush)
     journal.added[part.index] = part
     journal.adding = None
     _save(ws, journal)
 
 
-def _add_rows(path: Path, shape: tuple[int, ...], lo: int, rows: np.ndarray) -> None:
-    """Rows ``[lo, lo + len(rows))`` of the sum += ``rows``, through the file's memory map, flushed before the journal
-    says so (a merge on another machine reads it after)."""
+def _add_rows(path: Path, shape: tuple[int, ...], lo: int, rows: np.ndarray, flush: bool) -> None:
+    """Rows ``[lo, lo + len(rows))`` of the sum += ``rows``, through the file's memory map; with ``flush`` (a network
+    filesystem) flushed before the journal says so (a merge on another machine reads it after)."""
     if rows.shape[0] == 0:
         return
     if rows.shape[1:] != tuple(shape[1:]):
@@ -157,6 +158,6 @@ def _add_rows(path: Path, shape: tuple[int, ...], lo: int, rows: np.ndarray) -> 
         mapped = np.load(path, mmap_mode="r+", allow_pickle=False)
         view = mapped.T  # the sum is kept in NIfTI's order, as a job's partials are
         view[lo : lo + rows.shape[0]] += rows
-        if storage.on_network_filesystem(path):
+        if flush:
             mapped.flush()
         del view, mapped

@@ -531,7 +531,7 @@ def source_shape(ws: Path) -> tuple[int, ...]:
 
 def deferred(ws: Path) -> bool:
     """Whether the workspace holds a case its GPU worker preprocesses (see prepare_bundle_case)."""
-    return bool(json.loads((ws / PLAN).read_text()).get("deferred"))
+    return bool(plan_flags(ws).get("deferred"))
 
 
 def bundle_context(ws: Path) -> tuple[dict[str, Any], list[Any]]:

@@ -70,11 +70,6 @@ def create_input(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     return len(header)
 
 
-def header_length(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """Bytes of the .npy header before the voxels of a C-ordered array of ``shape``."""
-    return len(_header(shape, dtype))
-
-
 def _starts_with(path: Path, header: bytes) -> bool:
     with open(path, "rb") as handle:
         return handle.read(len(header)) == header
