@@ -123,3 +123,21 @@ class Stopwatch:
 
     def span(self) -> tuple[datetime, datetime]:
         return self.started, self.until_now()
+
+
+@dataclass
+class Phases:
+    """A step's phases one after another (prepare's load, plan, workspace ...), for one log line: where a volume's
+    seconds went, read from the worker logs (bench/scale_gpus.py keeps them)."""
+
+    _last: float = field(default_factory=time.perf_counter)
+    spans: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, name: str) -> None:
+        """The phase ``name`` ended now (it began where the last one ended)."""
+        now = time.perf_counter()
+        self.spans.append((name, now - self._last))
+        self._last = now
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in self.spans)

@@ -51,7 +51,7 @@ SOURCE_INPUT = "source.npy"
 PLAN = "plan.json"
 
 
-# A bundle's volume in one part: its label map, decided by the GPU worker that ran it (see run_slab).
+# A volume in one part: its label map, decided by the GPU worker that ran it (see run_slab).
 DECIDED = "labels.npy"
 
 
@@ -195,6 +195,7 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
     ws = storage.workspace(settings.storage_root, job.id, job.attempt)
     if spec.is_bundle:
         return prepare_bundle_case(job, settings, parts, spec, ws, started)
+    phases = clock.Phases()
     if job.source_files:  # a DICOM series
         from worker.dicomseg import prepare_series
 
@@ -204,7 +205,10 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
             header = read_header(path, settings.max_voxels)
             shape = (*header.shape[:3], len(job.channel_files)) if job.channel_files else header.shape
             check_memory(path, shape, np.dtype(header.dtype).itemsize, memory_headroom())
+            phases.mark("header")
             volume, header = load_case(job, settings, path, spec.in_channels, header)
+            phases.mark("load")
+    phases.mark("hash checked")
     plan = plan_windows(volume.shape[1:], spec.roi, spec.overlap, spec.mode)
     input_bytes = volume.shape[0] * int(np.prod(plan.padded_shape)) * np.dtype(np.float32).itemsize
     sized = functools.partial(cut, plan, stream_ratio=settings.stream_ratio, cap=window_cap(job, settings))
@@ -212,17 +216,25 @@ def prepare(job: JobView, settings: Settings, parts: Callable[[int], int]) -> Pr
                                                  lambda cut: partial_bytes(plan, cut) + sum_bytes(plan, cut),
                                                  settings.storage_root, job.input_path, split=sized)
     ws.mkdir(parents=True, exist_ok=True)
+    phases.mark("plan")
     if len(slabs) > 1:  # streamed: the parts are sent first, then the rows written in the order they start
         stream = streamed_input(ws, (volume.shape[0], *plan.padded_shape), slabs, InputRows(volume, plan,
                                                                                              spec.preprocess))
         _save_plan(ws, plan, slabs, header.shape[:3], stream=True, accumulate=True)
+        phases.mark("workspace")
+        logger.info("job %s prepared for streaming: %s", job.id, phases.line())
         return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started,
                         stream)
     zyx = workspace_input(volume, plan, spec.preprocess, inplace=volume.flags.writeable)
+    phases.mark("normalise")
     storage.save_array(ws / INPUT, zyx)
-    document = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
+    phases.mark("input written")
+    document: dict[str, Any] = {"plan": plan.to_json(), "slabs": [s.to_json() for s in slabs]}
+    if not job.params.get("save_probabilities"):  # no probability map wanted: the GPU worker thresholds it there
+        document["decide"] = True
     with storage.atomic_path(ws / PLAN) as tmp:
         tmp.write_text(json.dumps(document))
+    logger.info("job %s prepared: %s", job.id, phases.line())
     return Prepared(plan, slabs, list(header.shape[:3]), list(header.spacing), time.perf_counter() - started)
 
 
@@ -470,27 +482,38 @@ def run_slab(ws: Path, index: int, engine: Engine, spec: ModelSpec, batch_size: 
         raise InputError(f"slab {index} does not exist: the plan has {len(slabs)} slabs")
     slab = slabs[index]
     faults.point("in_infer_slab", slab=index)
+    phases = clock.Phases()
     wait_for_input(ws, slab, cancelled, stall_seconds)
-    decided = spec.is_bundle and len(slabs) == 1
+    phases.mark("rows waited")
+    decided = len(slabs) == 1 and (spec.is_bundle or bool(plan_flags(ws).get("decide")))
     if deferred(ws):
         array, slab = run_on_device(ws, spec, engine, batch_size, should_stop, lease)
     else:
         import torch
 
         finish = None
-        if decided:
+        if decided and spec.is_bundle:
             finish = functools.partial(decide_on_device, spec, bundle_context(ws), plan, source_shape(ws))
+        elif decided:
+            finish = functools.partial(threshold_on_device, plan)
         array = infer_slab(load_input(ws), slab, plan.roi, importance_map(plan), engine, batch_size, should_stop,
                            lease, starts=plan.starts, channels_dtype=getattr(torch, partial_dtype), finish=finish)
     if should_stop is not None and should_stop():
         raise CancelledError(f"slab {index} stopped: the job was cancelled")
+    phases.mark("inference")
     checksum = storage.array_checksum(array)
     if decided:
-        if not storage.save_array_once(ws / DECIDED, array):
+        saved = storage.save_array_once(ws / DECIDED, array)
+        phases.mark("label map written")
+        logger.info("slab %d of %d, decided: %s", index, len(slabs), phases.line())
+        if not saved:
             logger.warning("slab %d: a label map from another delivery is already there; keeping it", index)
             return existing_reference(ws, index, worker) or {}
         return {**slab_reference(slab, array.shape, checksum, worker), "decided": True}
-    if not storage.save_array_once(ws / slab_file(index), array):
+    saved = storage.save_array_once(ws / slab_file(index), array)
+    phases.mark("partial written")
+    logger.info("slab %d of %d: %s", index, len(slabs), phases.line())
+    if not saved:
         # Another delivery of this slab wrote its partial first: that file is what the merge reads and
         # what the chord may already count, so report it, not this run's (possibly last-bit different) one.
         logger.warning("slab %d: a partial from another delivery is already there; keeping it", index)
@@ -518,10 +541,12 @@ def add_to_sum(ws: Path, ref: dict[str, Any]) -> None:
     model.toml volume): merge then only adds what is missing, normally nothing."""
     if not ref or ref.get("decided") or not ref.get("divided") or not plan_flags(ws).get("accumulate"):
         return
+    started = time.perf_counter()
     plan, _slabs = load_plan(ws)
     index = int(ref["slab"])
     accumulator.add(ws, plan.padded_shape, accumulator.Part(index, int(ref["lo"]), str(ref["checksum"]),
                                                             slab_file(index)))
+    logger.info("slab %d added into the running sum in %.3f s", index, time.perf_counter() - started)
 
 
 def source_shape(ws: Path) -> tuple[int, ...]:
@@ -576,6 +601,14 @@ def decide_on_device(spec: ModelSpec, context: tuple[dict[str, Any], list[Any]],
 
     crop = (slice(None), *plan.crop)
     return bundle_stages.postprocess(spec, logits[crop], context, shape).cpu().numpy()
+
+
+def threshold_on_device(plan: WindowPlan, probability: Any) -> np.ndarray:
+    """A model.toml's volume run in one part: its target probability thresholded at 0.5 where it lies, as merge
+    thresholds the partial (the same float32 values, so the same mask), cropped to the scan's grid. Only the uint8
+    mask leaves the device (a quarter of the float32 partial), in NIfTI's order; merge then only writes it."""
+    mask = (probability[plan.crop] >= 0.5).byte()
+    return mask.permute(2, 1, 0).contiguous().cpu().numpy().transpose(2, 1, 0)
 
 
 def existing_reference(ws: Path, index: int, worker: str) -> dict[str, Any] | None:
@@ -695,6 +728,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
     # the output's only writer, so whatever temp file is there is stale.
     for stale in storage.remove_stale_temps(output) + storage.remove_stale_temps(storage.probability_path(output)):
         logger.warning("removed %s, left by a merge that was killed before its rename", stale)
+    phases = clock.Phases()
     plan, slabs = load_plan(ws)
     by_slab = {int(r["slab"]): r for r in refs if r}
     missing = sorted(set(range(len(slabs))) - set(by_slab))
@@ -709,6 +743,7 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
             raise InputError(f"the label map in {ws} does not match the checksum its subtask reported")
     else:
         mask = _decide(ws, plan, slabs, by_slab, spec, source, output, save_probabilities)
+    phases.mark("decided" if by_slab[0].get("decided") else "partials added")
     names = spec.label_names() if spec is not None else {0: "background", 1: "tumour"}
     ordered = f_order(mask)  # NIfTI's order on disk; its transpose is the SEG's (slice, row, column), copy-free
     extension = labelmaps.nifti_extension(names) if bundle else None
@@ -720,8 +755,11 @@ def merge(ws: Path, refs: list[dict[str, Any]], input_path: Path, output: Path,
         seg = seg_output(output)
         storage.remove_stale_temps(seg)
         dicomseg.write_seg(ordered, series, seg, names if bundle else None)
+    phases.mark("written")
     spacing = float(np.prod(source.header.get_zooms()[:3]))
     stats = labelmaps.label_volumes(mask, names, spacing / 1000.0)
+    phases.mark("counted")
+    logger.info("merge of %d part(s): %s", len(slabs), phases.line())
     voxels = sum(int(s["voxels"]) for s in stats)
     return MergeResult(voxels, round(voxels * spacing / 1000.0, 4), stats)
 

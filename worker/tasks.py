@@ -134,14 +134,19 @@ def _prepare(task: Task, job: records.JobView) -> dict[str, Any]:
     _require_shared_storage(task, settings.storage_root)
     prepared = jobs.prepare(job, settings, _parts_for(job))
     counts = [len(s.starts) for s in prepared.slabs]
+    phases = clock.Phases()
     if not records.record_plan(job.id, job.attempt, shape=prepared.shape, spacing=prepared.spacing,
                                windows=len(prepared.plan.starts), slab_windows=counts,
                                preprocess_seconds=round(prepared.seconds, 3), backend=settings.backend,
                                precision=settings.precision):
         raise CancelledError("the job ended while its volume was prepared")
+    phases.mark("plan recorded")
     dispatch(job, len(prepared.slabs))
+    phases.mark("parts sent")
     if prepared.stream is not None:  # the parts are on their way: each starts as soon as its rows are written
         prepared.stream(_cancel_check(job.id, job.attempt))
+        phases.mark("rows streamed")
+    logger.info("job %s after prepare: %s", job.id, phases.line())
     records.record_step(job.id, job.attempt, "prepare", _worker(task), watch.span(), windows=len(prepared.plan.starts))
     return {"job": job.id, "windows": len(prepared.plan.starts), "subtasks": len(prepared.slabs)}
 
