@@ -25,6 +25,7 @@ interrupt) withdraws what it queued ahead.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -61,7 +62,7 @@ from segq.db import ensure_schema, session_scope
 from segq.dicom import check_volume as check_series
 from segq.errors import InputError, TransientError
 from segq.models import Dataset, Job, Status
-from segq.modelspec import ModelSpec
+from segq.modelspec import ModelSpec, file_sha256_cached
 from segq.records import PENDING_SHA256
 from segq.settings import get_settings
 from segq.storage import controls_in, printable, temp_name
@@ -228,7 +229,7 @@ def _request(name: str, out_dir: Path, spec: ModelSpec, priority: str, max_windo
     check_broker()
     check_writable(settings.broker_url)  # a Redis at its memory limit is refused here, before any row exists
     ensure_schema()
-    model_sha = spec.checksum()
+    model_sha = spec.checksum(functools.partial(file_sha256_cached, cache=settings.data_dir / "checkpoint-sha256.json"))
     if not _checked_before(model_sha, spec):
         check_checkpoint(spec)
     params = {**spec.params(), "model": spec.to_dict(), "priority": priority,

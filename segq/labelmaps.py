@@ -80,6 +80,9 @@ def _counts(flat: np.ndarray, minlength: int) -> np.ndarray:
     on two cores, against 0.16 s)."""
     if flat.dtype != np.uint8:
         return np.bincount(flat, minlength=minlength)
+    if flat.size and int(flat.max()) <= 1:  # a binary mask (a model.toml's): one SIMD count, a tenth of a bincount
+        labelled = int(np.count_nonzero(flat))
+        return np.bincount([0, 1], weights=[flat.size - labelled, labelled], minlength=minlength).astype(np.int64)
     import warnings
 
     import torch

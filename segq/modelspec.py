@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -158,9 +160,10 @@ class ModelSpec:
         """The sliding-window parameters recorded with each dataset."""
         return {"overlap": self.overlap, "sw_batch_size": self.sw_batch_size, "mode": self.mode}
 
-    def checksum(self) -> str:
-        """sha256 over the checkpoint bytes and the network config: names the exact model that ran."""
-        return model_checksum(self.network_config(), self.checkpoint)
+    def checksum(self, file_hash: Callable[[Path], str] | None = None) -> str:
+        """sha256 over the checkpoint bytes and the network config: names the exact model that ran.
+        ``file_hash``: how the checkpoint's sha256 is found (`segq submit` remembers it, file_sha256_cached)."""
+        return model_checksum(self.network_config(), self.checkpoint, file_hash or file_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -187,11 +190,50 @@ def parse_code(text: str) -> tuple[str, str, str]:
     return str(code.value), str(code.scheme_designator), str(code.meaning)
 
 
-def model_checksum(network_config: dict[str, Any], checkpoint: Path) -> str:
+def model_checksum(network_config: dict[str, Any], checkpoint: Path,
+                   file_hash: Callable[[Path], str] | None = None) -> str:
     """The model checksum: the network config (JSON, sorted keys) and the checkpoint's sha256."""
     digest = hashlib.sha256(json.dumps(network_config, sort_keys=True).encode())
-    digest.update(file_sha256(checkpoint).encode())
+    digest.update((file_hash or file_sha256)(checkpoint).encode())
     return digest.hexdigest()
+
+
+HASH_CACHE_ENTRIES = 64
+
+
+def file_identity(path: Path) -> list[int]:
+    """What changes whenever a file's bytes may have: device, inode, size, mtime and ctime in ns (a write, a
+    rename over it, or a `touch -d` all move ctime, which no tool sets back)."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_sha256_cached(path: Path, cache: Path) -> str:
+    """file_sha256 of a file that rarely changes (a checkpoint of hundreds of MB: a quarter of a second on each
+    `segq submit`), remembered in the JSON file ``cache`` under its identity. A cache that cannot be read or
+    written is ignored. The GPU worker still hashes the checkpoint itself before it loads it, so a wrong entry
+    could only fail the job with "changed since it was submitted", never run other weights."""
+    key, identity = str(path.resolve()), file_identity(path)
+    try:
+        entries = json.loads(cache.read_text())
+        entry = entries.get(key) if isinstance(entries, dict) else None
+        if isinstance(entry, dict) and entry.get("identity") == identity and isinstance(entry.get("sha256"), str):
+            return str(entry["sha256"])
+    except (OSError, ValueError):
+        entries = {}
+    digest = file_sha256(path)
+    if file_identity(path) != identity:  # changed while it was read: remember nothing
+        return digest
+    entries = {k: v for k, v in (entries if isinstance(entries, dict) else {}).items() if k != key}
+    entries[key] = {"identity": identity, "sha256": digest}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(entries.items())[-HASH_CACHE_ENTRIES:])))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return digest
 
 
 def bundle_network_config(root: Path, trusted: bool) -> dict[str, Any]:

@@ -69,8 +69,12 @@ class Settings(BaseSettings):
     # A volume nothing else waits behind is cut into at least this many streamed parts, however few GPUs there are
     # (segq.scheduler.split_parts; 1: one part a GPU, as for a dataset's tail).
     lone_parts: int = Field(default=2, ge=1, le=64)
-    # Threads ISA-L's igzip uses to deflate a .nii.gz mask (worker/jobs.py); 1 writes it in this thread.
-    gzip_threads: int = Field(default=2, ge=1)
+    # Threads ISA-L's igzip uses to deflate a .nii.gz mask (worker/jobs.py); 1 writes it in this thread, 0 gives a
+    # quarter of this process' cores, 2 to 4.
+    gzip_threads: int = Field(default=0, ge=0)
+    # Threads that inflate a large .nii.gz at prepare, through rapidgzip where it is installed (segq.volumes): 0
+    # gives this process' cores (at most 16), 1 inflates with ISA-L in one thread.
+    inflate_threads: int = Field(default=0, ge=0, le=256)
     backend: Backend = "torch"
     # TEST ONLY (SEGQ_BACKEND=simulate, worker/simulate.py): a GPU part sleeps this long a window instead of
     # running a network (9.4 ms: SwinUNETR fs48 fp16 on an H200), and a worker process stands for

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -269,9 +270,9 @@ def load_case(job: JobView, settings: Settings, path: Path, channels: int, heade
     """A case's channels as one (C, X, Y, Z) volume: one file's, or a multi-file case's stacked in order (with
     ``header``, its first file's)."""
     if not job.channel_files:
-        volume, _affine, header = load_volume(path, channels, settings.max_voxels)
+        volume, _affine, header = load_volume(path, channels, settings.max_voxels, settings.inflate_threads)
         return volume, header
-    volumes = [load_volume(f, 1, settings.max_voxels)[0] for f in case_files(job, settings)]
+    volumes = [load_volume(f, 1, settings.max_voxels, settings.inflate_threads)[0] for f in case_files(job, settings)]
     if len(volumes) != channels:
         raise InputError(f"{path}: the case has {len(volumes)} channel files; the model takes {channels}")
     return np.concatenate(volumes, axis=0), header
@@ -683,7 +684,7 @@ def gzip_stream(raw: Any) -> Any:
     thread."""
     from isal import igzip
 
-    threads = get_settings().gzip_threads
+    threads = get_settings().gzip_threads or min(4, max(2, len(os.sched_getaffinity(0)) // 4))
     try:
         from isal import igzip_threaded
     except ImportError:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -62,3 +64,23 @@ def test_latency_ratios_and_speedups() -> None:
     assert four["speedup_submit_to_mask_vs_1_gpu"] == 3.25 and four["meets_4_gpu_target"]
     assert "4 GPU(s): submit to mask 1.60 s" in latency.describe(four)
     assert latency.submit_timings('x\ntimings {"a_s": 1.0, "spans": {}}\n') == {"a_s": 1.0}
+
+
+def test_a_checkpoint_hash_is_remembered_until_the_file_changes(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from segq import modelspec
+
+    weights, cache = tmp_path / "model.pt", tmp_path / "cache" / "checkpoint-sha256.json"
+    weights.write_bytes(b"a" * 4096)
+    hashed: list[Path] = []
+    real = modelspec.file_sha256
+    monkeypatch.setattr(modelspec, "file_sha256", lambda path: hashed.append(path) or real(path))
+    first = modelspec.file_sha256_cached(weights, cache)
+    assert modelspec.file_sha256_cached(weights, cache) == first == real(weights)
+    assert len(hashed) == 1  # the second call read the cache
+    weights.write_bytes(b"b" * 4096)  # same size, new bytes: ctime and mtime move
+    assert modelspec.file_sha256_cached(weights, cache) == real(weights) != first
+    assert len(hashed) == 2
+    cache.write_text("{not json")  # a broken cache is ignored, and replaced
+    assert modelspec.file_sha256_cached(weights, cache) == real(weights)
+    assert len(hashed) == 3 and modelspec.file_sha256_cached(weights, cache) == real(weights) and len(hashed) == 3
